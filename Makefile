@@ -1,0 +1,46 @@
+# Every target runs in .venv at the repository root, created on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEMO_DIR ?= /tmp/t5train_demo
+PYTEST_ARGS ?=
+
+.PHONY: install install-test demo test bench lint smoke clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[test,lint]'
+	touch $@
+
+install: $(VENV)/.installed
+
+install-test: $(VENV)/.installed-test
+
+# Trains the 0.5M-parameter demo model to sort digits, then shows held-out predictions.
+demo: install
+	rm -rf $(DEMO_DIR)
+	$(PY) -m t5train.train --gin_file=gin/demo.gin --gin.MODEL_DIR="'$(DEMO_DIR)'"
+
+# The CI smoke run.
+smoke: install
+	rm -rf /tmp/t5train_smoke
+	$(PY) -m t5train.train --gin_file=gin/models/t5_1_1/tiny.gin --gin_file=gin/runs/pretrain.gin \
+	  --gin_file=gin/tasks/demo.gin --gin.MODEL_DIR="'/tmp/t5train_smoke'" --gin.TRAIN_STEPS=20
+
+test: install-test
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: install
+	$(PY) -m t5train.bench
+
+lint: install-test
+	$(VENV)/bin/ruff check t5train tests scripts
+	$(PY) scripts/check_imports.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

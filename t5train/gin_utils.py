@@ -1,0 +1,127 @@
+"""Command-line flags shared by the binaries, gin parsing with search paths, and exit codes.
+
+Flags are declared here once. ``--gin.NAME=VALUE`` is rewritten to
+``--gin_bindings='NAME = VALUE'`` before absl parses the command line (as T5X
+does). User mistakes become one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import logging as std_logging
+import os
+import sys
+import traceback
+from typing import Callable, Sequence
+
+import gin
+from absl import app, flags, logging
+
+from t5train.errors import UserError
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_SEARCH_PATHS = (REPO_ROOT, os.path.join(REPO_ROOT, 'gin'))
+
+_GIN_FILES = flags.DEFINE_multi_string(
+    'gin_file', [], 'A gin file to parse; repeatable. Relative paths are looked up in '
+    '--gin_search_paths, the current directory and the repository (gin/ and its parent).')
+_GIN_BINDINGS = flags.DEFINE_multi_string(
+    'gin_bindings', [], 'A gin binding such as "MODEL_DIR = \'/tmp/run\'"; repeatable. '
+    '--gin.MODEL_DIR="\'/tmp/run\'" is the short form.')
+_GIN_SEARCH_PATHS = flags.DEFINE_list(
+    'gin_search_paths', [], 'Comma-separated directories in which to look for gin files.')
+_DEBUG = flags.DEFINE_bool('debug', False, 'Show tracebacks for user errors too.')
+
+
+def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
+  """``--gin.X=V`` -> ``--gin_bindings=X = V`` (absl does not allow dots in flag names)."""
+  rewritten = []
+  for arg in argv:
+    if arg.startswith('--gin.'):
+      name, sep, value = arg[len('--gin.'):].partition('=')
+      if not sep:
+        raise app.UsageError(f'{arg}: expected --gin.NAME=VALUE')
+      arg = f'--gin_bindings={name} = {value}'
+    rewritten.append(arg)
+  return rewritten
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl's flag parser, after rewriting ``--gin.X=V`` arguments."""
+  return flags.FLAGS(rewrite_gin_args(argv))
+
+
+def _first_line(error: BaseException) -> str:
+  lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+  return ' '.join(lines[:3]) if lines else type(error).__name__
+
+
+def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
+              search_paths: Sequence[str] = ()) -> None:
+  """Parses gin files then bindings; unknown names and missing files raise UserError."""
+  for path in [*search_paths, os.getcwd(), *DEFAULT_SEARCH_PATHS]:
+    gin.add_config_file_search_path(path)
+  try:
+    gin.parse_config_files_and_bindings(list(gin_files), list(gin_bindings),
+                                        finalize_config=False)
+  except (IOError, OSError) as e:
+    raise UserError(f'cannot read gin file: {_first_line(e)}. Looked in the current directory, '
+                    f'--gin_search_paths and {", ".join(DEFAULT_SEARCH_PATHS)}') from e
+  except (ValueError, SyntaxError, ImportError, AttributeError, KeyError) as e:
+    raise UserError(f'bad gin configuration: {_first_line(e)}') from e
+  gin.finalize()
+
+
+def parse_gin_from_flags() -> None:
+  parse_gin(_GIN_FILES.value, _GIN_BINDINGS.value, _GIN_SEARCH_PATHS.value)
+
+
+class GinCallGuard:
+  """Tells gin's errors (raised before a configurable's body runs) from the body's own.
+
+  Gin checks required bindings and builds ``@references`` before calling the
+  function, so an exception raised before ``enter()`` is a configuration error.
+  """
+
+  def __init__(self) -> None:
+    self.entered = False
+
+  def enter(self) -> None:
+    self.entered = True
+
+
+def call_configured(fn: Callable[[], object], guard: GinCallGuard) -> object:
+  try:
+    return fn()
+  except UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    if guard.entered:
+      raise
+    raise UserError(f'bad gin configuration: {_first_line(e)}') from e
+
+
+class _LibraryChatterFilter(std_logging.Filter):
+  """Drops the INFO lines of Orbax, seqio and gin's file search, which drown the progress lines."""
+
+  _QUIET = ('/orbax/', '/seqio/', '/gin/resource_reader', '/jax/_src/xla_bridge')
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if any(part in record.pathname for part in self._QUIET):
+      return record.levelno >= std_logging.WARNING and 'resource_reader' not in record.pathname
+    return True
+
+
+def run(main: Callable[[Sequence[str]], None], program: str) -> None:
+  """``app.run`` with T5X-style gin flags; UserError -> message and exit status 2."""
+  def main_with_exit_codes(argv: Sequence[str]) -> None:
+    logging.get_absl_handler().addFilter(_LibraryChatterFilter())
+    try:
+      main(argv)
+    except UserError as e:
+      if _DEBUG.value:
+        traceback.print_exc()
+      print(f'{program}: error: {e}', file=sys.stderr)
+      logging.flush()
+      sys.exit(2)
+
+  app.run(main_with_exit_codes, flags_parser=parse_flags)

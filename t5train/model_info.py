@@ -1,0 +1,56 @@
+"""``model-info.txt``: every variable of the train state with its shape, dtype, axes and size."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.sharding import PartitionSpec
+
+from t5train.partitioning import PjitPartitioner
+from t5train.train_state import TrainState
+
+
+def _rows(shapes: object, logical: object, mesh: object) -> list[tuple[str, tuple, str, str, str, int]]:
+  is_spec = lambda x: isinstance(x, PartitionSpec)
+  flat_shapes = jax.tree_util.tree_flatten_with_path(shapes)[0]
+  flat_logical = jax.tree_util.tree_leaves(logical, is_leaf=is_spec)
+  flat_mesh = jax.tree_util.tree_leaves(mesh, is_leaf=is_spec)
+  rows = []
+  for (path, shape), axes, spec in zip(flat_shapes, flat_logical, flat_mesh):
+    name = '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)
+    rows.append((name, tuple(shape.shape), str(shape.dtype), str(tuple(axes)), str(tuple(spec)),
+                 int(np.prod(shape.shape))))
+  return rows
+
+
+def model_info_text(state_shape: TrainState, logical_axes: TrainState,
+                    partitioner: PjitPartitioner) -> str:
+  """One line per parameter (then per optimiser slot) and their totals."""
+  mesh_axes = partitioner.logical_to_mesh_axes(logical_axes)
+  lines = []
+  for title, field in (('Parameters', 'params'), ('Optimizer state', 'opt_state')):
+    rows = _rows(getattr(state_shape, field), getattr(logical_axes, field),
+                 getattr(mesh_axes, field))
+    lines.append(f'# {title}: name, shape, dtype, logical axes, mesh axes, count')
+    width = max((len(r[0]) for r in rows), default=0)
+    for name, shape, dtype, axes, spec, count in rows:
+      lines.append(f'{name:<{width}}  {str(shape):<16} {dtype:<8} {axes:<28} {spec:<20} {count:>12,}')
+    lines.append(f'Total {title.lower()}: {sum(r[-1] for r in rows):,}')
+    lines.append('')
+  return '\n'.join(lines)
+
+
+def log_model_info(log_file: str | None, full_train_state: TrainState,
+                   partitioner: PjitPartitioner, logical_axes: TrainState | None = None) -> str:
+  """Writes ``model_info_text`` to ``log_file`` (process 0 only) and returns it."""
+  if logical_axes is None:
+    raise ValueError('log_model_info needs the logical axes of the train state '
+                     '(TrainStateInitializer.train_state_logical_axes)')
+  text = model_info_text(full_train_state, logical_axes, partitioner)
+  if log_file and jax.process_index() == 0:
+    os.makedirs(os.path.dirname(log_file) or '.', exist_ok=True)
+    with open(log_file, 'w') as f:
+      f.write(text)
+  return text

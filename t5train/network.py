@@ -1,0 +1,386 @@
+"""The T5 encoder-decoder (v1.0 and v1.1 layouts) as Flax modules.
+
+Pure model code: no I/O, no optimiser, no sharding decisions. Every parameter
+and the main activations carry logical axis names (batch, length, embed, heads,
+kv, joined_kv, mlp, vocab, relpos_buckets); the partitioner maps them to mesh
+axes. Parameter paths follow T5X's (``encoder/layers_0/attention/query/kernel``)
+so checkpoints and converters line up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+DType = Any
+Initializer = Callable[..., Array]
+
+# Added to attention logits where attention is not allowed. Large but finite so
+# that fully masked rows (padding queries) still give a valid softmax.
+_MASKED_LOGIT = -1e10
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+  """Hyper-parameters of a T5 encoder-decoder, with T5X's field names."""
+
+  vocab_size: int
+  dtype: Any = jnp.float32
+  emb_dim: int = 512
+  num_heads: int = 8
+  num_encoder_layers: int = 6
+  num_decoder_layers: int = 6
+  head_dim: int = 64
+  mlp_dim: int = 2048
+  mlp_activations: Sequence[str] = ('relu',)
+  dropout_rate: float = 0.1
+  logits_via_embedding: bool = False
+  float32_attention_logits: bool = False
+  relative_attention_num_buckets: int = 32
+  relative_attention_max_distance: int = 128
+  layer_norm_epsilon: float = 1e-6
+
+  @property
+  def activation_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.dtype)
+
+
+def _fan_in_normal(scale: float = 1.0) -> Initializer:
+  return nn.initializers.variance_scaling(scale, 'fan_in', 'normal')
+
+
+def _fan_in_truncated_normal() -> Initializer:
+  return nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal')
+
+
+def _activation(name: str) -> Callable[[Array], Array]:
+  if name == 'linear':
+    return lambda x: x
+  if name == 'gelu':
+    # The tanh approximation, as T5 v1.1 ('gelu_new' in transformers).
+    return lambda x: nn.gelu(x, approximate=True)
+  if name in ('relu', 'silu', 'swish', 'tanh', 'sigmoid'):
+    return getattr(nn, name)
+  raise ValueError(f'unknown mlp activation {name!r}')
+
+
+class LayerNorm(nn.Module):
+  """T5's RMS norm: scale only, no bias or mean subtraction, computed in float32."""
+
+  epsilon: float = 1e-6
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    x = x.astype(jnp.float32)
+    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('embed',)),
+                       (x.shape[-1],), jnp.float32)
+    mean_square = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
+    y = x * jax.lax.rsqrt(mean_square + self.epsilon)
+    return (y * scale).astype(self.dtype)
+
+
+class Dense(nn.Module):
+  """A bias-free projection whose 2-D float32 kernel is cast to ``dtype`` for the matmul."""
+
+  features: int
+  kernel_axes: tuple[str, str]
+  kernel_init: Initializer = _fan_in_truncated_normal()
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = self.param('kernel', nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
+                        (x.shape[-1], self.features), jnp.float32)
+    return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+
+
+class Embed(nn.Module):
+  """Token embedding table, also usable as the tied output projection."""
+
+  num_embeddings: int
+  features: int
+  dtype: Any = jnp.float32
+
+  def setup(self) -> None:
+    self.embedding = self.param(
+        'embedding',
+        nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0), ('vocab', 'embed')),
+        (self.num_embeddings, self.features), jnp.float32)
+
+  def __call__(self, tokens: Array) -> Array:
+    return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
+
+  def attend(self, x: Array) -> Array:
+    """Logits against the embedding table: [..., embed] -> [..., vocab]."""
+    return jnp.dot(x.astype(self.dtype), self.embedding.T.astype(self.dtype))
+
+
+def relative_position_bucket(relative_position: np.ndarray, bidirectional: bool,
+                             num_buckets: int, max_distance: int) -> np.ndarray:
+  """T5's bucketing of (key position - query position).
+
+  Half the buckets hold exact small distances, the rest grow logarithmically up
+  to ``max_distance``; a bidirectional table spends half its buckets on each side.
+  """
+  bucket = np.zeros_like(relative_position)
+  n = -relative_position
+  if bidirectional:
+    num_buckets //= 2
+    bucket += (n < 0).astype(relative_position.dtype) * num_buckets
+    n = np.abs(n)
+  else:
+    n = np.maximum(n, 0)
+  max_exact = num_buckets // 2
+  is_small = n < max_exact
+  with np.errstate(divide='ignore'):
+    log_ratio = np.log(np.maximum(n, 1).astype(np.float32) / max_exact) / np.log(max_distance / max_exact)
+  large = max_exact + (log_ratio * (num_buckets - max_exact)).astype(relative_position.dtype)
+  large = np.minimum(large, num_buckets - 1)
+  return bucket + np.where(is_small, n, large)
+
+
+class RelativePositionBiases(nn.Module):
+  """One learned scalar per (bucket, head), shared by every layer of a stack."""
+
+  num_buckets: int
+  max_distance: int
+  num_heads: int
+  bidirectional: bool
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, query_length: int, key_length: int, query_offset: int = 0) -> Array:
+    """Bias [1, heads, query_length, key_length] for queries starting at ``query_offset``."""
+    context = np.arange(query_length, dtype=np.int32)[:, None] + query_offset
+    memory = np.arange(key_length, dtype=np.int32)[None, :]
+    buckets = relative_position_bucket(memory - context, self.bidirectional,
+                                       self.num_buckets, self.max_distance)
+    table = self.param(
+        'rel_embedding',
+        nn.with_logical_partitioning(nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform'),
+                                     ('heads', 'relpos_buckets')),
+        (self.num_heads, self.num_buckets), jnp.float32)
+    bias = jnp.take(table, jnp.asarray(buckets), axis=1)  # [heads, q, k]
+    return bias[None].astype(self.dtype)
+
+
+class MultiHeadAttention(nn.Module):
+  """T5 attention: no 1/sqrt(head_dim) on the logits (it is folded into the query init)."""
+
+  num_heads: int
+  head_dim: int
+  dtype: Any = jnp.float32
+  dropout_rate: float = 0.0
+  float32_logits: bool = False
+
+  @nn.compact
+  def __call__(self, inputs_q: Array, inputs_kv: Array, bias: Array,
+               deterministic: bool) -> Array:
+    inner = self.num_heads * self.head_dim
+    query_init = _fan_in_normal(1.0 / self.head_dim)  # variance 1/(fan_in * head_dim)
+    projection = lambda name, init: Dense(inner, ('embed', 'joined_kv'), init, self.dtype, name=name)
+    q = projection('query', query_init)(inputs_q)
+    k = projection('key', _fan_in_normal())(inputs_kv)
+    v = projection('value', _fan_in_normal())(inputs_kv)
+    split = lambda x: x.reshape(x.shape[:2] + (self.num_heads, self.head_dim))
+    q, k, v = split(q), split(k), split(v)  # [batch, length, heads, kv]
+    q = nn.with_logical_constraint(q, ('batch', 'length', 'heads', 'kv'))
+    k = nn.with_logical_constraint(k, ('batch', 'length', 'heads', 'kv'))
+    v = nn.with_logical_constraint(v, ('batch', 'length', 'heads', 'kv'))
+    if self.float32_logits:
+      q, k = q.astype(jnp.float32), k.astype(jnp.float32)
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) + bias.astype(q.dtype)
+    weights = jax.nn.softmax(logits.astype(jnp.float32)).astype(self.dtype)
+    if not deterministic and self.dropout_rate > 0.0:
+      weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
+    out = jnp.einsum('bhqk,bkhd->bqhd', weights, v.astype(self.dtype))
+    out = nn.with_logical_constraint(out, ('batch', 'length', 'heads', 'kv'))
+    out = out.reshape(out.shape[:2] + (inner,))
+    return Dense(inputs_q.shape[-1], ('joined_kv', 'embed'), _fan_in_normal(), self.dtype,
+                 name='out')(out)
+
+
+class MlpBlock(nn.Module):
+  """Feed-forward block; several activations multiply (gated-GELU is ('gelu', 'linear'))."""
+
+  mlp_dim: int
+  activations: Sequence[str]
+  dtype: Any = jnp.float32
+  dropout_rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool) -> Array:
+    hidden = None
+    for i, name in enumerate(self.activations):
+      dense_name = 'wi' if len(self.activations) == 1 else f'wi_{i}'
+      h = _activation(name)(Dense(self.mlp_dim, ('embed', 'mlp'), dtype=self.dtype,
+                                  name=dense_name)(x))
+      hidden = h if hidden is None else hidden * h
+    hidden = nn.with_logical_constraint(hidden, ('batch', 'length', 'mlp'))
+    hidden = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(hidden, deterministic=deterministic)
+    return Dense(x.shape[-1], ('mlp', 'embed'), dtype=self.dtype, name='wo')(hidden)
+
+
+def _mask_to_bias(mask: Array, dtype: Any) -> Array:
+  return jnp.where(mask, 0.0, _MASKED_LOGIT).astype(dtype)
+
+
+def attention_mask(query_tokens: Array, key_tokens: Array, query_segment_ids: Array | None = None,
+                   key_segment_ids: Array | None = None, causal: bool = False) -> Array:
+  """Boolean mask [batch, 1, q, k]: real tokens, same packed segment and, if causal, the past."""
+  mask = (query_tokens > 0)[:, None, :, None] & (key_tokens > 0)[:, None, None, :]
+  if query_segment_ids is not None and key_segment_ids is not None:
+    mask &= query_segment_ids[:, None, :, None] == key_segment_ids[:, None, None, :]
+  if causal:
+    q_len, k_len = query_tokens.shape[1], key_tokens.shape[1]
+    mask &= jnp.tril(jnp.ones((q_len, k_len), bool))[None, None]
+  return mask
+
+
+class EncoderLayer(nn.Module):
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x: Array, bias: Array, deterministic: bool) -> Array:
+    cfg = self.config
+    dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
+    norm = lambda name: LayerNorm(cfg.layer_norm_epsilon, cfg.activation_dtype, name=name)
+    h = norm('pre_attention_layer_norm')(x)
+    h = MultiHeadAttention(cfg.num_heads, cfg.head_dim, cfg.activation_dtype, cfg.dropout_rate,
+                           cfg.float32_attention_logits, name='attention')(h, h, bias, deterministic)
+    x = x + dropout(h, deterministic=deterministic)
+    h = norm('pre_mlp_layer_norm')(x)
+    h = MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.activation_dtype, cfg.dropout_rate,
+                 name='mlp')(h, deterministic)
+    x = x + dropout(h, deterministic=deterministic)
+    return nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
+
+
+class DecoderLayer(nn.Module):
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, y: Array, encoded: Array, self_bias: Array, cross_bias: Array,
+               deterministic: bool) -> Array:
+    cfg = self.config
+    dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
+    norm = lambda name: LayerNorm(cfg.layer_norm_epsilon, cfg.activation_dtype, name=name)
+    attention = lambda name: MultiHeadAttention(cfg.num_heads, cfg.head_dim, cfg.activation_dtype,
+                                                cfg.dropout_rate, cfg.float32_attention_logits,
+                                                name=name)
+    h = norm('pre_self_attention_layer_norm')(y)
+    h = attention('self_attention')(h, h, self_bias, deterministic)
+    y = y + dropout(h, deterministic=deterministic)
+    h = norm('pre_cross_attention_layer_norm')(y)
+    h = attention('encoder_decoder_attention')(h, encoded, cross_bias, deterministic)
+    y = y + dropout(h, deterministic=deterministic)
+    h = norm('pre_mlp_layer_norm')(y)
+    h = MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.activation_dtype, cfg.dropout_rate,
+                 name='mlp')(h, deterministic)
+    y = y + dropout(h, deterministic=deterministic)
+    return nn.with_logical_constraint(y, ('batch', 'length', 'embed'))
+
+
+class Encoder(nn.Module):
+  config: T5Config
+  shared_embedding: Embed
+
+  @nn.compact
+  def __call__(self, tokens: Array, segment_ids: Array | None, deterministic: bool) -> Array:
+    cfg = self.config
+    length = tokens.shape[1]
+    relpos = RelativePositionBiases(cfg.relative_attention_num_buckets,
+                                    cfg.relative_attention_max_distance, cfg.num_heads,
+                                    bidirectional=True, dtype=cfg.activation_dtype,
+                                    name='relpos_bias')(length, length)
+    mask = attention_mask(tokens, tokens, segment_ids, segment_ids)
+    bias = relpos + _mask_to_bias(mask, cfg.activation_dtype)
+    dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
+    x = dropout(self.shared_embedding(tokens), deterministic=deterministic)
+    x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
+    for i in range(cfg.num_encoder_layers):
+      x = EncoderLayer(cfg, name=f'layers_{i}')(x, bias, deterministic)
+    x = LayerNorm(cfg.layer_norm_epsilon, cfg.activation_dtype, name='encoder_norm')(x)
+    return dropout(x, deterministic=deterministic)
+
+
+class Decoder(nn.Module):
+  config: T5Config
+  shared_embedding: Embed
+
+  @nn.compact
+  def __call__(self, encoded: Array, encoder_tokens: Array, decoder_input_tokens: Array,
+               decoder_target_tokens: Array, encoder_segment_ids: Array | None,
+               decoder_segment_ids: Array | None, deterministic: bool) -> Array:
+    cfg = self.config
+    length = decoder_input_tokens.shape[1]
+    relpos = RelativePositionBiases(cfg.relative_attention_num_buckets,
+                                    cfg.relative_attention_max_distance, cfg.num_heads,
+                                    bidirectional=False, dtype=cfg.activation_dtype,
+                                    name='relpos_bias')(length, length)
+    # Padding is read off the targets: the first decoder input is BOS (id 0).
+    self_mask = attention_mask(decoder_target_tokens, decoder_target_tokens,
+                               decoder_segment_ids, decoder_segment_ids, causal=True)
+    cross_mask = attention_mask(decoder_target_tokens, encoder_tokens,
+                                decoder_segment_ids, encoder_segment_ids)
+    self_bias = relpos + _mask_to_bias(self_mask, cfg.activation_dtype)
+    cross_bias = _mask_to_bias(cross_mask, cfg.activation_dtype)
+    dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
+    y = dropout(self.shared_embedding(decoder_input_tokens), deterministic=deterministic)
+    y = nn.with_logical_constraint(y, ('batch', 'length', 'embed'))
+    for i in range(cfg.num_decoder_layers):
+      y = DecoderLayer(cfg, name=f'layers_{i}')(y, encoded, self_bias, cross_bias, deterministic)
+    y = LayerNorm(cfg.layer_norm_epsilon, cfg.activation_dtype, name='decoder_norm')(y)
+    y = dropout(y, deterministic=deterministic)
+    if cfg.logits_via_embedding:
+      # Tied output layer (T5 v1.0): rescale so logits keep unit-variance scale.
+      logits = self.shared_embedding.attend(y) / jnp.sqrt(y.shape[-1]).astype(y.dtype)
+    else:
+      logits = Dense(cfg.vocab_size, ('embed', 'vocab'), dtype=jnp.float32,
+                     name='logits_dense')(y)
+    logits = logits.astype(jnp.float32)
+    return nn.with_logical_constraint(logits, ('batch', 'length', 'vocab'))
+
+
+class Transformer(nn.Module):
+  """The T5 encoder-decoder: token ids in, float32 logits [batch, target_length, vocab] out."""
+
+  config: T5Config
+
+  def setup(self) -> None:
+    cfg = self.config
+    self.token_embedder = Embed(cfg.vocab_size, cfg.emb_dim, cfg.activation_dtype)
+    self.encoder = Encoder(cfg, self.token_embedder)
+    self.decoder = Decoder(cfg, self.token_embedder)
+
+  def encode(self, encoder_input_tokens: Array, encoder_segment_ids: Array | None = None,
+             *, enable_dropout: bool = True) -> Array:
+    return self.encoder(encoder_input_tokens, encoder_segment_ids, not enable_dropout)
+
+  def decode(self, encoded: Array, encoder_input_tokens: Array, decoder_input_tokens: Array,
+             decoder_target_tokens: Array, encoder_segment_ids: Array | None = None,
+             decoder_segment_ids: Array | None = None, *, enable_dropout: bool = True) -> Array:
+    return self.decoder(encoded, encoder_input_tokens, decoder_input_tokens,
+                        decoder_target_tokens, encoder_segment_ids, decoder_segment_ids,
+                        not enable_dropout)
+
+  def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
+               decoder_target_tokens: Array, encoder_segment_ids: Array | None = None,
+               decoder_segment_ids: Array | None = None, encoder_positions: Array | None = None,
+               decoder_positions: Array | None = None, *, enable_dropout: bool = True) -> Array:
+    """Logits for teacher-forced decoding.
+
+    Positions are accepted for T5X compatibility but unused: relative position
+    biases depend only on distances, which packing leaves unchanged within a segment.
+    """
+    del encoder_positions, decoder_positions
+    encoded = self.encode(encoder_input_tokens, encoder_segment_ids, enable_dropout=enable_dropout)
+    return self.decode(encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
+                       encoder_segment_ids, decoder_segment_ids, enable_dropout=enable_dropout)

@@ -1,0 +1,153 @@
+"""``python -m t5train.train``: train a model from gin files.
+
+    python -m t5train.train --gin_file=gin/models/t5_1_1/tiny.gin \\
+        --gin_file=gin/runs/pretrain.gin --gin_file=gin/tasks/demo.gin \\
+        --gin.MODEL_DIR="'/tmp/smoke'" --gin.TRAIN_STEPS=20
+
+Gin binds the arguments of ``train`` (see gin/runs/pretrain.gin). Running again
+with the same MODEL_DIR resumes from its newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Sequence
+
+import gin
+import jax
+from absl import logging
+
+from t5train import checkpoints, gin_utils, model_info, models, optimizers, partitioning
+from t5train import train_state as train_state_lib
+from t5train import trainer as trainer_lib
+from t5train.errors import UserError
+
+_GUARD = gin_utils.GinCallGuard()
+
+
+def _input_shapes(model: models.EncoderDecoderModel, dataset_cfg: Any) -> dict[str, tuple]:
+  lengths = model.FEATURE_CONVERTER_CLS(pack=False).get_model_feature_lengths(
+      dict(dataset_cfg.task_feature_lengths))
+  return {name: (dataset_cfg.batch_size, length) for name, length in lengths.items()}
+
+
+def _restore_or_initialize(manager: checkpoints.CheckpointManager,
+                           initializer: train_state_lib.TrainStateInitializer,
+                           restore_cfg: checkpoints.RestoreCheckpointConfig | None,
+                           init_rng: jax.Array) -> train_state_lib.TrainState:
+  state = manager.restore()
+  if state is not None:
+    logging.info('Resuming from %s.', checkpoints.checkpoint_dir(manager.directory,
+                                                                 int(state.step)))
+    if restore_cfg is not None and restore_cfg.path:
+      logging.warning('MODEL_DIR already has checkpoints, so the initial checkpoint %s is '
+                      'ignored.', restore_cfg.path)
+    return state
+  if restore_cfg is not None and restore_cfg.path:
+    logging.info('Initialising from %s.', restore_cfg.path)
+    return checkpoints.restore_from_path(restore_cfg.path, initializer.train_state_shardings,
+                                         initializer.global_train_state_shape)
+  logging.info('Initialising from scratch.')
+  return initializer.from_scratch(init_rng)
+
+
+def _report_predictions(predictions: Sequence[Any], num_shown: int = 8) -> float:
+  from t5train import inference  # pylint: disable=g-import-not-at-top
+  accuracy = inference.exact_match(predictions)
+  lines = [f'{"input":<20} {"prediction":<20} {"target":<20}']
+  for p in predictions[:num_shown]:
+    mark = 'ok' if p.prediction == p.target else 'WRONG'
+    lines.append(f'{p.inputs:<20} {p.prediction:<20} {p.target:<20} {mark}')
+  lines.append(f'held-out exact match: {100 * accuracy:.1f}% of {len(predictions)} examples')
+  print('\n'.join(lines), flush=True)
+  return accuracy
+
+
+def train(*, model: models.EncoderDecoderModel, train_dataset_cfg: Any,
+          partitioner: partitioning.PjitPartitioner,
+          checkpoint_cfg: checkpoints.SaveCheckpointConfig, model_dir: str, total_steps: int,
+          restore_checkpoint_cfg: checkpoints.RestoreCheckpointConfig | None = None,
+          learning_rate_fn: optimizers.LearningRateFn | None = None,
+          num_microbatches: int | None = None, random_seed: int = 0,
+          summary_period: int = 100, log_every_secs: float = 5.0,
+          infer_eval_dataset_cfg: Any = None, infer_eval_num_examples: int = 0
+          ) -> dict[str, float]:
+  """Trains ``model`` to ``total_steps`` in ``model_dir``; returns the last summary's metrics."""
+  _GUARD.enter()
+  from t5train import data  # pylint: disable=g-import-not-at-top  (TensorFlow is slow to import)
+  if total_steps < 0:
+    raise UserError(f'TRAIN_STEPS must be >= 0, got {total_steps}')
+  data.get_mixture_or_task(train_dataset_cfg.mixture_or_task_name)  # fail fast on a bad name
+  partitioner.validate()
+  os.makedirs(model_dir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(model_dir, 'config.gin'), 'w') as f:
+      f.write(gin.config_str())
+
+  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(random_seed))
+  initializer = train_state_lib.TrainStateInitializer(
+      model.optimizer_def, model.get_initial_variables,
+      _input_shapes(model, train_dataset_cfg), partitioner=partitioner)
+  model_info.log_model_info(os.path.join(model_dir, 'model-info.txt'),
+                            initializer.global_train_state_shape, partitioner,
+                            initializer.train_state_logical_axes)
+  manager = checkpoints.CheckpointManager(model_dir, checkpoint_cfg,
+                                          initializer.train_state_shardings,
+                                          initializer.global_train_state_shape)
+  state = _restore_or_initialize(manager, initializer, restore_checkpoint_cfg, init_rng)
+  start_step = int(jax.device_get(state.step))
+
+  learning_rate_fn = learning_rate_fn or optimizers.create_learning_rate_scheduler()
+  trainer = trainer_lib.Trainer(model, state, partitioner, initializer.train_state_axes,
+                                train_rng, learning_rate_fn, num_microbatches,
+                                summary_dir=os.path.join(model_dir, 'train'))
+  summary: dict[str, float] = {}
+  if start_step >= total_steps:
+    logging.info('Step %d already reaches TRAIN_STEPS=%d; nothing to train.', start_step,
+                 total_steps)
+  else:
+    # Without a saved data position, a resumed run starts a fresh stream rather than replaying.
+    seed = (train_dataset_cfg.seed if train_dataset_cfg.seed is not None else random_seed)
+    dataset_cfg = dataclasses.replace(train_dataset_cfg, seed=seed + start_step)
+    dataset = data.get_dataset(dataset_cfg, model.FEATURE_CONVERTER_CLS,
+                               shard_id=jax.process_index(), num_shards=jax.process_count())
+    batches = data.global_batches(dataset, partitioner.sharding(partitioner.data_partition_spec))
+    logging.info('Training steps %d to %d.', start_step + 1, total_steps)
+    summary = trainer_lib.run_training(
+        trainer, batches, start_step, total_steps, manager, summary_period, log_every_secs,
+        batch_shapes=_input_shapes(model, train_dataset_cfg))
+  trainer.close()
+  manager.close()
+
+  if infer_eval_dataset_cfg is not None and infer_eval_num_examples > 0:
+    from t5train import inference  # pylint: disable=g-import-not-at-top
+    predictions = inference.predict_split(
+        model, partitioner, trainer.train_state.params,
+        initializer.train_state_shardings.params, infer_eval_dataset_cfg,
+        infer_eval_num_examples)
+    summary['inference_eval/exact_match'] = _report_predictions(predictions)
+  return summary
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
+  gin_utils.parse_gin_from_flags()
+  gin_utils.call_configured(train_from_gin, _GUARD)
+
+
+def train_from_gin() -> Any:
+  """Calls ``train`` with the arguments gin binds to it."""
+  return gin.get_configurable(train)()
+
+
+def console_main() -> None:
+  gin_utils.run(main, program='t5train.train')
+
+
+if __name__ == '__main__':
+  # Gin files bind ``t5train.train.train``; run the importable copy of this module so that
+  # the bindings and the function called are the same object.
+  from t5train import train as _train_module  # pylint: disable=g-import-not-at-top
+  _train_module.console_main()

@@ -1,0 +1,107 @@
+"""The train state (step, parameters, optimiser state) and its sharded initialiser.
+
+The initialiser derives shapes with ``jax.eval_shape`` and creates the state
+directly in its shardings, so no host ever holds a full unsharded copy.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import PartitionSpec
+
+from t5train.optimizers import OptimizerDef
+from t5train.partitioning import PjitPartitioner
+
+PyTree = Any
+InitFn = Callable[[jax.Array, Mapping[str, Any], Mapping[str, Any] | None], PyTree]
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a training step reads and writes; a pytree of arrays."""
+
+  step: jax.Array
+  params: PyTree
+  opt_state: PyTree
+
+  def state_dict(self) -> dict[str, Any]:
+    return {'step': self.step, 'params': self.params, 'opt_state': self.opt_state}
+
+  def replace_state_dict(self, state_dict: Mapping[str, Any]) -> 'TrainState':
+    return self.replace(step=state_dict['step'], params=state_dict['params'],
+                        opt_state=state_dict['opt_state'])
+
+
+def _unit_learning_rate(step: jax.Array) -> jax.Array:
+  # Optimiser state has the same structure for any schedule, so shapes and
+  # initial values are computed with a placeholder one.
+  del step
+  return jnp.asarray(1.0)
+
+
+def _is_spec(x: Any) -> bool:
+  return isinstance(x, PartitionSpec)
+
+
+def _moment_spec(leaf: jax.ShapeDtypeStruct, param: jax.ShapeDtypeStruct,
+                 param_spec: PartitionSpec) -> PartitionSpec:
+  """Logical axes of an optimiser slot, from those of its parameter.
+
+  Full-shape slots (Adam moments) take the parameter's axes; factored
+  Adafactor moments drop the reduced dimension; anything else is replicated.
+  """
+  if leaf.shape == param.shape:
+    return param_spec
+  if len(leaf.shape) == len(param.shape) - 1:
+    for dim in reversed(range(len(param.shape))):
+      if param.shape[:dim] + param.shape[dim + 1:] == leaf.shape:
+        return PartitionSpec(*(param_spec[:dim] + param_spec[dim + 1:]))
+  return PartitionSpec()
+
+
+class TrainStateInitializer:
+  """Shapes, logical and mesh axes, and sharded creation of a TrainState."""
+
+  def __init__(self, optimizer_def: OptimizerDef | None, init_fn: InitFn,
+               input_shapes: Mapping[str, Any], input_types: Mapping[str, Any] | None = None,
+               partitioner: PjitPartitioner | None = None):
+    self._partitioner = partitioner or PjitPartitioner()
+    self._tx = (optimizer_def.make(_unit_learning_rate) if optimizer_def is not None
+                else optax.identity())
+
+    def boxed_params(rng: jax.Array) -> PyTree:
+      return init_fn(rng, input_shapes, input_types)['params']
+
+    def initialize(rng: jax.Array) -> TrainState:
+      params = nn.unbox(boxed_params(rng))
+      return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                        opt_state=self._tx.init(params))
+
+    rng_shape = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+    self.global_train_state_shape: TrainState = jax.eval_shape(initialize, rng_shape)
+    param_axes = nn.get_partition_spec(jax.eval_shape(boxed_params, rng_shape))
+    self.train_state_logical_axes: TrainState = self._logical_axes(param_axes)
+    self.train_state_axes: TrainState = self._partitioner.logical_to_mesh_axes(
+        self.train_state_logical_axes)
+    self.train_state_shardings: TrainState = self._partitioner.mesh_shardings(
+        self.train_state_axes)
+    self._initialize = self._partitioner.partition(
+        initialize, in_shardings=self._partitioner.sharding(PartitionSpec()),
+        out_shardings=self.train_state_shardings)
+
+  def _logical_axes(self, param_axes: PyTree) -> TrainState:
+    shape = self.global_train_state_shape
+    opt_axes = optax.tree_map_params(
+        self._tx, _moment_spec, shape.opt_state, shape.params, param_axes,
+        transform_non_params=lambda _: PartitionSpec(), is_leaf=_is_spec)
+    return TrainState(step=PartitionSpec(), params=param_axes, opt_state=opt_axes)
+
+  def from_scratch(self, rng: jax.Array) -> TrainState:
+    """A freshly initialised state, created in its shardings."""
+    return self._initialize(rng)

@@ -1,0 +1,189 @@
+"""The train step (pure, jitted through the partitioner) and the one training loop.
+
+``train_step`` takes arrays and returns arrays; ``Trainer`` owns the compiled
+step and the current state; ``run_training`` is the loop with its periodic
+actions (progress line, TensorBoard summaries, checkpoints).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any, Callable, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+from absl import logging
+from jax.sharding import PartitionSpec
+
+from t5train import models
+from t5train.checkpoints import CheckpointManager
+from t5train.metrics import MetricsWindow, SummaryWriter
+from t5train.optimizers import LearningRateFn
+from t5train.partitioning import PjitPartitioner
+from t5train.train_state import TrainState
+
+Batch = Mapping[str, jax.Array]
+
+
+def _split_microbatches(batch: Batch, num_microbatches: int) -> dict[str, jax.Array]:
+  """[batch, ...] -> [num_microbatches, batch / num_microbatches, ...].
+
+  Microbatch i takes rows i, i + n, i + 2n, ... so that each microbatch is spread
+  over every data-parallel shard rather than living on a few of them.
+  """
+  def split(x: jax.Array) -> jax.Array:
+    if x.shape[0] % num_microbatches:
+      raise ValueError(f'batch size {x.shape[0]} is not divisible by {num_microbatches} '
+                       'microbatches')
+    x = x.reshape((x.shape[0] // num_microbatches, num_microbatches) + x.shape[1:])
+    return jnp.swapaxes(x, 0, 1)
+  return {name: split(x) for name, x in batch.items()}
+
+
+def _loss_and_grads(model: models.EncoderDecoderModel, params: Any, batch: Batch,
+                    dropout_rng: jax.Array, num_microbatches: int | None
+                    ) -> tuple[Any, models.Metrics]:
+  """Gradients of the batch loss, accumulated over microbatches when asked."""
+  batch, factor = model.normalize_loss_weights(batch)
+  grad_fn = jax.value_and_grad(
+      functools.partial(model.loss_fn, loss_normalizing_factor=factor, normalized=True),
+      has_aux=True)
+  if not num_microbatches or num_microbatches == 1:
+    (_, metrics), grads = grad_fn(params, batch, dropout_rng)
+    return grads, metrics
+
+  def accumulate(grad_sum: Any, micro: tuple[jax.Array, Batch]) -> tuple[Any, models.Metrics]:
+    index, microbatch = micro
+    (_, metrics), grads = grad_fn(params, microbatch, jax.random.fold_in(dropout_rng, index))
+    return jax.tree_util.tree_map(jnp.add, grad_sum, grads), metrics
+
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+  micro = (jnp.arange(num_microbatches), _split_microbatches(batch, num_microbatches))
+  grads, stacked = jax.lax.scan(accumulate, zeros, micro)
+  # Summing each field over microbatches merges clu Average metrics (total, count).
+  return grads, jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), stacked)
+
+
+def train_step(model: models.EncoderDecoderModel, tx: optax.GradientTransformation,
+               learning_rate_fn: LearningRateFn, num_microbatches: int | None,
+               state: TrainState, batch: Batch, rng: jax.Array
+               ) -> tuple[TrainState, models.Metrics]:
+  """One optimiser update; dropout randomness is derived from ``rng`` and the step."""
+  dropout_rng = jax.random.fold_in(rng, state.step)
+  grads, metrics = _loss_and_grads(model, state.params, batch, dropout_rng, num_microbatches)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = dict(metrics)
+  metrics['learning_rate'] = type(metrics['loss'])(total=learning_rate_fn(state.step),
+                                                  count=jnp.ones((), jnp.int32))
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+class Trainer:
+  """Holds the train state and the compiled train step (T5X's constructor names)."""
+
+  def __init__(self, model: models.EncoderDecoderModel, train_state: TrainState,
+               partitioner: PjitPartitioner, train_state_axes: TrainState, rng: jax.Array,
+               learning_rate_fn: LearningRateFn, num_microbatches: int | None = None,
+               summary_dir: str | None = None, eval_names: tuple[str, ...] = ()):
+    del eval_names  # evaluation during training is run by its own loop
+    self.model = model
+    self.train_state = train_state
+    self.stop_training = False
+    self._rng = rng
+    self._writer = SummaryWriter(summary_dir)
+    tx = model.optimizer_def.make(learning_rate_fn)
+    state_shardings = partitioner.mesh_shardings(train_state_axes)
+    batch_sharding = partitioner.sharding(partitioner.data_partition_spec)
+    replicated = partitioner.sharding(PartitionSpec())
+    self._step_fn = partitioner.partition(
+        functools.partial(train_step, model, tx, learning_rate_fn, num_microbatches),
+        in_shardings=(state_shardings, batch_sharding, replicated),
+        out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+
+  def train_step(self, batch: Batch) -> models.Metrics:
+    """Runs one step on ``batch``; returns its metrics without waiting for them."""
+    self.train_state, metrics = self._step_fn(self.train_state, batch, self._rng)
+    return metrics
+
+  def train(self, batch_iter: Iterator[Batch], num_steps: int, start_step: int | None = None
+            ) -> 'TrainSummary':
+    """Runs ``num_steps`` steps, writes one TensorBoard summary, returns the metrics."""
+    window = MetricsWindow()
+    for _ in range(num_steps):
+      window.add(self.train_step(next(batch_iter)))
+    summary = window.summary()
+    step = start_step + num_steps if start_step is not None else int(self.train_state.step)
+    self.write_summary(step, summary)
+    return TrainSummary(summary)
+
+  def write_summary(self, step: int, summary: Mapping[str, float]) -> None:
+    self._writer.write_scalars(step, summary)
+
+  def flush(self) -> None:
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()
+
+
+class TrainSummary:
+  """The metrics of a call to ``Trainer.train``; ``result()`` gives name -> float."""
+
+  def __init__(self, values: Mapping[str, float]):
+    self._values = dict(values)
+
+  def result(self) -> dict[str, float]:
+    return dict(self._values)
+
+
+def _progress_line(step: int, last_step: int, summary: Mapping[str, float],
+                   loop_start: float, first_step: int) -> str:
+  steps_done = step - first_step
+  rate = steps_done / max(time.perf_counter() - loop_start, 1e-9)
+  eta = (last_step - step) / rate if rate > 0 else float('inf')
+  return (f'step {step}/{last_step}  loss {summary.get("cross_ent_loss_per_all_target_tokens", 0):.4f}'
+          f'  accuracy {summary.get("accuracy", 0):.4f}'
+          f'  steps/s {summary.get("timing/steps_per_second", 0):.2f}'
+          f'  tokens/s {summary.get("timing/tokens_per_second", 0):,.0f}'
+          f'  eta {time.strftime("%H:%M:%S", time.gmtime(min(eta, 359999)))}')
+
+
+def run_training(trainer: Trainer, batches: Iterator[Batch], first_step: int, last_step: int,
+                 checkpoints: CheckpointManager | None, summary_period: int,
+                 log_every_secs: float = 5.0, batch_shapes: Mapping[str, tuple] | None = None,
+                 log_fn: Callable[[str], None] = logging.info) -> dict[str, float]:
+  """Trains from ``first_step`` to ``last_step``; returns the metrics of the last window.
+
+  Every ``summary_period`` steps the window's metrics go to TensorBoard; every
+  ``log_every_secs`` a progress line is logged; the checkpoint manager saves on
+  its own period and always at the last step.
+  """
+  shapes = batch_shapes or {}
+  seqs = shapes.get('decoder_target_tokens', (0,))[0]
+  targets = int(jnp.prod(jnp.asarray(shapes.get('decoder_target_tokens', (0,)))))
+  inputs = int(jnp.prod(jnp.asarray(shapes.get('encoder_input_tokens', (0,)))))
+  new_window = lambda: MetricsWindow(inputs + targets, seqs, targets)
+  summary_window, log_window = new_window(), new_window()
+  loop_start, last_log = time.perf_counter(), time.perf_counter()
+  summary: dict[str, float] = {}
+  for step in range(first_step + 1, last_step + 1):
+    metrics = trainer.train_step(next(batches))
+    summary_window.add(metrics)
+    log_window.add(metrics)
+    if step % summary_period == 0 or step == last_step:
+      summary = summary_window.summary()
+      trainer.write_summary(step, summary)
+      summary_window.reset()
+    if time.perf_counter() - last_log >= log_every_secs or step == last_step:
+      log_fn(_progress_line(step, last_step, log_window.summary(), loop_start, first_step))
+      log_window.reset()
+      last_log = time.perf_counter()
+    if checkpoints is not None and (checkpoints.should_save(step) or step == last_step):
+      checkpoints.save(trainer.train_state, force=step == last_step)
+  if checkpoints is not None:
+    checkpoints.wait_until_finished()
+  trainer.flush()
+  return summary
