@@ -66,7 +66,7 @@ def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
   except (IOError, OSError) as e:
     raise UserError(f'cannot read gin file: {_first_line(e)}. Looked in the current directory, '
                     f'--gin_search_paths and {", ".join(DEFAULT_SEARCH_PATHS)}') from e
-  except (ValueError, SyntaxError, ImportError, AttributeError, KeyError) as e:
+  except (ValueError, SyntaxError, ImportError, AttributeError, KeyError, NameError) as e:
     raise UserError(f'bad gin configuration: {_first_line(e)}') from e
   gin.finalize()
 

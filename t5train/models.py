@@ -76,10 +76,11 @@ class EncoderDecoderModel:
 
   def loss_fn(self, params: Any, batch: Batch, dropout_rng: Array | None,
               loss_normalizing_factor: float | None = None,
-              normalized: bool = False) -> tuple[Array, Metrics]:
-    """Loss to minimise and T5X-named metrics for one (micro)batch.
+              normalized: bool = False) -> tuple[Array, dict[str, Array]]:
+    """Loss to minimise and the sums behind the metrics, for one (micro)batch.
 
-    Unless ``normalized`` says the batch already went through
+    The sums add up over microbatches; ``metrics`` turns them into T5X-named
+    metrics. Unless ``normalized`` says the batch already went through
     ``normalize_loss_weights``, that is done here first.
     """
     if not normalized:
@@ -89,23 +90,27 @@ class EncoderDecoderModel:
     weights = batch['decoder_loss_weights']
     loss, z_loss, _ = losses.compute_weighted_cross_entropy(
         logits, targets, weights, self.label_smoothing, self.z_loss, loss_normalizing_factor)
-    return loss, self._metrics(logits, targets, weights, loss, z_loss)
-
-  def _metrics(self, logits: Array, targets: Array, weights: Array, loss: Array,
-               z_loss: Array) -> Metrics:
     counted = (weights > 0).astype(jnp.float32)
-    num_tokens = jnp.sum(counted)
     per_token_ce, _, _ = losses.compute_weighted_cross_entropy(logits, targets, counted)
-    correct, _ = losses.token_accuracy(logits, targets, counted)
+    correct, num_tokens = losses.token_accuracy(logits, targets, counted)
+    return loss, {'loss': loss, 'z_loss': z_loss, 'per_token_cross_ent_sum': per_token_ce,
+                  'num_correct': correct, 'num_tokens': num_tokens,
+                  'num_positions': jnp.asarray(counted.size, jnp.float32)}
+
+  @staticmethod
+  def metrics(sums: dict[str, Array]) -> Metrics:
+    """T5X-named clu metrics of one step from the sums of ``loss_fn``."""
+    one = jnp.ones((), jnp.int32)
     average = clu_metrics.Average
     return {
-        'loss': average(total=loss, count=jnp.ones((), jnp.int32)),
-        'cross_ent_loss': average(total=loss - z_loss, count=jnp.ones((), jnp.int32)),
-        'z_loss': average(total=z_loss, count=jnp.ones((), jnp.int32)),
-        'cross_ent_loss_per_all_target_tokens': average(total=per_token_ce, count=num_tokens),
-        'accuracy': average(total=correct, count=num_tokens),
-        'non_padding_fraction/loss_weights': average(total=num_tokens,
-                                                     count=jnp.asarray(counted.size, jnp.float32)),
+        'loss': average(total=sums['loss'], count=one),
+        'cross_ent_loss': average(total=sums['loss'] - sums['z_loss'], count=one),
+        'z_loss': average(total=sums['z_loss'], count=one),
+        'cross_ent_loss_per_all_target_tokens': average(total=sums['per_token_cross_ent_sum'],
+                                                        count=sums['num_tokens']),
+        'accuracy': average(total=sums['num_correct'], count=sums['num_tokens']),
+        'non_padding_fraction/loss_weights': average(total=sums['num_tokens'],
+                                                     count=sums['num_positions']),
     }
 
   def predict_batch(self, params: Any, batch: Batch, max_decode_length: int | None = None) -> Array:

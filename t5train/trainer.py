@@ -44,25 +44,24 @@ def _split_microbatches(batch: Batch, num_microbatches: int) -> dict[str, jax.Ar
 
 def _loss_and_grads(model: models.EncoderDecoderModel, params: Any, batch: Batch,
                     dropout_rng: jax.Array, num_microbatches: int | None
-                    ) -> tuple[Any, models.Metrics]:
-  """Gradients of the batch loss, accumulated over microbatches when asked."""
+                    ) -> tuple[Any, dict[str, jax.Array]]:
+  """Gradients of the batch loss and its metric sums, accumulated over microbatches."""
   batch, factor = model.normalize_loss_weights(batch)
   grad_fn = jax.value_and_grad(
       functools.partial(model.loss_fn, loss_normalizing_factor=factor, normalized=True),
       has_aux=True)
   if not num_microbatches or num_microbatches == 1:
-    (_, metrics), grads = grad_fn(params, batch, dropout_rng)
-    return grads, metrics
+    (_, sums), grads = grad_fn(params, batch, dropout_rng)
+    return grads, sums
 
-  def accumulate(grad_sum: Any, micro: tuple[jax.Array, Batch]) -> tuple[Any, models.Metrics]:
+  def accumulate(grad_sum: Any, micro: tuple[jax.Array, Batch]) -> tuple[Any, dict]:
     index, microbatch = micro
-    (_, metrics), grads = grad_fn(params, microbatch, jax.random.fold_in(dropout_rng, index))
-    return jax.tree_util.tree_map(jnp.add, grad_sum, grads), metrics
+    (_, sums), grads = grad_fn(params, microbatch, jax.random.fold_in(dropout_rng, index))
+    return jax.tree_util.tree_map(jnp.add, grad_sum, grads), sums
 
   zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
   micro = (jnp.arange(num_microbatches), _split_microbatches(batch, num_microbatches))
   grads, stacked = jax.lax.scan(accumulate, zeros, micro)
-  # Summing each field over microbatches merges clu Average metrics (total, count).
   return grads, jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), stacked)
 
 
@@ -72,10 +71,10 @@ def train_step(model: models.EncoderDecoderModel, tx: optax.GradientTransformati
                ) -> tuple[TrainState, models.Metrics]:
   """One optimiser update; dropout randomness is derived from ``rng`` and the step."""
   dropout_rng = jax.random.fold_in(rng, state.step)
-  grads, metrics = _loss_and_grads(model, state.params, batch, dropout_rng, num_microbatches)
+  grads, sums = _loss_and_grads(model, state.params, batch, dropout_rng, num_microbatches)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = dict(metrics)
+  metrics = model.metrics(sums)
   metrics['learning_rate'] = type(metrics['loss'])(total=learning_rate_fn(state.step),
                                                   count=jnp.ones((), jnp.int32))
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics

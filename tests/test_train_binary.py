@@ -1,0 +1,118 @@
+"""The train binary end to end, in a subprocess, on tiny.gin and the built-in task."""
+
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.util import tensor_util
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = ['--gin_file=gin/models/t5_1_1/tiny.gin', '--gin_file=gin/runs/pretrain.gin',
+         '--gin_file=gin/tasks/demo.gin']
+EXPECTED_SCALARS = {
+    'loss', 'accuracy', 'cross_ent_loss', 'z_loss', 'learning_rate', 'timing/steps_per_second',
+    'timing/seqs_per_second', 'timing/target_tokens_per_second',
+    'non_padding_fraction/loss_weights'}
+
+
+def run_train(*args, cwd=REPO):
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  return subprocess.run([sys.executable, '-m', 't5train.train', *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+def read_scalars(summary_dir):
+  scalars = {}
+  for path in glob.glob(os.path.join(summary_dir, 'events.out.tfevents.*')):
+    acc = event_accumulator.EventAccumulator(path, size_guidance={'tensors': 0})
+    acc.Reload()
+    for tag in acc.Tags()['tensors']:
+      scalars[tag] = [(e.step, float(tensor_util.make_ndarray(e.tensor_proto)))
+                      for e in acc.Tensors(tag)]
+  return scalars
+
+
+@pytest.fixture(scope='module')
+def smoke_run(tmp_path_factory):
+  model_dir = str(tmp_path_factory.mktemp('smoke'))
+  result = run_train(*SMOKE, f"--gin.MODEL_DIR='{model_dir}'", '--gin.TRAIN_STEPS=8',
+                     '--gin.SUMMARY_PERIOD=4', '--gin.CHECKPOINT_PERIOD=4')
+  assert result.returncode == 0, result.stderr[-3000:]
+  return model_dir, result
+
+
+def test_writes_the_model_directory(smoke_run):
+  model_dir, _ = smoke_run
+  assert sorted(os.listdir(model_dir)) == ['checkpoint_4', 'checkpoint_8', 'config.gin',
+                                           'model-info.txt', 'train']
+  info = open(os.path.join(model_dir, 'model-info.txt')).read()
+  assert 'encoder/layers_0/mlp/wi_0/kernel' in info and "('embed', 'mlp')" in info
+  assert 'Total parameters: 518,240' in info  # T5X tiny: 32128 x 8 embedding + untied logits
+  config = open(os.path.join(model_dir, 'config.gin')).read()
+  assert "MODEL_DIR = '" in config and 'TRAIN_STEPS = 8' in config
+
+
+def test_summaries_hold_t5x_scalars(smoke_run):
+  model_dir, _ = smoke_run
+  scalars = read_scalars(os.path.join(model_dir, 'train'))
+  assert EXPECTED_SCALARS <= set(scalars), sorted(scalars)
+  assert [step for step, _ in scalars['loss']] == [4, 8]
+  assert all(0.0 <= value <= 1.0 for _, value in scalars['accuracy'])
+
+
+def test_progress_lines_are_printed(smoke_run):
+  _, result = smoke_run
+  lines = [line for line in result.stderr.splitlines() if 'step 8/8' in line]
+  assert lines and all(word in lines[-1] for word in ('loss', 'accuracy', 'steps/s', 'tokens/s',
+                                                     'eta'))
+
+
+def test_rerun_resumes_and_config_is_rerunnable(smoke_run, tmp_path):
+  model_dir, _ = smoke_run
+  result = run_train(*SMOKE, f"--gin.MODEL_DIR='{model_dir}'", '--gin.TRAIN_STEPS=10',
+                     '--gin.SUMMARY_PERIOD=4', '--gin.CHECKPOINT_PERIOD=4')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'Resuming from' in result.stderr and 'checkpoint_8' in result.stderr
+  assert 'Training steps 9 to 10' in result.stderr
+  assert os.path.isdir(os.path.join(model_dir, 'checkpoint_10'))
+  steps = [s for s, _ in read_scalars(os.path.join(model_dir, 'train'))['loss']]
+  assert steps == [4, 8, 10]
+
+  # The written config.gin reproduces the run on its own.
+  other_dir = str(tmp_path / 'from_config')
+  result = run_train(f'--gin_file={model_dir}/config.gin', f"--gin.MODEL_DIR='{other_dir}'",
+                     '--gin.TRAIN_STEPS=2')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert os.path.isdir(os.path.join(other_dir, 'checkpoint_2'))
+
+
+@pytest.mark.parametrize('args,message', [
+    (SMOKE + ["--gin.MODEL_DIR='/tmp/t5train_bad'", '--gin.no_such_fn.x=1'], 'no_such_fn'),
+    (SMOKE + ['--gin.TRAIN_STEPS=2'], 'MODEL_DIR'),
+    (['--gin_file=gin/models/t5_1_1/no_such_model.gin'] + SMOKE[1:] +
+     ["--gin.MODEL_DIR='/tmp/t5train_bad'"], 'no_such_model.gin'),
+    (SMOKE + ["--gin.MODEL_DIR='/tmp/t5train_bad'", '--gin.TRAIN_STEPS=2',
+              "--gin.MIXTURE_OR_TASK_NAME='no_such_task'"], 'no_such_task'),
+], ids=['unknown_configurable', 'missing_required_macro', 'missing_gin_file', 'unknown_task'])
+def test_bad_input_exits_2_with_a_short_message(args, message):
+  result = run_train(*args)
+  assert result.returncode == 2, result.stderr[-3000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith('t5train.train: error:') and message in last, last
+  assert 'Traceback' not in result.stderr
+  assert not os.path.exists('/tmp/t5train_bad/checkpoint_2')
+
+
+def test_gin_search_paths_find_relative_files(tmp_path):
+  extra = tmp_path / 'configs'
+  extra.mkdir()
+  (extra / 'short.gin').write_text('TRAIN_STEPS = 1\n')
+  result = run_train(*SMOKE, f'--gin_search_paths={extra}', '--gin_file=short.gin',
+                     f"--gin_bindings=MODEL_DIR = '{tmp_path / 'run'}'", cwd=str(tmp_path))
+  # Relative SMOKE paths resolve through the repository search path even from another cwd.
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert os.path.isdir(tmp_path / 'run' / 'checkpoint_1')

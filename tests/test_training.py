@@ -1,0 +1,99 @@
+"""The train step: learning, microbatching, schedules, optimiser state sharding axes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from t5train import optimizers, partitioning, testing, train_state, trainer
+
+
+def _setup(model, batch, learning_rate_fn, num_microbatches=None):
+  partitioner = partitioning.PjitPartitioner()
+  initializer = train_state.TrainStateInitializer(
+      model.optimizer_def, model.get_initial_variables, testing.input_shapes(batch),
+      partitioner=partitioner)
+  state = initializer.from_scratch(jax.random.PRNGKey(0))
+  return trainer.Trainer(model, state, partitioner, initializer.train_state_axes,
+                         jax.random.PRNGKey(1), learning_rate_fn, num_microbatches)
+
+
+def test_tiny_model_overfits_one_batch():
+  model = testing.tiny_model(loss_normalizing_factor='NUM_REAL_TARGET_TOKENS')
+  batch = testing.random_batch(batch_size=4, input_length=10, target_length=6)
+  t = _setup(model, batch, optimizers.create_learning_rate_scheduler('constant', 1e-2))
+  losses = [float(t.train_step(batch)['loss'].compute()) for _ in range(150)]
+  assert losses[0] > 3.0  # about log(64) at initialisation
+  assert losses[-1] < 0.05, losses[-10:]
+  assert int(t.train_state.step) == 150
+
+
+def test_adafactor_learns_too():
+  model = testing.tiny_model(optimizer_def=optimizers.Adafactor())
+  batch = testing.random_batch(batch_size=4, input_length=10, target_length=6)
+  t = _setup(model, batch, optimizers.create_learning_rate_scheduler('constant', 0.1))
+  first = float(t.train_step(batch)['cross_ent_loss_per_all_target_tokens'].compute())
+  for _ in range(60):
+    last = float(t.train_step(batch)['cross_ent_loss_per_all_target_tokens'].compute())
+  assert last < 0.5 * first
+
+
+@pytest.mark.parametrize('normalizer', [None, 'NUM_REAL_TARGET_TOKENS'])
+def test_microbatches_give_the_same_update(normalizer):
+  model = testing.tiny_model(loss_normalizing_factor=normalizer)
+  batch = testing.random_batch(batch_size=8, seed=5)
+  lr = optimizers.create_learning_rate_scheduler('constant', 1e-3)
+  whole, split = _setup(model, batch, lr), _setup(model, batch, lr, num_microbatches=4)
+  whole_metrics, split_metrics = whole.train_step(batch), split.train_step(batch)
+  for name in ('loss', 'accuracy', 'cross_ent_loss_per_all_target_tokens'):
+    np.testing.assert_allclose(float(split_metrics[name].compute()),
+                               float(whole_metrics[name].compute()), rtol=1e-5)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                         split.train_state.params, whole.train_state.params)
+
+
+def test_learning_rate_schedules():
+  fn = optimizers.create_learning_rate_scheduler('constant * linear_warmup * rsqrt_decay',
+                                                 base_learning_rate=1.0, warmup_steps=100)
+  np.testing.assert_allclose([float(fn(s)) for s in (0, 50, 100, 400)],
+                             [1e-8, 0.5 / 10, 1 / 10, 1 / 20], rtol=1e-6)
+  cosine = optimizers.create_learning_rate_scheduler(
+      'constant * cosine_decay', base_learning_rate=2.0, warmup_steps=0, steps_per_cycle=100)
+  np.testing.assert_allclose([float(cosine(s)) for s in (0, 50, 100, 150)], [2.0, 1.0, 1e-8, 1e-8],
+                             rtol=1e-6, atol=1e-7)
+  linear = optimizers.create_learning_rate_scheduler(
+      'constant * linear_decay', base_learning_rate=1.0, warmup_steps=10, steps_per_cycle=10)
+  np.testing.assert_allclose([float(linear(s)) for s in (5, 15, 25)], [1.0, 0.5, 1e-8], rtol=1e-6)
+  with pytest.raises(ValueError, match='unknown learning-rate factor'):
+    optimizers.create_learning_rate_scheduler('constant * warmup')
+
+
+def test_adafactor_factored_moments_take_reduced_axes():
+  model = testing.tiny_model(testing.tiny_config(emb_dim=128, mlp_dim=256),
+                             optimizer_def=optimizers.Adafactor())
+  batch = testing.random_batch()
+  initializer = train_state.TrainStateInitializer(
+      model.optimizer_def, model.get_initial_variables, testing.input_shapes(batch))
+  factored = initializer.train_state_logical_axes.opt_state[0]
+  wi = ('encoder', 'layers_0', 'mlp', 'wi_0', 'kernel')
+  pick = lambda tree: tree[wi[0]][wi[1]][wi[2]][wi[3]][wi[4]]
+  assert tuple(pick(initializer.train_state_logical_axes.params)) == ('embed', 'mlp')
+  assert tuple(pick(factored.v_row)) == ('embed',)
+  assert tuple(pick(factored.v_col)) == ('mlp',)
+
+
+def test_partitioner_rejects_indivisible_device_counts():
+  from t5train.errors import UserError
+  with pytest.raises(UserError, match='multiple of the number of model partitions'):
+    partitioning.PjitPartitioner(num_partitions=len(jax.devices()) + 1).validate()
+
+
+def test_optax_adafactor_defaults_are_t5x():
+  # decay 1 - t**-0.8 at step 1 is 0: the first second-moment estimate is the squared gradient.
+  tx = optimizers.Adafactor().make(lambda step: jnp.asarray(1.0))
+  params = {'w': jnp.ones((4,))}
+  updates, _ = tx.update({'w': jnp.full((4,), 2.0)}, tx.init(params), params)
+  # RMS-normalised update of size 1, times parameter scale max(rms(w), 1e-3) = 1, negated.
+  np.testing.assert_allclose(np.asarray(updates['w']), -np.ones(4), rtol=1e-4)
+  assert isinstance(tx, optax.GradientTransformation)
