@@ -18,6 +18,9 @@ from absl import app, flags, logging
 
 from t5train.errors import UserError
 
+# TensorFlow's C++ start-up chatter (CUDA probes, oneDNN notes) says nothing useful to users.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_SEARCH_PATHS = (REPO_ROOT, os.path.join(REPO_ROOT, 'gin'))
 
@@ -55,20 +58,36 @@ def _first_line(error: BaseException) -> str:
   return ' '.join(lines[:3]) if lines else type(error).__name__
 
 
+class _GinSearchFilter(std_logging.Filter):
+  """Hides gin's "Path not found" lines, logged for every search path tried before a hit."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return not str(record.msg).startswith('Path not found')
+
+
 def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
               search_paths: Sequence[str] = ()) -> None:
   """Parses gin files then bindings; unknown names and missing files raise UserError."""
   for path in [*search_paths, os.getcwd(), *DEFAULT_SEARCH_PATHS]:
     gin.add_config_file_search_path(path)
+  quiet_search = _GinSearchFilter()
+  std_logging.getLogger().addFilter(quiet_search)
   try:
     gin.parse_config_files_and_bindings(list(gin_files), list(gin_bindings),
                                         finalize_config=False)
+    gin.finalize()  # reports macros left at %gin.REQUIRED
   except (IOError, OSError) as e:
     raise UserError(f'cannot read gin file: {_first_line(e)}. Looked in the current directory, '
                     f'--gin_search_paths and {", ".join(DEFAULT_SEARCH_PATHS)}') from e
   except (ValueError, SyntaxError, ImportError, AttributeError, KeyError, NameError) as e:
-    raise UserError(f'bad gin configuration: {_first_line(e)}') from e
-  gin.finalize()
+    message = _first_line(e)
+    if 'set to `%gin.REQUIRED`' in message:
+      name = message.split('/')[0]
+      raise UserError(f'required macro {name} is not set: add --gin.{name}=... or bind it in a '
+                      'gin file') from e
+    raise UserError(f'bad gin configuration: {message}') from e
+  finally:
+    std_logging.getLogger().removeFilter(quiet_search)
 
 
 def parse_gin_from_flags() -> None:
@@ -120,7 +139,9 @@ def run(main: Callable[[Sequence[str]], None], program: str) -> None:
     except UserError as e:
       if _DEBUG.value:
         traceback.print_exc()
-      print(f'{program}: error: {e}', file=sys.stderr)
+      # Gin appends "In call to configurable ..." lines to errors raised inside configurables.
+      message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      print(f'{program}: error: {message}', file=sys.stderr)
       logging.flush()
       sys.exit(2)
 

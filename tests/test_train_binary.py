@@ -31,9 +31,9 @@ def read_scalars(summary_dir):
     acc = event_accumulator.EventAccumulator(path, size_guidance={'tensors': 0})
     acc.Reload()
     for tag in acc.Tags()['tensors']:
-      scalars[tag] = [(e.step, float(tensor_util.make_ndarray(e.tensor_proto)))
-                      for e in acc.Tensors(tag)]
-  return scalars
+      scalars.setdefault(tag, []).extend(
+          (e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag))
+  return {tag: sorted(values) for tag, values in scalars.items()}
 
 
 @pytest.fixture(scope='module')

@@ -1,0 +1,69 @@
+"""Every gin file in gin/ parses, and the model files give T5 1.1's sizes."""
+
+import glob
+import os
+
+import flax.linen as nn
+import gin
+import jax
+import numpy as np
+import pytest
+
+from t5train import gin_utils, models
+
+GIN_DIR = os.path.join(gin_utils.REPO_ROOT, 'gin')
+REQUIRED = ["MODEL_DIR = '/tmp/unused'", 'TRAIN_STEPS = 1',
+            "INITIAL_CHECKPOINT_PATH = '/tmp/unused/checkpoint_1'"]
+# Parameter counts of the released T5 1.1 checkpoints (embedding and logits untied).
+T5_1_1_SIZES = {'small': 76_961_152, 'base': 247_577_856, 'large': 783_150_080,
+                'xl': 2_849_757_184, 'xxl': 11_135_332_352, 'tiny': 518_240}
+
+
+def _parse(*files, bindings=()):
+  gin.clear_config()
+  gin_utils.parse_gin(files, [*REQUIRED, *bindings])
+
+
+def _num_params(model: models.EncoderDecoderModel) -> int:
+  shapes = {name: (1, 8) for name in ('encoder_input_tokens', 'decoder_input_tokens',
+                                      'decoder_target_tokens')}
+  variables = jax.eval_shape(lambda rng: model.get_initial_variables(rng, shapes),
+                             jax.random.PRNGKey(0))
+  return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(nn.unbox(variables)))
+
+
+def _all_gin_files():
+  return sorted(os.path.relpath(p, gin_utils.REPO_ROOT)
+                for p in glob.glob(os.path.join(GIN_DIR, '**', '*.gin'), recursive=True))
+
+
+@pytest.mark.parametrize('path', _all_gin_files())
+def test_every_gin_file_parses_in_a_full_configuration(path):
+  is_size_file = '/models/' in path and not path.endswith('base_architecture.gin')
+  model_file = path if is_size_file else 'gin/models/t5_1_1/tiny.gin'
+  run_file = path if '/runs/' in path else 'gin/runs/pretrain.gin'
+  files = [model_file, run_file, 'gin/tasks/demo.gin']
+  if path not in files:
+    files.append(path)
+  _parse(*files)
+  model = gin.query_parameter('%MODEL').scoped_configurable_fn()
+  assert isinstance(model, models.EncoderDecoderModel)
+
+
+@pytest.mark.parametrize('size,expected', sorted(T5_1_1_SIZES.items()))
+def test_t5_1_1_sizes(size, expected):
+  _parse(f'gin/models/t5_1_1/{size}.gin', 'gin/runs/pretrain.gin', 'gin/tasks/demo.gin')
+  model = gin.query_parameter('%MODEL').scoped_configurable_fn()
+  assert _num_params(model) == expected
+
+
+def test_command_line_bindings_override_files():
+  _parse('gin/models/t5_1_1/tiny.gin', 'gin/runs/pretrain.gin', 'gin/tasks/demo.gin',
+         bindings=['BATCH_SIZE = 4', "MIXTURE_OR_TASK_NAME = 'other'"])
+  assert gin.query_parameter('%BATCH_SIZE') == 4
+  assert gin.query_parameter('%MIXTURE_OR_TASK_NAME') == 'other'
+
+
+def test_gin_args_rewrite():
+  assert gin_utils.rewrite_gin_args(['prog', "--gin.MODEL_DIR='/x'", '--gin_file=a.gin']) == [
+      'prog', "--gin_bindings=MODEL_DIR = '/x'", '--gin_file=a.gin']
