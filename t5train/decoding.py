@@ -7,7 +7,7 @@ starts from BOS (id 0) and pads with 0 after EOS.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

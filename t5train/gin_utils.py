@@ -11,11 +11,11 @@ import logging as std_logging
 import os
 import sys
 import traceback
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
-import gin
 from absl import app, flags, logging
 
+import gin
 from t5train.errors import UserError
 
 # TensorFlow's C++ start-up chatter (CUDA probes, oneDNN notes) says nothing useful to users.
@@ -76,7 +76,7 @@ def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
     gin.parse_config_files_and_bindings(list(gin_files), list(gin_bindings),
                                         finalize_config=False)
     gin.finalize()  # reports macros left at %gin.REQUIRED
-  except (IOError, OSError) as e:
+  except OSError as e:
     raise UserError(f'cannot read gin file: {_first_line(e)}. Looked in the current directory, '
                     f'--gin_search_paths and {", ".join(DEFAULT_SEARCH_PATHS)}') from e
   except (ValueError, SyntaxError, ImportError, AttributeError, KeyError, NameError) as e:

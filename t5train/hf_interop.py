@@ -7,7 +7,8 @@ t5train (like T5X) stores kernels as [in, out] and tables as [heads, buckets].
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 

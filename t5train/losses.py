@@ -6,8 +6,6 @@ them (see ``loss_weights_and_factor``).
 
 from __future__ import annotations
 
-from typing import Union
-
 import jax
 import jax.numpy as jnp
 
@@ -15,7 +13,7 @@ Array = jax.Array
 
 # Normalising by the number of real target tokens in the whole global batch.
 NUM_REAL_TARGET_TOKENS = 'NUM_REAL_TARGET_TOKENS'
-LossNormalizingFactor = Union[None, float, int, str]
+LossNormalizingFactor = float | int | str | None
 
 
 def cross_entropy_with_logits(logits: Array, soft_targets: Array,

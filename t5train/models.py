@@ -7,7 +7,8 @@ Holds no training state and does no I/O. seqio is imported lazily (only for
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import clu.metrics as clu_metrics
 import flax.linen as nn

@@ -7,7 +7,8 @@ An optimiser definition is a small frozen description (what gin binds); its
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp

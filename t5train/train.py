@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-import gin
 import jax
 from absl import logging
 
+import gin
 from t5train import checkpoints, gin_utils, model_info, models, optimizers, partitioning
 from t5train import train_state as train_state_lib
 from t5train import trainer as trainer_lib

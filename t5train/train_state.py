@@ -6,7 +6,8 @@ directly in its shardings, so no host ever holds a full unsharded copy.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import flax
 import flax.linen as nn

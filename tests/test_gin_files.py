@@ -4,11 +4,11 @@ import glob
 import os
 
 import flax.linen as nn
-import gin
 import jax
 import numpy as np
 import pytest
 
+import gin
 from t5train import gin_utils, models
 
 GIN_DIR = os.path.join(gin_utils.REPO_ROOT, 'gin')

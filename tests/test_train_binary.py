@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 

@@ -1,0 +1,59 @@
+"""Checks that t5train's imports point down the layers (see docs/architecture.md).
+
+A module may import t5train modules of its own layer or of lower layers only,
+and TensorFlow / seqio only where the data layer allows it.
+"""
+
+import ast
+import pathlib
+import sys
+
+LAYERS = {
+    'errors': 0,
+    'network': 1, 'losses': 1, 'decoding': 1, 'hf_interop': 1,
+    'models': 2,
+    'partitioning': 3, 'optimizers': 3, 'train_state': 3, 'checkpoints': 3, 'data': 3,
+    'tasks': 3, 'metrics': 3, 'model_info': 3,
+    'trainer': 4, 'inference': 4, 'testing': 4,
+    'train': 5, 'gin_utils': 5, 'bench': 5, 'utils': 5, 'adafactor': 5,
+}
+TF_ALLOWED = {'data', 'tasks'}  # others import seqio / tensorflow lazily, inside functions
+HEAVY = {'tensorflow', 'seqio'}
+
+
+def main() -> int:
+  root = pathlib.Path(__file__).resolve().parent.parent / 't5train'
+  problems = []
+  for path in sorted(root.glob('*.py')):
+    name = path.stem
+    if name == '__init__':
+      continue
+    if name not in LAYERS:
+      problems.append(f'{path.name}: not assigned to a layer in scripts/check_imports.py')
+      continue
+    tree = ast.parse(path.read_text())
+    for node in tree.body:  # module-level imports only; function-level ones are lazy
+      targets = []
+      if isinstance(node, ast.Import):
+        targets = [alias.name for alias in node.names]
+      elif isinstance(node, ast.ImportFrom) and node.module:
+        if node.module == 't5train':
+          targets = [f't5train.{alias.name}' for alias in node.names]
+        else:
+          targets = [node.module]
+      for target in targets:
+        top = target.split('.')[0]
+        if top in HEAVY and name not in TF_ALLOWED:
+          problems.append(f'{path.name}: imports {target} at module level')
+        if top == 't5train':
+          imported = target.split('.')[1]
+          if LAYERS.get(imported, 99) > LAYERS[name]:
+            problems.append(f'{path.name} (layer {LAYERS[name]}) imports {imported} '
+                            f'(layer {LAYERS.get(imported)})')
+  for problem in problems:
+    print(problem)
+  return 1 if problems else 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

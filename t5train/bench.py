@@ -1,0 +1,273 @@
+"""``python -m t5train.bench`` (``make bench``): training throughput, side by side with a peer.
+
+Each row runs in its own process (so that peak memory is that row's alone) on
+random tokens, with no TensorFlow or seqio, so it also runs on accelerator
+images without them. Rows: t5train at each size and, where PyTorch and
+transformers are installed, transformers' T5 in eager PyTorch on the same
+shapes. Model FLOPs are counted analytically (see ``train_flops_per_step``) and
+divided by a matrix-multiply rate measured in the same run on the same device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from absl import app, flags
+
+_SIZES = flags.DEFINE_list('sizes', ['tiny', 'small'], 'Model sizes to measure.')
+_BATCH = flags.DEFINE_integer('batch_size', 8, 'Global batch size.')
+_LENGTHS = flags.DEFINE_list('lengths', ['128', '32'], 'Input and target lengths.')
+_STEPS = flags.DEFINE_integer('steps', 10, 'Warm steps to time (after 2 untimed ones).')
+_DTYPE = flags.DEFINE_string('dtype', 'float32', 'Activation dtype: float32 or bfloat16.')
+_PEER = flags.DEFINE_enum('peer', 'auto', ['auto', 'none', 'transformers'],
+                          'Also measure transformers\' PyTorch T5 (auto: if installed).')
+_OUT = flags.DEFINE_string('out', 'docs/bench/train.json', 'Where to write the JSON results.')
+_WORKER = flags.DEFINE_string('worker', None, 'Internal: measure one row and print JSON.')
+
+# T5 1.1 dimensions, as in gin/models/t5_1_1/*.gin (tests/test_bench.py checks they agree).
+SIZES: dict[str, dict[str, Any]] = {
+    'tiny': dict(vocab_size=32128, emb_dim=8, num_heads=4, num_encoder_layers=2,
+                 num_decoder_layers=2, head_dim=3, mlp_dim=16),
+    'small': dict(vocab_size=32128, emb_dim=512, num_heads=6, num_encoder_layers=8,
+                  num_decoder_layers=8, head_dim=64, mlp_dim=1024),
+    'base': dict(vocab_size=32128, emb_dim=768, num_heads=12, num_encoder_layers=12,
+                 num_decoder_layers=12, head_dim=64, mlp_dim=2048),
+}
+
+
+def train_flops_per_step(size: dict[str, Any], batch: int, input_length: int,
+                         target_length: int, num_mlp_inputs: int = 2) -> float:
+  """Matmul and attention FLOPs of one training step (forward + backward = 3 x forward).
+
+  Per encoder token and layer: Q, K, V, O (4 d x inner) and the MLP ((gates + 1) d x mlp).
+  Per decoder token and layer: self Q, K, V, O, cross Q, O (6 d x inner), the MLP, and the
+  logits (d x vocab) once; cross K, V (2 d x inner) are per encoder token. Attention adds
+  2 x 2 x q_len x k_len x inner per layer (scores and weighted sum). Embedding lookups,
+  norms and softmax are left out. Not 6N per token: that would charge the decoder's
+  parameters to encoder tokens and overstate an encoder-decoder's cost.
+  """
+  d, inner, mlp = size['emb_dim'], size['num_heads'] * size['head_dim'], size['mlp_dim']
+  enc_layers, dec_layers = size['num_encoder_layers'], size['num_decoder_layers']
+  mlp_params = (num_mlp_inputs + 1) * d * mlp
+  enc_token = enc_layers * (4 * d * inner + mlp_params) + dec_layers * 2 * d * inner
+  dec_token = dec_layers * (6 * d * inner + mlp_params) + d * size['vocab_size']
+  attention = (enc_layers * 4 * input_length**2 * inner +
+               dec_layers * 4 * (target_length**2 + target_length * input_length) * inner)
+  forward = 2 * (enc_token * input_length + dec_token * target_length) + attention
+  return 3.0 * forward * batch
+
+
+def _peak_rss_gib() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+
+def _summarise(step_secs: list[float], first_step_secs: float, flops: float, tokens: int,
+               peak_flops: float, peak_memory_gib: float) -> dict[str, Any]:
+  median = statistics.median(step_secs)
+  return {
+      'sec_per_step_median': median,
+      'sec_per_step_min': min(step_secs), 'sec_per_step_max': max(step_secs),
+      'tokens_per_sec': tokens / median,
+      'compile_and_first_step_secs': first_step_secs,
+      'model_tflops_per_step': flops / 1e12,
+      'achieved_tflops': flops / median / 1e12,
+      'peak_tflops_measured': peak_flops / 1e12,
+      'mfu': flops / median / peak_flops,
+      'peak_memory_gib': peak_memory_gib,
+  }
+
+
+def _jax_matmul_flops(dtype: str) -> float:
+  import jax
+  import jax.numpy as jnp
+  n = 4096 if jax.default_backend() != 'cpu' else 2048
+  a = jnp.ones((n, n), dtype)
+  matmul = jax.jit(lambda x: x @ x)
+  matmul(a).block_until_ready()
+  times = []
+  for _ in range(5):
+    start = time.perf_counter()
+    matmul(a).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return 2 * n**3 / min(times)
+
+
+def _measure_t5train(size_name: str, batch: int, input_length: int, target_length: int,
+                     steps: int, dtype: str) -> dict[str, Any]:
+  import jax
+  import numpy as np
+
+  from t5train import models, network, optimizers, partitioning, train_state, trainer
+  config = network.T5Config(**SIZES[size_name], dtype=dtype, mlp_activations=('gelu', 'linear'),
+                            dropout_rate=0.0)
+  model = models.EncoderDecoderModel(network.Transformer(config), None, None,
+                                     optimizers.Adafactor(), z_loss=1e-4)
+  rng = np.random.default_rng(0)
+  targets = rng.integers(2, config.vocab_size, (batch, target_length)).astype(np.int32)
+  host_batch = {
+      'encoder_input_tokens': rng.integers(2, config.vocab_size, (batch, input_length)
+                                           ).astype(np.int32),
+      'decoder_target_tokens': targets,
+      'decoder_input_tokens': np.pad(targets, ((0, 0), (1, 0)))[:, :-1],
+      'decoder_loss_weights': np.ones_like(targets, np.float32),
+  }
+  partitioner = partitioning.PjitPartitioner()
+  shapes = {name: value.shape for name, value in host_batch.items()}
+  initializer = train_state.TrainStateInitializer(model.optimizer_def, model.get_initial_variables,
+                                                  shapes, partitioner=partitioner)
+  t = trainer.Trainer(model, initializer.from_scratch(jax.random.PRNGKey(0)), partitioner,
+                      initializer.train_state_axes, jax.random.PRNGKey(1),
+                      optimizers.create_learning_rate_scheduler('constant', 1e-3))
+  sharding = partitioner.sharding(partitioner.data_partition_spec)
+  device_batch = {k: jax.device_put(v, sharding) for k, v in host_batch.items()}
+
+  def timed_step() -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(t.train_step(device_batch))
+    return time.perf_counter() - start
+
+  first = timed_step()
+  timed_step()
+  step_secs = [timed_step() for _ in range(steps)]
+  device = jax.devices()[0]
+  stats = device.memory_stats() if device.platform != 'cpu' else None
+  memory = stats['peak_bytes_in_use'] / 2**30 if stats else _peak_rss_gib()
+  flops = train_flops_per_step(SIZES[size_name], batch, input_length, target_length)
+  row = _summarise(step_secs, first, flops, batch * (input_length + target_length),
+                   _jax_matmul_flops(dtype), memory)
+  row.update(system='t5train (JAX)', device=str(device.device_kind), jax_version=jax.__version__)
+  return row
+
+
+def _measure_transformers(size_name: str, batch: int, input_length: int, target_length: int,
+                          steps: int, dtype: str) -> dict[str, Any]:
+  import torch
+  import transformers
+  size = SIZES[size_name]
+  torch.manual_seed(0)
+  config = transformers.T5Config(
+      vocab_size=size['vocab_size'], d_model=size['emb_dim'], d_kv=size['head_dim'],
+      d_ff=size['mlp_dim'], num_layers=size['num_encoder_layers'],
+      num_decoder_layers=size['num_decoder_layers'], num_heads=size['num_heads'],
+      feed_forward_proj='gated-gelu', dropout_rate=0.0, tie_word_embeddings=False,
+      decoder_start_token_id=0)
+  device = 'cuda' if torch.cuda.is_available() else 'cpu'
+  torch_dtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[dtype]
+  model = transformers.T5ForConditionalGeneration(config)
+  # T5's own initialisation of the untied output layer; transformers' default (std 1.0)
+  # drives gradients into subnormal floats on CPUs and would make PyTorch look 3x slower.
+  model.lm_head.weight = torch.nn.Parameter(torch.randn(size['vocab_size'], size['emb_dim']) *
+                                            size['emb_dim']**-0.5)
+  model = model.to(device=device, dtype=torch_dtype).train()
+  optimizer = transformers.optimization.Adafactor(model.parameters(), lr=1e-3,
+                                                  relative_step=False, scale_parameter=True,
+                                                  warmup_init=False)
+  gen = torch.Generator().manual_seed(0)
+  inputs = torch.randint(2, size['vocab_size'], (batch, input_length), generator=gen).to(device)
+  labels = torch.randint(2, size['vocab_size'], (batch, target_length), generator=gen).to(device)
+
+  def timed_step() -> float:
+    start = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    model(input_ids=inputs, labels=labels).loss.backward()
+    optimizer.step()
+    if device == 'cuda':
+      torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+  first = timed_step()
+  timed_step()
+  step_secs = [timed_step() for _ in range(steps)]
+  memory = (torch.cuda.max_memory_allocated() / 2**30 if device == 'cuda' else _peak_rss_gib())
+  flops = train_flops_per_step(size, batch, input_length, target_length)
+  row = _summarise(step_secs, first, flops, batch * (input_length + target_length),
+                   _jax_matmul_flops(dtype), memory)
+  row.update(system='transformers (PyTorch eager)', device=device,
+             torch_version=torch.__version__, transformers_version=transformers.__version__)
+  return row
+
+
+_WORKERS = {'t5train': _measure_t5train, 'transformers': _measure_transformers}
+
+
+def _peer_available() -> bool:
+  try:
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+  except ImportError:
+    return False
+  return True
+
+
+def _run_row(worker: str, size: str, batch: int, lengths: Sequence[int], steps: int,
+             dtype: str) -> dict[str, Any]:
+  command = [sys.executable, '-m', 't5train.bench', f'--worker={worker}', f'--sizes={size}',
+             f'--batch_size={batch}', f'--lengths={lengths[0]},{lengths[1]}',
+             f'--steps={steps}', f'--dtype={dtype}']
+  result = subprocess.run(command, capture_output=True, text=True, check=False)
+  if result.returncode:
+    return {'system': worker, 'error': result.stderr.strip().splitlines()[-1:]}
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+  header = (f'{"system":<30} {"size":<6} {"s/step":>8} {"spread":>15} {"tokens/s":>10} '
+            f'{"compile+1st":>11} {"TFLOP/s":>8} {"MFU":>6} {"peak mem":>9}')
+  lines = [header, '-' * len(header)]
+  for r in rows:
+    if 'error' in r:
+      lines.append(f'{r["system"]:<30} {r["size"]:<6} failed: {r["error"]}')
+      continue
+    spread = f'{r["sec_per_step_min"]:.3f}-{r["sec_per_step_max"]:.3f}'
+    lines.append(
+        f'{r["system"]:<30} {r["size"]:<6} {r["sec_per_step_median"]:>8.3f} {spread:>15} '
+        f'{r["tokens_per_sec"]:>10,.0f} {r["compile_and_first_step_secs"]:>10.1f}s '
+        f'{r["achieved_tflops"]:>8.3f} {100 * r["mfu"]:>5.1f}% {r["peak_memory_gib"]:>7.2f}GiB')
+  return '\n'.join(lines)
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  lengths = [int(x) for x in _LENGTHS.value]
+  if _WORKER.value:
+    row = _WORKERS[_WORKER.value](_SIZES.value[0], _BATCH.value, lengths[0], lengths[1],
+                                  _STEPS.value, _DTYPE.value)
+    print(json.dumps(row))
+    return
+  unknown = set(_SIZES.value) - set(SIZES)
+  if unknown:
+    raise app.UsageError(f'unknown sizes {sorted(unknown)}; known: {sorted(SIZES)}')
+  peer = _PEER.value == 'transformers' or (_PEER.value == 'auto' and _peer_available())
+  rows = []
+  for size in _SIZES.value:
+    for worker in ['t5train'] + (['transformers'] if peer else []):
+      row = _run_row(worker, size, _BATCH.value, lengths, _STEPS.value, _DTYPE.value)
+      row.update(size=size)
+      rows.append(row)
+      print(_table(rows[-1:]).splitlines()[-1], flush=True)
+  report = {'machine': f'{platform.node()} {platform.processor() or platform.machine()}, '
+                       f'{os.cpu_count()} CPUs',
+            'batch_size': _BATCH.value, 'lengths': lengths, 'dtype': _DTYPE.value,
+            'timed_steps': _STEPS.value, 'rows': rows}
+  print()
+  print(f'batch {_BATCH.value}, lengths {lengths[0]}/{lengths[1]}, {_DTYPE.value}, Adafactor, '
+        f'median of {_STEPS.value} warm steps; MFU against a matmul measured in the same process')
+  print(_table(rows))
+  if _OUT.value:
+    os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
+    with open(_OUT.value, 'w') as f:
+      json.dump(report, f, indent=2)
+    print(f'\nwrote {_OUT.value}')
+
+
+if __name__ == '__main__':
+  app.run(main)

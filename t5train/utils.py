@@ -1,0 +1,9 @@
+"""Re-exports of the names T5X users look for in ``t5x.utils``; no code of its own."""
+
+from t5train.checkpoints import RestoreCheckpointConfig, SaveCheckpointConfig
+from t5train.model_info import log_model_info
+from t5train.optimizers import create_learning_rate_scheduler
+from t5train.train_state import TrainState, TrainStateInitializer
+
+__all__ = ['RestoreCheckpointConfig', 'SaveCheckpointConfig', 'TrainState',
+           'TrainStateInitializer', 'create_learning_rate_scheduler', 'log_model_info']
