@@ -1,13 +1,15 @@
 """The benchmark's model sizes and FLOP count."""
 
+import os
+
 import pytest
 
-from t5train import bench, network
+from t5train import bench, gin_utils, network
 
 
 @pytest.mark.parametrize('size', sorted(bench.SIZES))
 def test_bench_sizes_match_the_gin_files(size):
-  gin_text = open(f'gin/models/t5_1_1/{size}.gin').read()
+  gin_text = open(os.path.join(gin_utils.REPO_ROOT, 'gin', 'models', 't5_1_1', f'{size}.gin')).read()
   for field, value in bench.SIZES[size].items():
     assert f'{field} = {value}' in gin_text, (size, field)
   network.T5Config(**bench.SIZES[size])  # every field is a T5Config field

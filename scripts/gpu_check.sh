@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One prepared GPU check: versions, correctness tests that need no TensorFlow, then the
+# training benchmark (t5train and transformers side by side). Results land in $OUT.
+#
+#   carry .gpu_wheels (made by: pip download --no-deps -d .gpu_wheels clu==0.0.12 \
+#     ml-collections wrapt etils==1.15.0 pytest==9.2.0 pluggy iniconfig gin-config==0.5.0)
+set -uo pipefail
+OUT=${OUT:-/tmp/t5train_gpu}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD
+exec > >(tee "$OUT/gpu_check.log") 2>&1
+
+echo "== machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python -c "import sys, jax, flax, optax; print(sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
+
+echo "== wheels the image lacks (unpacked onto PYTHONPATH; the image's Python is externally managed)"
+mkdir -p /tmp/t5train_wheels
+for pair in clu:clu ml_collections:ml_collections wrapt:wrapt etils:etils pytest:pytest \
+            pluggy:pluggy iniconfig:iniconfig gin:gin_config; do
+  module=${pair%%:*}; wheel=${pair##*:}
+  if ! python -c "import $module" 2>/dev/null; then
+    echo "adding $wheel"; python -m zipfile -e .gpu_wheels/${wheel}-*.whl /tmp/t5train_wheels
+  fi
+done
+export PYTHONPATH=$PWD:/tmp/t5train_wheels
+# Several JAX processes run one after another; do not let one hold 75% of the GPU.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+python -c "import clu.metrics, pytest; print('clu and pytest import')"
+
+echo "== correctness (float32, full-precision matmuls)"
+JAX_DEFAULT_MATMUL_PRECISION=highest timeout 300 python -m pytest -q -p no:cacheprovider \
+  tests/test_network_vs_transformers.py tests/test_network.py tests/test_losses.py \
+  tests/test_training.py tests/test_bench.py 2>&1 | tail -15
+
+echo "== benchmark: bfloat16, batch 64, lengths 512/128"
+timeout 300 python -m t5train.bench --sizes=small,base --dtype=bfloat16 --batch_size=64 \
+  --lengths=512,128 --steps=8 --peer=transformers --out="$OUT/bench_gpu_bf16.json" 2>&1 | \
+  grep -v "^I0000\|^W0000\|^E0000\|WARNING: All"
