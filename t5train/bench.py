@@ -219,6 +219,16 @@ def _run_row(worker: str, size: str, batch: int, lengths: Sequence[int], steps: 
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def _machine() -> str:
+  """CPU model and count (the accelerator, if any, is in each row's ``device``)."""
+  model = platform.processor() or platform.machine()
+  if os.path.exists('/proc/cpuinfo'):
+    with open('/proc/cpuinfo') as f:
+      names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
+    model = names[0] if names else model
+  return f'{model}, {os.cpu_count()} CPUs'
+
+
 def _table(rows: list[dict[str, Any]]) -> str:
   header = (f'{"system":<30} {"size":<6} {"s/step":>8} {"spread":>15} {"tokens/s":>10} '
             f'{"compile+1st":>11} {"TFLOP/s":>8} {"MFU":>6} {"peak mem":>9}')
@@ -254,8 +264,7 @@ def main(argv: Sequence[str]) -> None:
       row.update(size=size)
       rows.append(row)
       print(_table(rows[-1:]).splitlines()[-1], flush=True)
-  report = {'machine': f'{platform.node()} {platform.processor() or platform.machine()}, '
-                       f'{os.cpu_count()} CPUs',
+  report = {'machine': _machine(),
             'batch_size': _BATCH.value, 'lengths': lengths, 'dtype': _DTYPE.value,
             'timed_steps': _STEPS.value, 'rows': rows}
   print()

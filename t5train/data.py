@@ -54,12 +54,20 @@ def get_mixture_or_task(name: str) -> seqio.Task | seqio.Mixture:
                     'module and import it from a gin file') from None
 
 
+def task_for(config: DatasetConfig) -> seqio.Task | seqio.Mixture:
+  """The task or mixture of ``config``, after importing the module that registers it."""
+  if config.module:
+    try:
+      importlib.import_module(config.module)
+    except ImportError as e:
+      raise UserError(f'cannot import task module {config.module!r}: {e}') from e
+  return get_mixture_or_task(config.mixture_or_task_name)
+
+
 def get_dataset(config: DatasetConfig, feature_converter_cls: type, num_epochs: int | None = None,
                 shard_id: int = 0, num_shards: int = 1) -> tf.data.Dataset:
   """This host's share of the batched, feature-converted dataset."""
-  if config.module:
-    importlib.import_module(config.module)
-  task = get_mixture_or_task(config.mixture_or_task_name)
+  task = task_for(config)
   if config.batch_size % num_shards:
     raise UserError(f'batch size {config.batch_size} is not divisible by the {num_shards} hosts')
   if config.split not in task.splits:
@@ -88,11 +96,11 @@ def model_input_shapes(dataset: tf.data.Dataset, global_batch_size: int) -> dict
 
 def pretokenized_examples(config: DatasetConfig, num_examples: int) -> list[dict[str, Any]]:
   """The first examples of a split, unbatched and unconverted (text plus token ids)."""
-  task = get_mixture_or_task(config.mixture_or_task_name)
+  task = task_for(config)
   dataset = task.get_dataset(dict(config.task_feature_lengths), split=config.split,
                              shuffle=False, num_epochs=1)
   return list(dataset.take(num_examples).as_numpy_iterator())
 
 
-__all__ = ['DatasetConfig', 'get_dataset', 'global_batches', 'get_mixture_or_task',
+__all__ = ['DatasetConfig', 'get_dataset', 'task_for', 'global_batches', 'get_mixture_or_task',
            'model_input_shapes', 'pretokenized_examples', 'tasks']

@@ -16,10 +16,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-from absl import logging
+from absl import flags, logging
 
 import gin
 from t5train import checkpoints, gin_utils, model_info, models, optimizers, partitioning
+from t5train import metrics as metrics_lib
 from t5train import train_state as train_state_lib
 from t5train import trainer as trainer_lib
 from t5train.errors import UserError
@@ -53,6 +54,13 @@ def _restore_or_initialize(manager: checkpoints.CheckpointManager,
   return initializer.from_scratch(init_rng)
 
 
+def _write_operative_config(model_dir: str) -> None:
+  """Saves the bindings the run actually used (every configurable has been called by now)."""
+  if jax.process_index() == 0:
+    with open(os.path.join(model_dir, 'config.gin'), 'w') as f:
+      f.write(gin.operative_config_str())
+
+
 def _report_predictions(predictions: Sequence[Any], num_shown: int = 8) -> float:
   from t5train import inference  # pylint: disable=g-import-not-at-top
   accuracy = inference.exact_match(predictions)
@@ -79,12 +87,12 @@ def train(*, model: models.EncoderDecoderModel, train_dataset_cfg: Any,
   from t5train import data  # pylint: disable=g-import-not-at-top  (TensorFlow is slow to import)
   if total_steps < 0:
     raise UserError(f'TRAIN_STEPS must be >= 0, got {total_steps}')
-  data.get_mixture_or_task(train_dataset_cfg.mixture_or_task_name)  # fail fast on a bad name
+  data.task_for(train_dataset_cfg)  # fail fast on a bad name, before any compilation
   partitioner.validate()
+  if num_microbatches and train_dataset_cfg.batch_size % num_microbatches:
+    raise UserError(f'BATCH_SIZE {train_dataset_cfg.batch_size} is not divisible by '
+                    f'num_microbatches={num_microbatches}')
   os.makedirs(model_dir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(model_dir, 'config.gin'), 'w') as f:
-      f.write(gin.config_str())
 
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(random_seed))
   initializer = train_state_lib.TrainStateInitializer(
@@ -103,6 +111,7 @@ def train(*, model: models.EncoderDecoderModel, train_dataset_cfg: Any,
   trainer = trainer_lib.Trainer(model, state, partitioner, initializer.train_state_axes,
                                 train_rng, learning_rate_fn, num_microbatches,
                                 summary_dir=os.path.join(model_dir, 'train'))
+  _write_operative_config(model_dir)
   summary: dict[str, float] = {}
   if start_step >= total_steps:
     logging.info('Step %d already reaches TRAIN_STEPS=%d; nothing to train.', start_step,
@@ -128,6 +137,11 @@ def train(*, model: models.EncoderDecoderModel, train_dataset_cfg: Any,
         initializer.train_state_shardings.params, infer_eval_dataset_cfg,
         infer_eval_num_examples)
     summary['inference_eval/exact_match'] = _report_predictions(predictions)
+    writer = metrics_lib.SummaryWriter(os.path.join(model_dir, 'inference_eval'))
+    writer.write_scalars(max(start_step, total_steps), {
+        f'inference_eval/{infer_eval_dataset_cfg.mixture_or_task_name}/exact_match':
+            summary['inference_eval/exact_match']})
+    writer.close()
   return summary
 
 
@@ -144,6 +158,7 @@ def train_from_gin() -> Any:
 
 
 def console_main() -> None:
+  flags.adopt_module_key_flags(gin_utils)  # list the gin flags in --help
   gin_utils.run(main, program='t5train.train')
 
 

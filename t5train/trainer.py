@@ -8,6 +8,7 @@ actions (progress line, TensorBoard summaries, checkpoints).
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -163,8 +164,8 @@ def run_training(trainer: Trainer, batches: Iterator[Batch], first_step: int, la
   """
   shapes = batch_shapes or {}
   seqs = shapes.get('decoder_target_tokens', (0,))[0]
-  targets = int(jnp.prod(jnp.asarray(shapes.get('decoder_target_tokens', (0,)))))
-  inputs = int(jnp.prod(jnp.asarray(shapes.get('encoder_input_tokens', (0,)))))
+  targets = math.prod(shapes.get('decoder_target_tokens', (0,)))
+  inputs = math.prod(shapes.get('encoder_input_tokens', (0,)))
   new_window = lambda: MetricsWindow(inputs + targets, seqs, targets)
   summary_window, log_window = new_window(), new_window()
   loop_start, last_log = time.perf_counter(), time.perf_counter()

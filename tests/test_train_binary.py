@@ -89,6 +89,23 @@ def test_rerun_resumes_and_config_is_rerunnable(smoke_run, tmp_path):
   assert os.path.isdir(os.path.join(other_dir, 'checkpoint_2'))
 
 
+def test_finetune_starts_from_an_initial_checkpoint(smoke_run, tmp_path):
+  model_dir, _ = smoke_run
+  finetune = ['--gin_file=gin/models/t5_1_1/tiny.gin', '--gin_file=gin/runs/finetune.gin',
+              '--gin_file=gin/tasks/demo.gin', f"--gin.MODEL_DIR='{tmp_path}'",
+              '--gin.TRAIN_STEPS=9']
+  result = run_train(*finetune, f"--gin.INITIAL_CHECKPOINT_PATH='{model_dir}/checkpoint_8'")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f'Initialising from {model_dir}/checkpoint_8' in result.stderr
+  assert 'Training steps 9 to 9' in result.stderr  # the step count continues, as in T5X
+  assert os.path.isdir(tmp_path / 'checkpoint_9')
+
+  missing = run_train(*finetune[:3], f"--gin.MODEL_DIR='{tmp_path / 'other'}'",
+                      '--gin.TRAIN_STEPS=9', f"--gin.INITIAL_CHECKPOINT_PATH='{tmp_path}/nope'")
+  assert missing.returncode == 2, missing.stderr[-3000:]
+  assert 'does not exist' in missing.stderr.strip().splitlines()[-1]
+
+
 @pytest.mark.parametrize('args,message', [
     (SMOKE + ["--gin.MODEL_DIR='/tmp/t5train_bad'", '--gin.no_such_fn.x=1'], 'no_such_fn'),
     (SMOKE + ['--gin.TRAIN_STEPS=2'], 'MODEL_DIR'),
@@ -106,12 +123,40 @@ def test_bad_input_exits_2_with_a_short_message(args, message):
   assert not os.path.exists('/tmp/t5train_bad/checkpoint_2')
 
 
-def test_gin_search_paths_find_relative_files(tmp_path):
+USER_TASK_MODULE = """
+import seqio
+from t5train import tasks
+
+seqio.TaskRegistry.add(
+    'user_sort_digits',
+    source=seqio.FunctionDataSource(tasks.sort_digits_dataset, splits=('train', 'validation')),
+    preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
+    output_features={name: seqio.Feature(seqio.ByteVocabulary(), add_eos=True)
+                     for name in ('inputs', 'targets')})
+"""
+
+
+def test_search_paths_and_a_user_task_module(tmp_path):
   extra = tmp_path / 'configs'
   extra.mkdir()
-  (extra / 'short.gin').write_text('TRAIN_STEPS = 1\n')
-  result = run_train(*SMOKE, f'--gin_search_paths={extra}', '--gin_file=short.gin',
-                     f"--gin_bindings=MODEL_DIR = '{tmp_path / 'run'}'", cwd=str(tmp_path))
-  # Relative SMOKE paths resolve through the repository search path even from another cwd.
+  (extra / 'short.gin').write_text('TRAIN_STEPS = 1\nMIXTURE_OR_TASK_MODULE = "user_tasks"\n')
+  (tmp_path / 'user_tasks.py').write_text(USER_TASK_MODULE)
+  # Run from another directory: the SMOKE paths resolve through the repository search path,
+  # short.gin through --gin_search_paths, and the task module from the working directory.
+  env_path = os.environ.get('PYTHONPATH', '')
+  os.environ['PYTHONPATH'] = f'{tmp_path}:{env_path}'
+  try:
+    result = run_train(*SMOKE, f'--gin_search_paths={extra}', '--gin_file=short.gin',
+                       "--gin.MIXTURE_OR_TASK_NAME='user_sort_digits'",
+                       f"--gin_bindings=MODEL_DIR = '{tmp_path / 'run'}'", cwd=str(tmp_path))
+  finally:
+    os.environ['PYTHONPATH'] = env_path
   assert result.returncode == 0, result.stderr[-3000:]
   assert os.path.isdir(tmp_path / 'run' / 'checkpoint_1')
+
+
+def test_indivisible_microbatches_exit_2(tmp_path):
+  result = run_train(*SMOKE, f"--gin.MODEL_DIR='{tmp_path}'", '--gin.TRAIN_STEPS=1',
+                     '--gin.train_script.train.num_microbatches=5')
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert 'num_microbatches=5' in result.stderr.strip().splitlines()[-1]
