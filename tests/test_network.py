@@ -113,3 +113,16 @@ def test_relative_position_buckets_are_t5s():
   causal = network.relative_position_bucket(rel, False, 32, 128)
   assert causal[rel >= 0].tolist() == [0] * 7
   assert causal[rel == -20].item() == 17  # 16 + floor(log(20/16) / log(128/16) * 16)
+
+
+def test_dropout_is_active_only_with_an_rng_and_reproducible():
+  batch = testing.random_batch()
+  model, variables = _init(testing.tiny_config(dropout_rate=0.3), batch)
+  args = (batch['encoder_input_tokens'], batch['decoder_input_tokens'],
+          batch['decoder_target_tokens'])
+  plain = _logits(model, variables, batch)
+  drop = lambda seed: np.asarray(model.apply(variables, *args, enable_dropout=True,
+                                             rngs={'dropout': jax.random.PRNGKey(seed)}))
+  assert np.abs(drop(0) - plain).max() > 1e-3
+  np.testing.assert_array_equal(drop(0), drop(0))
+  assert np.abs(drop(0) - drop(1)).max() > 1e-3
