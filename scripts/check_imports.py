@@ -12,6 +12,7 @@ LAYERS = {
     'errors': 0,
     'network': 1, 'losses': 1, 'decoding': 1, 'hf_interop': 1,
     'models': 2,
+    't5x_checkpoint': 3, 'convert': 5,
     'partitioning': 3, 'optimizers': 3, 'train_state': 3, 'checkpoints': 3, 'data': 3,
     'tasks': 3, 'metrics': 3, 'model_info': 3,
     'trainer': 4, 'inference': 4, 'testing': 4,

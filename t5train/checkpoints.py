@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 from t5train.errors import UserError
-from t5train.train_state import TrainState
+from t5train.train_state import TrainState, TrainStateInitializer
 
 STEP_PREFIX = 'checkpoint'
 # Each checkpoint directory holds named items; the train state is one of them.
@@ -50,19 +53,87 @@ def _abstract(state_shape: TrainState, state_shardings: TrainState) -> TrainStat
       state_shape, state_shardings)
 
 
-def restore_from_path(path: str, state_shardings: TrainState, state_shape: TrainState
-                      ) -> TrainState:
-  """The train state saved in the checkpoint directory ``path`` (e.g. ``.../checkpoint_1000``)."""
+def saved_tree(item_dir: str) -> dict[str, Any]:
+  """The saved tree's metadata (shapes and dtypes), without reading any array."""
+  try:
+    metadata = ocp.StandardCheckpointer().metadata(item_dir)
+  except (FileNotFoundError, ValueError) as e:
+    raise UserError(f'{os.path.dirname(item_dir)} is not a t5train checkpoint ({e})') from e
+  tree = getattr(metadata, 'item_metadata', metadata)
+  return dict(getattr(tree, 'tree', tree))
+
+
+def check_shapes(expected: Any, saved: Any, where: str) -> None:
+  """Raises a UserError naming the first parameter whose shape differs (or that is missing)."""
+  expected_flat = dict(flatten_with_names(expected))
+  saved_flat = dict(flatten_with_names(saved))
+  for name, leaf in expected_flat.items():
+    if name not in saved_flat:
+      raise UserError(f'{where} has no parameter {name} (expected shape {tuple(leaf.shape)})')
+    if tuple(saved_flat[name].shape) != tuple(leaf.shape):
+      raise UserError(f'{where}: parameter {name} has shape {tuple(saved_flat[name].shape)} but '
+                      f'the model expects {tuple(leaf.shape)}')
+  extra = sorted(set(saved_flat) - set(expected_flat))
+  if extra:
+    raise UserError(f'{where} has parameters this model does not: {", ".join(extra[:5])}')
+
+
+def flatten_with_names(tree: Any) -> list[tuple[str, Any]]:
+  """[('encoder/layers_0/mlp/wi_0/kernel', leaf), ...] in tree order."""
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return [('/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path), leaf)
+          for path, leaf in flat]
+
+
+def restore_from_path(path: str, initializer: TrainStateInitializer) -> TrainState:
+  """The train state in the checkpoint directory ``path`` (e.g. ``.../checkpoint_1000``).
+
+  Parameters must match the model's shapes. The optimiser state is restored when
+  the checkpoint has one of the same structure; otherwise (a converted checkpoint,
+  or another optimiser) it starts fresh.
+  """
   if not os.path.isdir(path):
     raise UserError(f'checkpoint {path!r} does not exist or is not a directory')
-  abstract = _abstract(state_shape, state_shardings)
+  item_dir = os.path.join(os.path.abspath(path), STATE_ITEM)
+  saved = saved_tree(item_dir)
+  abstract = _abstract(initializer.global_train_state_shape, initializer.train_state_shardings)
+  check_shapes(abstract.params, saved.get('params', {}), path)
+  with_optimizer = 'opt_state' in saved and _same_structure(saved['opt_state'], abstract.opt_state)
+  wanted = {'step': abstract.step, 'params': abstract.params}
+  if with_optimizer:
+    wanted['opt_state'] = abstract.opt_state
+  args = ocp.args.PyTreeRestore(item=wanted, partial_restore=True,
+                                restore_args=ocp.checkpoint_utils.construct_restore_args(wanted))
   try:
-    item_dir = os.path.join(os.path.abspath(path), STATE_ITEM)
-    restored = ocp.StandardCheckpointer().restore(item_dir, abstract.state_dict())
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+      restored = checkpointer.restore(item_dir, args=args)
   except (ValueError, KeyError, FileNotFoundError) as e:
-    raise UserError(f'cannot restore {path}: it is not a t5train checkpoint of this model '
-                    f'({str(e).splitlines()[0] if str(e) else type(e).__name__})') from e
-  return abstract.replace_state_dict(restored)
+    raise UserError(f'cannot restore {path}: {str(e).splitlines()[0] if str(e) else e!r}') from e
+  if with_optimizer:
+    return abstract.replace_state_dict(restored)
+  logging.info('%s has no matching optimizer state; the optimizer starts fresh.', path)
+  return initializer.from_params(restored['params'], restored['step'])
+
+
+def _same_structure(saved: Any, expected: Any) -> bool:
+  saved_flat, expected_flat = flatten_with_names(saved), flatten_with_names(expected)
+  return [(n, tuple(x.shape)) for n, x in saved_flat] == [
+      (n, tuple(x.shape)) for n, x in expected_flat]
+
+
+def save_params(directory: str, params: Any, step: int = 0) -> str:
+  """Writes ``directory/checkpoint_<step>/`` holding only the step and ``params`` (numpy or jax).
+
+  Such a checkpoint is what converters write: training restores its parameters
+  and starts the optimiser fresh.
+  """
+  target = checkpoint_dir(directory, step)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.join(os.path.abspath(target), STATE_ITEM),
+                    {'step': np.asarray(step, np.int32), 'params': params})
+  checkpointer.wait_until_finished()
+  checkpointer.close()
+  return target
 
 
 class CheckpointManager:

@@ -1,8 +1,9 @@
-"""Name and layout mapping between Hugging Face T5 state dicts and t5train parameters.
+"""Hugging Face T5 <-> t5train: parameter names and layouts, and config.json <-> T5Config.
 
-Pure numpy, no torch import: callers pass arrays. Hugging Face stores linear
-weights as [out, in] and relative-position tables as [buckets, heads];
-t5train (like T5X) stores kernels as [in, out] and tables as [heads, buckets].
+Pure numpy and dicts, no torch or transformers import: callers pass arrays and
+parsed JSON. Hugging Face stores linear weights as [out, in] and relative
+position tables as [buckets, heads]; t5train (like T5X) stores kernels as
+[in, out] and tables as [heads, buckets].
 """
 
 from __future__ import annotations
@@ -12,18 +13,64 @@ from typing import Any
 
 import numpy as np
 
+from t5train.errors import UserError
 from t5train.network import T5Config
 
 _ATTENTION = {'q': 'query', 'k': 'key', 'v': 'value', 'o': 'out'}
+# transformers' feed_forward_proj -> t5train mlp_activations. Its plain 'gelu' is the exact
+# GELU, which t5train does not implement; 'gated-gelu' uses the tanh approximation, as t5train.
+_ACTIVATIONS = {
+    'relu': ('relu',),
+    'gated-gelu': ('gelu', 'linear'),
+    'gated-relu': ('relu', 'linear'),
+    'gated-silu': ('silu', 'linear'),
+}
+SUPPORTED_MODEL_TYPES = ('t5', 'mt5')
 
 
-def _mlp_names(config: T5Config) -> dict[str, str]:
+def _mlp_names(config: T5Config) -> list[str]:
   if len(config.mlp_activations) == 1:
-    return {'wi': 'wi', 'wo': 'wo'}
-  return {**{f'wi_{i}': f'wi_{i}' for i in range(len(config.mlp_activations))}, 'wo': 'wo'}
+    return ['wi', 'wo']
+  return [f'wi_{i}' for i in range(len(config.mlp_activations))] + ['wo']
 
 
-def _nest(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
+def name_pairs(config: T5Config) -> list[tuple[str, str]]:
+  """(t5train parameter path, Hugging Face tensor name) for every parameter of ``config``."""
+  pairs = [('token_embedder/embedding', 'shared.weight')]
+  for stack, num_layers in (('encoder', config.num_encoder_layers),
+                            ('decoder', config.num_decoder_layers)):
+    attentions = [('SelfAttention', 'attention' if stack == 'encoder' else 'self_attention')]
+    norms = ['pre_attention_layer_norm' if stack == 'encoder' else 'pre_self_attention_layer_norm']
+    if stack == 'decoder':
+      attentions.append(('EncDecAttention', 'encoder_decoder_attention'))
+      norms.append('pre_cross_attention_layer_norm')
+    norms.append('pre_mlp_layer_norm')
+    pairs.append((f'{stack}/relpos_bias/rel_embedding',
+                  f'{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight'))
+    for i in range(num_layers):
+      block = f'{stack}.block.{i}'
+      for sub, (hf_name, name) in enumerate(attentions):
+        for hf_proj, proj in _ATTENTION.items():
+          pairs.append((f'{stack}/layers_{i}/{name}/{proj}/kernel',
+                        f'{block}.layer.{sub}.{hf_name}.{hf_proj}.weight'))
+      for sub, norm in enumerate(norms):
+        pairs.append((f'{stack}/layers_{i}/{norm}/scale', f'{block}.layer.{sub}.layer_norm.weight'))
+      for name in _mlp_names(config):
+        pairs.append((f'{stack}/layers_{i}/mlp/{name}/kernel',
+                      f'{block}.layer.{len(norms) - 1}.DenseReluDense.{name}.weight'))
+    pairs.append((f'{stack}/{stack}_norm/scale', f'{stack}.final_layer_norm.weight'))
+  if not config.logits_via_embedding:
+    pairs.append(('decoder/logits_dense/kernel', 'lm_head.weight'))
+  return pairs
+
+
+def _transposed(path: str, value: np.ndarray) -> np.ndarray:
+  # Kernels and the relative-position table are stored transposed; embeddings and scales are not.
+  return value.T if path.endswith('/kernel') or path.endswith('/rel_embedding') else value
+
+
+def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+  """{'a/b/c': x} -> {'a': {'b': {'c': x}}}."""
   tree: dict[str, Any] = {}
   for path, value in flat.items():
     node = tree
@@ -34,34 +81,81 @@ def _nest(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
   return tree
 
 
+def flat_params_from_hf_state_dict(state_dict: Mapping[str, np.ndarray], config: T5Config
+                                   ) -> dict[str, np.ndarray]:
+  """t5train parameters keyed by path ('encoder/layers_0/...'), float32, from a HF state dict."""
+  missing = [hf for _, hf in name_pairs(config) if hf not in state_dict]
+  if missing:
+    raise UserError(f'the Hugging Face weights lack {", ".join(missing[:3])}'
+                    f'{" ..." if len(missing) > 3 else ""}; they do not match config.json')
+  return {path: np.ascontiguousarray(_transposed(path, np.asarray(state_dict[hf], np.float32)))
+          for path, hf in name_pairs(config)}
+
+
 def params_from_hf_state_dict(state_dict: Mapping[str, np.ndarray], config: T5Config
                               ) -> dict[str, Any]:
   """t5train parameters (a nested dict of float32 arrays) from a Hugging Face T5 state dict."""
-  get = lambda name: np.asarray(state_dict[name], np.float32)
-  flat = {'token_embedder/embedding': get('shared.weight')}
-  for stack, num_layers in (('encoder', config.num_encoder_layers),
-                            ('decoder', config.num_decoder_layers)):
-    hf_attention_names = [('SelfAttention', 'attention' if stack == 'encoder' else 'self_attention')]
-    if stack == 'decoder':
-      hf_attention_names.append(('EncDecAttention', 'encoder_decoder_attention'))
-    norm_names = (['pre_attention_layer_norm'] if stack == 'encoder'
-                  else ['pre_self_attention_layer_norm', 'pre_cross_attention_layer_norm'])
-    norm_names.append('pre_mlp_layer_norm')
-    flat[f'{stack}/relpos_bias/rel_embedding'] = get(
-        f'{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight').T
-    for i in range(num_layers):
-      block = f'{stack}.block.{i}'
-      for sub, (hf_name, name) in enumerate(hf_attention_names):
-        for hf_proj, proj in _ATTENTION.items():
-          flat[f'{stack}/layers_{i}/{name}/{proj}/kernel'] = get(
-              f'{block}.layer.{sub}.{hf_name}.{hf_proj}.weight').T
-      for sub, norm in enumerate(norm_names):
-        flat[f'{stack}/layers_{i}/{norm}/scale'] = get(f'{block}.layer.{sub}.layer_norm.weight')
-      mlp_layer = len(norm_names) - 1
-      for hf_name, name in _mlp_names(config).items():
-        flat[f'{stack}/layers_{i}/mlp/{name}/kernel'] = get(
-            f'{block}.layer.{mlp_layer}.DenseReluDense.{hf_name}.weight').T
-    flat[f'{stack}/{stack}_norm/scale'] = get(f'{stack}.final_layer_norm.weight')
-  if not config.logits_via_embedding:
-    flat['decoder/logits_dense/kernel'] = get('lm_head.weight').T
-  return _nest(flat)
+  return nest(flat_params_from_hf_state_dict(state_dict, config))
+
+
+def hf_state_dict_from_flat_params(flat: Mapping[str, np.ndarray], config: T5Config
+                                   ) -> dict[str, np.ndarray]:
+  """The Hugging Face state dict (contiguous arrays, dtypes kept) of t5train parameters."""
+  return {hf: np.ascontiguousarray(_transposed(path, np.asarray(flat[path])))
+          for path, hf in name_pairs(config)}
+
+
+def _tied(hf_config: Mapping[str, Any]) -> bool:
+  # transformers 5 records the v1.0 output scaling as scale_decoder_outputs (and always says
+  # tie_word_embeddings=true); transformers 4 used tie_word_embeddings for both.
+  if 'scale_decoder_outputs' in hf_config:
+    return bool(hf_config['scale_decoder_outputs'])
+  return bool(hf_config.get('tie_word_embeddings', True))
+
+
+def t5_config_from_hf_config(hf_config: Mapping[str, Any], dtype: str = 'float32') -> T5Config:
+  """The T5Config of a transformers T5 / mT5 / ByT5 config.json; UserError if unsupported."""
+  model_type = hf_config.get('model_type')
+  if model_type not in SUPPORTED_MODEL_TYPES:
+    raise UserError(f'unsupported model_type {model_type!r} in config.json; the converter reads '
+                    f'{", ".join(SUPPORTED_MODEL_TYPES)} (T5 v1.0, v1.1, mT5 and ByT5)')
+  projection = hf_config.get('feed_forward_proj', 'relu')
+  if projection not in _ACTIVATIONS:
+    raise UserError(f'unsupported feed_forward_proj {projection!r}; supported: '
+                    f'{", ".join(_ACTIVATIONS)}')
+  try:
+    return T5Config(
+        vocab_size=int(hf_config['vocab_size']), dtype=dtype, emb_dim=int(hf_config['d_model']),
+        num_heads=int(hf_config['num_heads']), num_encoder_layers=int(hf_config['num_layers']),
+        num_decoder_layers=int(hf_config.get('num_decoder_layers') or hf_config['num_layers']),
+        head_dim=int(hf_config['d_kv']), mlp_dim=int(hf_config['d_ff']),
+        mlp_activations=_ACTIVATIONS[projection], dropout_rate=0.0,
+        logits_via_embedding=_tied(hf_config),
+        relative_attention_num_buckets=int(hf_config.get('relative_attention_num_buckets', 32)),
+        relative_attention_max_distance=int(hf_config.get('relative_attention_max_distance', 128)),
+        layer_norm_epsilon=float(hf_config.get('layer_norm_epsilon', 1e-6)))
+  except KeyError as e:
+    raise UserError(f'config.json lacks {e.args[0]!r}') from e
+
+
+def hf_config_from_t5_config(config: T5Config) -> dict[str, Any]:
+  """A config.json for ``transformers.T5ForConditionalGeneration``."""
+  projection = {v: k for k, v in _ACTIVATIONS.items()}.get(tuple(config.mlp_activations))
+  if projection is None:
+    raise UserError(f'mlp_activations {tuple(config.mlp_activations)} have no transformers '
+                    f'equivalent; supported: {sorted(_ACTIVATIONS.values())}')
+  return {
+      'architectures': ['T5ForConditionalGeneration'], 'model_type': 't5',
+      'vocab_size': config.vocab_size, 'd_model': config.emb_dim, 'd_kv': config.head_dim,
+      'd_ff': config.mlp_dim, 'num_layers': config.num_encoder_layers,
+      'num_decoder_layers': config.num_decoder_layers, 'num_heads': config.num_heads,
+      'relative_attention_num_buckets': config.relative_attention_num_buckets,
+      'relative_attention_max_distance': config.relative_attention_max_distance,
+      'dropout_rate': config.dropout_rate, 'layer_norm_epsilon': config.layer_norm_epsilon,
+      'initializer_factor': 1.0, 'feed_forward_proj': projection,
+      # Both conventions (see _tied): transformers 4 reads the first, 5 the second.
+      'tie_word_embeddings': bool(config.logits_via_embedding),
+      'scale_decoder_outputs': bool(config.logits_via_embedding),
+      'is_encoder_decoder': True, 'use_cache': True, 'pad_token_id': 0, 'eos_token_id': 1,
+      'decoder_start_token_id': 0,
+  }

@@ -48,8 +48,7 @@ def _restore_or_initialize(manager: checkpoints.CheckpointManager,
     return state
   if restore_cfg is not None and restore_cfg.path:
     logging.info('Initialising from %s.', restore_cfg.path)
-    return checkpoints.restore_from_path(restore_cfg.path, initializer.train_state_shardings,
-                                         initializer.global_train_state_shape)
+    return checkpoints.restore_from_path(restore_cfg.path, initializer)
   logging.info('Initialising from scratch.')
   return initializer.from_scratch(init_rng)
 

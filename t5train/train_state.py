@@ -95,6 +95,9 @@ class TrainStateInitializer:
     self._initialize = self._partitioner.partition(
         initialize, in_shardings=self._partitioner.sharding(PartitionSpec()),
         out_shardings=self.train_state_shardings)
+    self._init_opt_state = self._partitioner.partition(
+        self._tx.init, in_shardings=(self.train_state_shardings.params,),
+        out_shardings=self.train_state_shardings.opt_state)
 
   def _logical_axes(self, param_axes: PyTree) -> TrainState:
     shape = self.global_train_state_shape
@@ -106,3 +109,7 @@ class TrainStateInitializer:
   def from_scratch(self, rng: jax.Array) -> TrainState:
     """A freshly initialised state, created in its shardings."""
     return self._initialize(rng)
+
+  def from_params(self, params: PyTree, step: jax.Array) -> TrainState:
+    """A state with given (sharded) parameters and a fresh optimiser state."""
+    return TrainState(step=step, params=params, opt_state=self._init_opt_state(params))

@@ -62,6 +62,18 @@ def test_checkpoint_of_another_model_is_a_user_error(tmp_path):
   with pytest.raises(UserError, match='does not match this model'):
     reader.restore()
   reader.close()
-  with pytest.raises(UserError, match='checkpoint_0'):
-    checkpoints.restore_from_path(str(tmp_path / 'checkpoint_0'), wider.train_state_shardings,
-                                  wider.global_train_state_shape)
+  with pytest.raises(UserError, match=r'parameter decoder/decoder_norm/scale has shape \(16,\) but '
+                     r'the model expects \(32,\)'):
+    checkpoints.restore_from_path(str(tmp_path / 'checkpoint_0'), wider)
+
+
+def test_params_only_checkpoint_restores_params_and_starts_the_optimizer_fresh(tmp_path):
+  initializer = _initializer()
+  trained = initializer.from_scratch(jax.random.PRNGKey(3))
+  params = jax.tree_util.tree_map(np.asarray, trained.params)
+  checkpoints.save_params(str(tmp_path), params, step=7)
+  restored = checkpoints.restore_from_path(str(tmp_path / 'checkpoint_7'), initializer)
+  assert int(restored.step) == 7
+  jax.tree_util.tree_map(np.testing.assert_array_equal, restored.params, params)
+  fresh = initializer.from_scratch(jax.random.PRNGKey(3)).opt_state
+  jax.tree_util.tree_map(np.testing.assert_array_equal, restored.opt_state, fresh)

@@ -1,0 +1,302 @@
+"""``python -m t5train.convert``: move weights between Hugging Face, T5X and t5train.
+
+    python -m t5train.convert --from=hf --input=HF_DIR --output=OUT
+    python -m t5train.convert --from=t5x --input=T5X_CHECKPOINT_DIR --output=OUT
+    python -m t5train.convert --to=hf --input=OUT/checkpoint_0 --gin_file=OUT/model.gin --output=HF_DIR
+
+Imports write ``OUT/checkpoint_<step>/`` (parameters only: fine-tuning starts the
+optimiser fresh) and ``OUT/model.gin`` binding the matching T5Config. Every
+output is built in a temporary directory beside OUT and renamed at the end, so
+a failed conversion leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from absl import flags, logging
+
+from t5train import checkpoints, gin_utils, hf_interop, network
+from t5train.errors import UserError
+
+_FROM = flags.DEFINE_enum('from', None, ['hf', 't5x'], 'Import from this format.')
+_TO = flags.DEFINE_enum('to', None, ['hf'], 'Export a t5train checkpoint to this format.')
+_INPUT = flags.DEFINE_string('input', None, 'The directory to read.')
+_OUTPUT = flags.DEFINE_string('output', None, 'The directory to create; it must not exist.')
+_DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
+                           'Activation dtype written into model.gin (parameters stay float32).')
+
+HF_WEIGHTS = 'model.safetensors'
+HF_WEIGHTS_INDEX = 'model.safetensors.index.json'
+HF_TORCH_WEIGHTS = 'pytorch_model.bin'
+SENTENCEPIECE_FILE = 'spiece.model'
+
+
+@contextlib.contextmanager
+def atomic_output(output: str) -> Iterator[str]:
+  """A temporary directory that becomes ``output`` only if the block succeeds."""
+  output = os.path.abspath(output)
+  if os.path.exists(output):
+    raise UserError(f'{output} already exists; choose a new --output')
+  parent = os.path.dirname(output)
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=os.path.basename(output) + '.tmp-', dir=parent)
+  try:
+    yield staging
+    os.rename(staging, output)
+  finally:
+    if os.path.exists(staging):
+      shutil.rmtree(staging)
+
+
+# ---------------------------------------------------------------- Hugging Face in
+
+
+def read_hf_state_dict(directory: str) -> dict[str, np.ndarray]:
+  """Every tensor of a HF model directory (safetensors, sharded safetensors or a torch .bin)."""
+  path = lambda name: os.path.join(directory, name)
+  if os.path.exists(path(HF_WEIGHTS)):
+    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+    return load_file(path(HF_WEIGHTS))
+  if os.path.exists(path(HF_WEIGHTS_INDEX)):
+    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+    with open(path(HF_WEIGHTS_INDEX)) as f:
+      shards = sorted(set(json.load(f)['weight_map'].values()))
+    return {name: value for shard in shards for name, value in load_file(path(shard)).items()}
+  if os.path.exists(path(HF_TORCH_WEIGHTS)):
+    try:
+      import torch  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise UserError(f'{path(HF_TORCH_WEIGHTS)} needs PyTorch to read; install torch or '
+                      'convert the weights to safetensors') from e
+    state = torch.load(path(HF_TORCH_WEIGHTS), map_location='cpu', weights_only=True)
+    return {name: value.float().numpy() for name, value in state.items()}
+  raise UserError(f'{directory} holds no {HF_WEIGHTS}, {HF_WEIGHTS_INDEX} or {HF_TORCH_WEIGHTS}; '
+                  'it is not a Hugging Face model directory')
+
+
+def read_hf_config(directory: str) -> dict[str, Any]:
+  config_path = os.path.join(directory, 'config.json')
+  if not os.path.isfile(config_path):
+    raise UserError(f'{directory} has no config.json; it is not a Hugging Face model directory')
+  with open(config_path) as f:
+    return json.load(f)
+
+
+# ---------------------------------------------------------------- shapes
+
+
+def expected_param_shapes(config: network.T5Config) -> dict[str, tuple[int, ...]]:
+  """Parameter path -> shape of a model built from ``config`` (no memory is allocated)."""
+  tokens = jax.ShapeDtypeStruct((1, 8), np.int32)
+  variables = jax.eval_shape(
+      lambda rng: network.Transformer(config).init(rng, tokens, tokens, tokens,
+                                                   enable_dropout=False),
+      jax.random.PRNGKey(0))
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  return {name: tuple(leaf.shape)
+          for name, leaf in checkpoints.flatten_with_names(nn.unbox(variables)['params'])}
+
+
+def check_flat_shapes(flat: Mapping[str, Any], config: network.T5Config, source: str) -> None:
+  """UserError naming the first tensor whose shape disagrees with ``config`` (or is missing)."""
+  expected = expected_param_shapes(config)
+  for name, shape in expected.items():
+    if name not in flat:
+      raise UserError(f'{source} has no tensor for {name} (expected shape {shape})')
+    if tuple(flat[name].shape) != shape:
+      raise UserError(f'{source}: tensor {name} has shape {tuple(flat[name].shape)} but the '
+                      f'config says {shape}')
+  extra = sorted(set(flat) - set(expected))
+  if extra:
+    raise UserError(f'{source} has tensors the config does not: {", ".join(extra[:5])}')
+
+
+# ---------------------------------------------------------------- model.gin
+
+
+def model_gin_text(config: network.T5Config, source: str, checkpoint: str,
+                   sentencepiece_file: str | None) -> str:
+  """A model gin file (on top of base_architecture.gin) binding ``config``."""
+  lines = [
+      f'# A T5 model converted by t5train.convert from {source}.',
+      '#',
+      f'#   python -m t5train.train --gin_file={os.path.dirname(checkpoint)}/model.gin \\',
+      '#       --gin_file=gin/runs/finetune.gin --gin_file=gin/tasks/YOUR_TASK.gin \\',
+      f'#       --gin.INITIAL_CHECKPOINT_PATH="\'{checkpoint}\'" --gin.MODEL_DIR=... '
+      '--gin.TRAIN_STEPS=...',
+      'from __gin__ import dynamic_registration',
+      'import seqio',
+      'from t5train import network',
+      "include 'models/t5_1_1/base_architecture.gin'",
+      '',
+      'network.T5Config:',
+  ]
+  for field in ('vocab_size', 'dtype', 'emb_dim', 'num_heads', 'num_encoder_layers',
+                'num_decoder_layers', 'head_dim', 'mlp_dim', 'mlp_activations',
+                'logits_via_embedding', 'relative_attention_num_buckets',
+                'relative_attention_max_distance', 'layer_norm_epsilon'):
+    value = getattr(config, field)
+    lines.append(f'  {field} = {tuple(value) if field == "mlp_activations" else repr(value)}')
+  if sentencepiece_file:
+    lines += ['', 'VOCABULARY = @seqio.SentencePieceVocabulary()',
+              f"seqio.SentencePieceVocabulary.sentencepiece_model_file = '{sentencepiece_file}'"]
+  return '\n'.join(lines) + '\n'
+
+
+# ---------------------------------------------------------------- the three directions
+
+
+def import_hf(input_dir: str, output: str, dtype: str = 'float32') -> str:
+  """HF model directory -> ``output/checkpoint_0`` + ``output/model.gin``; returns the checkpoint."""
+  config = hf_interop.t5_config_from_hf_config(read_hf_config(input_dir), dtype)
+  state_dict = read_hf_state_dict(input_dir)
+  if config.logits_via_embedding:
+    state_dict.pop('lm_head.weight', None)  # tied: the output layer is the embedding
+  hf_flat = hf_interop.flat_params_from_hf_state_dict(state_dict, config)
+  check_flat_shapes(hf_flat, config, input_dir)
+  spm = os.path.join(input_dir, SENTENCEPIECE_FILE)
+  return _write_import(hf_interop.nest(hf_flat), 0, config, input_dir, output,
+                       spm if os.path.isfile(spm) else None)
+
+
+def import_t5x(input_dir: str, output: str, dtype: str = 'float32',
+               config: network.T5Config | None = None) -> str:
+  """T5X checkpoint -> ``output/checkpoint_<step>`` + ``output/model.gin``."""
+  from t5train import t5x_checkpoint  # pylint: disable=g-import-not-at-top
+  flat = t5x_checkpoint.read_t5x_params(input_dir)
+  config = config or t5_config_from_shapes(flat, dtype)
+  check_flat_shapes(flat, config, input_dir)
+  step = t5x_checkpoint.read_t5x_step(input_dir)
+  return _write_import(hf_interop.nest(flat), step, config, input_dir, output, None)
+
+
+def t5_config_from_shapes(flat: Mapping[str, Any], dtype: str = 'float32') -> network.T5Config:
+  """The T5Config that T5X parameter shapes imply.
+
+  Weights do not record the activation or the relative-attention max distance:
+  two MLP inputs are read as T5 1.1's gated-GELU, one as ReLU, and the distance
+  is T5's 128. Pass --gin_file to say otherwise.
+  """
+  def shape(name: str) -> tuple[int, ...]:
+    if name not in flat:
+      raise UserError(f'the checkpoint has no {name}; it is not a T5 encoder-decoder')
+    return tuple(flat[name].shape)
+  vocab_size, emb_dim = shape('token_embedder/embedding')
+  num_heads, num_buckets = shape('encoder/relpos_bias/rel_embedding')
+  inner = shape('encoder/layers_0/attention/query/kernel')[1]
+  count = lambda stack: len({k.split('/')[1] for k in flat if k.startswith(f'{stack}/layers_')})
+  gated = 'encoder/layers_0/mlp/wi_0/kernel' in flat
+  mlp_dim = shape('encoder/layers_0/mlp/' + ('wi_0' if gated else 'wi') + '/kernel')[1]
+  return network.T5Config(
+      vocab_size=vocab_size, dtype=dtype, emb_dim=emb_dim, num_heads=num_heads,
+      num_encoder_layers=count('encoder'), num_decoder_layers=count('decoder'),
+      head_dim=inner // num_heads, mlp_dim=mlp_dim,
+      mlp_activations=('gelu', 'linear') if gated else ('relu',), dropout_rate=0.0,
+      logits_via_embedding='decoder/logits_dense/kernel' not in flat,
+      relative_attention_num_buckets=num_buckets)
+
+
+def _write_import(params: Mapping[str, Any], step: int, config: network.T5Config, source: str,
+                  output: str, sentencepiece_file: str | None) -> str:
+  final = os.path.abspath(output)
+  checkpoint = checkpoints.checkpoint_dir(final, step)
+  with atomic_output(final) as staging:
+    checkpoints.save_params(staging, params, step)
+    spm_target = None
+    if sentencepiece_file:
+      shutil.copy(sentencepiece_file, os.path.join(staging, SENTENCEPIECE_FILE))
+      spm_target = os.path.join(final, SENTENCEPIECE_FILE)
+    with open(os.path.join(staging, 'model.gin'), 'w') as f:
+      f.write(model_gin_text(config, source, checkpoint, spm_target))
+  return checkpoint
+
+
+def read_checkpoint_params(checkpoint: str, config: network.T5Config) -> dict[str, np.ndarray]:
+  """Float32 numpy parameters (flat) of a t5train checkpoint, checked against ``config``."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  item_dir = os.path.join(os.path.abspath(checkpoint), checkpoints.STATE_ITEM)
+  if not os.path.isdir(item_dir):
+    raise UserError(f'{checkpoint} is not a t5train checkpoint (no {checkpoints.STATE_ITEM}/)')
+  expected = expected_param_shapes(config)
+  saved = dict(checkpoints.flatten_with_names(checkpoints.saved_tree(item_dir).get('params', {})))
+  check_flat_shapes(saved, config, checkpoint)
+  wanted = {'params': hf_interop.nest({name: np.zeros(shape, np.float32)
+                                       for name, shape in expected.items()})}
+  restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+    restored = checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(
+        item=wanted, restore_args=restore_args, partial_restore=True))
+  return dict(checkpoints.flatten_with_names(restored['params']))
+
+
+def export_hf(checkpoint: str, config: network.T5Config, output: str,
+              sentencepiece_file: str | None = None) -> None:
+  """t5train checkpoint -> HF directory (config.json, model.safetensors, tokenizer files)."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  hf_config = hf_interop.hf_config_from_t5_config(config)
+  state_dict = hf_interop.hf_state_dict_from_flat_params(
+      read_checkpoint_params(checkpoint, config), config)
+  with atomic_output(output) as staging:
+    save_file(state_dict, os.path.join(staging, HF_WEIGHTS), metadata={'format': 'pt'})
+    with open(os.path.join(staging, 'config.json'), 'w') as f:
+      json.dump(hf_config, f, indent=2)
+    if sentencepiece_file:
+      shutil.copy(sentencepiece_file, os.path.join(staging, SENTENCEPIECE_FILE))
+      with open(os.path.join(staging, 'tokenizer_config.json'), 'w') as f:
+        json.dump({'tokenizer_class': 'T5Tokenizer', 'model_max_length': 512}, f, indent=2)
+
+
+# ---------------------------------------------------------------- the binary
+
+
+def _gin_model_and_vocabulary() -> tuple[network.T5Config, str | None]:
+  """The T5Config and SentencePiece file (if any) bound by the gin files on the command line."""
+  import gin  # pylint: disable=g-import-not-at-top
+  gin_utils.parse_gin_from_flags()
+  try:
+    model = gin.query_parameter('%MODEL').scoped_configurable_fn()
+  except ValueError as e:
+    raise UserError('the gin files must bind MODEL (e.g. --gin_file=OUT/model.gin or '
+                    'gin/models/t5_1_1/small.gin)') from e
+  vocabulary = model.output_vocabulary
+  return model.module.config, getattr(vocabulary, 'sentencepiece_model_file', None)
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
+  if (_FROM.value is None) == (_TO.value is None):
+    raise UserError('give exactly one of --from=hf|t5x or --to=hf')
+  if not _INPUT.value or not _OUTPUT.value:
+    raise UserError('--input and --output are required')
+  if not os.path.isdir(_INPUT.value):
+    raise UserError(f'--input {_INPUT.value} is not a directory')
+  if _FROM.value == 'hf':
+    written = import_hf(_INPUT.value, _OUTPUT.value, _DTYPE.value)
+  elif _FROM.value == 't5x':
+    config = _gin_model_and_vocabulary()[0] if flags.FLAGS.gin_file else None
+    written = import_t5x(_INPUT.value, _OUTPUT.value, _DTYPE.value, config)
+  else:
+    config, sentencepiece_file = _gin_model_and_vocabulary()
+    export_hf(_INPUT.value, config, _OUTPUT.value, sentencepiece_file)
+    written = _OUTPUT.value
+  logging.info('Wrote %s.', written)
+  print(f'wrote {written}', flush=True)
+
+
+def console_main() -> None:
+  flags.adopt_module_key_flags(gin_utils)
+  gin_utils.run(main, program='t5train.convert')
+
+
+if __name__ == '__main__':
+  console_main()

@@ -1,0 +1,231 @@
+"""Reading T5X checkpoints into t5train's parameter layout.
+
+Responsible for: finding the model parameters (T5X's ``target`` subtree) and the
+step in a T5X checkpoint directory written either by T5X's native
+``t5x.checkpoints.Checkpointer`` (msgpack plus TensorStore zarr arrays) or by its
+Orbax path, and returning them as host float32 numpy arrays keyed by t5train's
+'/'-joined parameter paths. T5X and t5train share parameter names and layouts,
+so no renaming or transposing happens here.
+
+Must not: import TensorFlow, place arrays on accelerators, restore or convert the
+optimizer state, write anything, or build t5train train states (callers do
+that with the returned arrays).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from t5train.errors import UserError
+
+# The msgpack file T5X's native Checkpointer writes in each checkpoint_<step> directory.
+_NATIVE_FILE = 'checkpoint'
+# Orbax files: the step-level metadata, and the per-item tree metadata.
+_ORBAX_STEP_METADATA = '_CHECKPOINT_METADATA'
+_ORBAX_TREE_METADATA = '_METADATA'
+# T5X's Orbax path saves the train state as the item 'state'; Orbax's default item name is 'default'.
+_ORBAX_ITEM_NAMES = ('state', 'default')
+
+
+def read_t5x_params(path: str) -> dict[str, np.ndarray]:
+  """Model parameters of a T5X checkpoint directory (e.g. ``.../checkpoint_1000``), either format.
+
+  Returns float32 numpy arrays keyed like 'encoder/layers_0/attention/query/kernel';
+  the optimizer state is not read.
+  """
+  path = os.fspath(path)
+  if _format(path) == 'native':
+    target = _native_tree(path).get('target')
+    if not isinstance(target, dict):
+      raise UserError(f'{path}: the T5X checkpoint has no "target" (model parameters) subtree')
+    return _read_native_leaves(path, _flatten(target))
+  restored = _orbax_restore(path, with_target=True)
+  target = restored.get('target')
+  if not isinstance(target, dict):
+    raise UserError(f'{path}: the T5X checkpoint has no "target" (model parameters) subtree')
+  return {key: np.asarray(value, np.float32) for key, value in _flatten(target).items()}
+
+
+def read_t5x_step(path: str) -> int:
+  """The training step a T5X checkpoint directory was saved at, in either format."""
+  path = os.fspath(path)
+  if _format(path) == 'native':
+    state = _native_tree(path).get('state')
+    step = state.get('step') if isinstance(state, dict) else None
+    if step is not None:
+      return int(_read_native_leaves(path, {'state/step': step}, np.int64)['state/step'])
+  else:
+    state = _orbax_restore(path, with_target=False).get('state')
+    step = state.get('step') if isinstance(state, dict) else None
+    if step is not None:
+      return int(np.asarray(step))
+  # Fall back on the directory name T5X gives each checkpoint: checkpoint_<step>.
+  match = re.fullmatch(r'checkpoint_(\d+)', os.path.basename(os.path.normpath(path)))
+  if match is None:
+    raise UserError(f'{path}: the T5X checkpoint holds no step and its name is not checkpoint_<step>')
+  return int(match.group(1))
+
+
+def _format(path: str) -> str:
+  """'native' or 'orbax'; a UserError naming ``path`` when it is neither."""
+  if not os.path.isdir(path):
+    raise UserError(f'{path}: not a T5X checkpoint directory (it does not exist or is not a directory)')
+  if os.path.isfile(os.path.join(path, _NATIVE_FILE)):
+    return 'native'
+  if _orbax_item_dir(path) is not None:
+    return 'orbax'
+  raise UserError(f'{path}: not a T5X checkpoint directory: it has neither a "{_NATIVE_FILE}" file '
+                  f'(T5X native format) nor Orbax metadata '
+                  f'({_ORBAX_STEP_METADATA} or {_ORBAX_TREE_METADATA})')
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  """'/'-joined paths to leaves; a TensorStore placeholder dict counts as one leaf."""
+  flat: dict[str, Any] = {}
+  for name, value in tree.items():
+    key = f'{prefix}{name}'
+    if isinstance(value, Mapping) and not _is_ts_spec(value):
+      flat.update(_flatten(value, f'{key}/'))
+    else:
+      flat[key] = value
+  return flat
+
+
+# --- T5X native format -------------------------------------------------------------------------
+
+
+def _native_tree(path: str) -> dict[str, Any]:
+  """The train state in the msgpack file: {'target': params, 'state': {'step', 'param_states'}}."""
+  # Imported here so that merely importing this module stays cheap.
+  from flax import serialization
+
+  file = os.path.join(path, _NATIVE_FILE)
+  try:
+    with open(file, 'rb') as f:
+      # flax's reader, since T5X writes the file with flax.serialization (it may chunk large arrays).
+      tree = serialization.msgpack_restore(f.read())
+  except Exception as e:  # msgpack raises several unrelated types for corrupt input.
+    raise UserError(f'{file}: not a T5X checkpoint file (cannot decode it as msgpack: {e})') from e
+  # T5X writes {'version': 3, 'optimizer': {'target': ..., 'state': ...}}.
+  tree = tree.get('optimizer', tree) if isinstance(tree, dict) else None
+  if not isinstance(tree, dict):
+    raise UserError(f'{file}: not a T5X checkpoint file (its msgpack holds no state tree)')
+  return tree
+
+
+def _is_ts_spec(value: Any) -> bool:
+  # T5X replaces each array it writes to TensorStore by that array's spec, e.g.
+  # {'driver': 'zarr', 'dtype': 'float32', 'kvstore': {'driver': 'file', 'path': 'target.a.b/'},
+  #  'metadata': {'shape': [...], 'chunks': [...], 'compressor': {...}}}, with a path relative
+  # to the checkpoint directory. T5X itself tells specs from subtrees by these keys.
+  return isinstance(value, Mapping) and {'driver', 'kvstore', 'metadata'} <= set(value)
+
+
+def _local_zarr_spec(path: str, spec: Mapping[str, Any]) -> dict[str, Any]:
+  """A spec opening the array of a T5X placeholder ``spec`` under checkpoint directory ``path``."""
+  kvstore = spec.get('kvstore') or {}
+  # tensorstore>=0.1.14 puts the relative path in the kvstore; older T5X (and checkpoints written
+  # to gs://, whose kvstore is gcs with a dummy bucket) put it at the top level. Either way the
+  # array lies in the checkpoint directory, which is read here from the local file system.
+  relative = kvstore.get('path') if isinstance(kvstore, Mapping) else None
+  relative = relative or spec.get('path')
+  if not relative:
+    raise UserError(f'{path}: a TensorStore spec in the T5X checkpoint names no path: {dict(spec)}')
+  # TensorStore rejects file paths with '.' or '..' components, so the path is normalised; the
+  # trailing '/' marks the array as a directory of chunk files.
+  absolute = os.path.normpath(os.path.join(os.path.abspath(path), relative)) + '/'
+  return {'driver': spec.get('driver', 'zarr'), 'kvstore': {'driver': 'file', 'path': absolute}}
+
+
+def _read_native_leaves(path: str, flat: Mapping[str, Any], dtype: Any = np.float32
+                        ) -> dict[str, np.ndarray]:
+  """Arrays for msgpack leaves: inline arrays as they are, placeholders read with TensorStore."""
+  import tensorstore as ts
+
+  arrays: dict[str, np.ndarray] = {}
+  pending = {}
+  for key, value in flat.items():
+    if _is_ts_spec(value):
+      spec = _local_zarr_spec(path, value)
+      try:
+        pending[key] = (spec, ts.open(spec, read=True))
+      except Exception as e:  # An invalid spec fails at once, before any I/O.
+        raise UserError(f'{path}: cannot open the array for {key} with spec {spec}: {e}') from e
+    else:
+      # T5X keeps unpartitioned arrays (and scalars such as the step) inline in the msgpack.
+      arrays[key] = np.asarray(value, dtype)
+  # Opens, then reads, are issued for every array before waiting on any, so they overlap.
+  reads = {}
+  for key, (spec, opening) in pending.items():
+    try:
+      reads[key] = (spec, opening.result().read())
+    except Exception as e:
+      raise UserError(f'{path}: cannot open the array for {key} at {spec["kvstore"]["path"]}: {e}') from e
+  for key, (spec, reading) in reads.items():
+    try:
+      array = np.asarray(reading.result())
+    except Exception as e:
+      raise UserError(f'{path}: cannot read the array for {key} at {spec["kvstore"]["path"]}: {e}') from e
+    expected = flat[key].get('metadata', {}).get('shape')
+    if expected is not None and list(array.shape) != list(expected):
+      raise UserError(f'{path}: the array for {key} at {spec["kvstore"]["path"]} has shape '
+                      f'{list(array.shape)}, but the checkpoint says {list(expected)}')
+    arrays[key] = array.astype(dtype)
+  return arrays
+
+
+# --- T5X Orbax format --------------------------------------------------------------------------
+
+
+def _orbax_item_dir(path: str) -> str | None:
+  """The Orbax PyTree item holding the train state, or None when ``path`` has none."""
+  for name in _ORBAX_ITEM_NAMES:
+    item = os.path.join(path, name)
+    if os.path.isfile(os.path.join(item, _ORBAX_TREE_METADATA)):
+      return item
+  if os.path.isfile(os.path.join(path, _ORBAX_TREE_METADATA)):
+    return path  # The item directory itself was given.
+  if os.path.isfile(os.path.join(path, _ORBAX_STEP_METADATA)):
+    # A step directory whose item lacks tree metadata (older Orbax): let Orbax try the item.
+    for name in _ORBAX_ITEM_NAMES:
+      if os.path.isdir(os.path.join(path, name)):
+        return os.path.join(path, name)
+  return None
+
+
+def _orbax_restore(path: str, with_target: bool) -> dict[str, Any]:
+  """Restores ``state/step`` (and ``target`` if asked) as numpy arrays, leaving optimizer slots unread."""
+  import jax
+  import orbax.checkpoint as ocp
+  from etils import epath
+
+  item = _orbax_item_dir(path)
+  if item is None:
+    raise UserError(f'{path}: no Orbax item ({" or ".join(_ORBAX_ITEM_NAMES)}) in the T5X checkpoint')
+  # The handler, not a Checkpointer: a Checkpointer also looks for step metadata inside the item
+  # directory and logs a warning when (as in T5X checkpoints) it is one level up.
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    tree = handler.metadata(epath.Path(item)).tree
+    wanted: dict[str, Any] = {}
+    if with_target and 'target' in tree:
+      wanted['target'] = tree['target']
+    if isinstance(tree.get('state'), Mapping) and 'step' in tree['state']:
+      wanted['state'] = {'step': tree['state']['step']}
+    if not wanted:
+      return {}
+    # restore_type=np.ndarray reads to host memory, with no sharding or device needed.
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+    return handler.restore(epath.Path(item), args=ocp.args.PyTreeRestore(
+        item=wanted, restore_args=restore_args, partial_restore=True))
+  except UserError:
+    raise
+  except Exception as e:
+    raise UserError(f'{path}: cannot read the Orbax T5X checkpoint at {item}: {e}') from e
+  finally:
+    handler.close()
