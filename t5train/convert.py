@@ -20,6 +20,7 @@ import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
 from absl import flags, logging
@@ -96,12 +97,10 @@ def read_hf_config(directory: str) -> dict[str, Any]:
 
 def expected_param_shapes(config: network.T5Config) -> dict[str, tuple[int, ...]]:
   """Parameter path -> shape of a model built from ``config`` (no memory is allocated)."""
-  tokens = jax.ShapeDtypeStruct((1, 8), np.int32)
-  variables = jax.eval_shape(
-      lambda rng: network.Transformer(config).init(rng, tokens, tokens, tokens,
-                                                   enable_dropout=False),
-      jax.random.PRNGKey(0))
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  def init(rng: jax.Array) -> Any:
+    tokens = jax.numpy.ones((1, 8), np.int32)
+    return network.Transformer(config).init(rng, tokens, tokens, tokens, enable_dropout=False)
+  variables = jax.eval_shape(init, jax.random.PRNGKey(0))
   return {name: tuple(leaf.shape)
           for name, leaf in checkpoints.flatten_with_names(nn.unbox(variables)['params'])}
 

@@ -107,7 +107,10 @@ def hf_state_dict_from_flat_params(flat: Mapping[str, np.ndarray], config: T5Con
 
 def _tied(hf_config: Mapping[str, Any]) -> bool:
   # transformers 5 records the v1.0 output scaling as scale_decoder_outputs (and always says
-  # tie_word_embeddings=true); transformers 4 used tie_word_embeddings for both.
+  # tie_word_embeddings=true); transformers 4 used tie_word_embeddings for both. mT5 is always
+  # untied and unscaled, whatever its config says.
+  if hf_config.get('model_type') == 'mt5':
+    return False
   if 'scale_decoder_outputs' in hf_config:
     return bool(hf_config['scale_decoder_outputs'])
   return bool(hf_config.get('tie_word_embeddings', True))

@@ -1,0 +1,83 @@
+"""Randomly initialised transformers T5 models of each supported family (never downloaded)."""
+
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+
+from t5train import network
+
+VOCAB = 96
+# name -> (transformers config kwargs, t5train mlp activations, tied output layer)
+FAMILIES = {
+    'v1_0_relu_tied': (dict(d_model=32, d_kv=8, num_heads=4, d_ff=64, feed_forward_proj='relu'),
+                       ('relu',), True),
+    'v1_1_gated_gelu_untied': (dict(d_model=32, d_kv=8, num_heads=4, d_ff=64,
+                                    feed_forward_proj='gated-gelu'), ('gelu', 'linear'), False),
+    'mt5': (dict(d_model=32, d_kv=8, num_heads=4, d_ff=64, feed_forward_proj='gated-gelu',
+                 model_type='mt5'), ('gelu', 'linear'), False),
+    'byt5': (dict(d_model=32, d_kv=8, num_heads=4, d_ff=64, feed_forward_proj='gated-gelu',
+                  vocab_size=384), ('gelu', 'linear'), False),
+    'd_model_not_heads_times_kv_small_buckets': (
+        dict(d_model=48, d_kv=8, num_heads=3, d_ff=40, feed_forward_proj='gated-gelu',
+             relative_attention_num_buckets=16, relative_attention_max_distance=20),
+        ('gelu', 'linear'), False),
+}
+
+
+def hf_model(name: str) -> transformers.T5ForConditionalGeneration:
+  kwargs, _, tied = FAMILIES[name]
+  kwargs = dict(kwargs)
+  model_type = kwargs.pop('model_type', 't5')
+  vocab = kwargs.pop('vocab_size', VOCAB)
+  config_cls, model_cls = ((transformers.MT5Config, transformers.MT5ForConditionalGeneration)
+                           if model_type == 'mt5' else
+                           (transformers.T5Config, transformers.T5ForConditionalGeneration))
+  torch.manual_seed(0)
+  config = config_cls(vocab_size=vocab, num_layers=2, num_decoder_layers=3, dropout_rate=0.0,
+                      layer_norm_epsilon=1e-6, tie_word_embeddings=tied, decoder_start_token_id=0,
+                      pad_token_id=0, eos_token_id=1, **kwargs)
+  model = model_cls(config).eval()
+  if not tied:  # T5 v1.1: shared input embedding, separate output layer
+    model.lm_head.weight = torch.nn.Parameter(torch.randn(vocab, kwargs['d_model']) * 0.2)
+  with torch.no_grad():  # larger relative-position biases, so a wrong bucket shows in the logits
+    for stack in (model.encoder, model.decoder):
+      bias = stack.block[0].layer[0].SelfAttention.relative_attention_bias.weight
+      bias.copy_(torch.randn_like(bias))
+  return model
+
+
+def t5train_config(name: str) -> network.T5Config:
+  kwargs, activations, tied = FAMILIES[name]
+  return network.T5Config(
+      vocab_size=kwargs.get('vocab_size', VOCAB), dtype=jnp.float32, emb_dim=kwargs['d_model'],
+      num_heads=kwargs['num_heads'], num_encoder_layers=2, num_decoder_layers=3,
+      head_dim=kwargs['d_kv'], mlp_dim=kwargs['d_ff'], mlp_activations=activations,
+      dropout_rate=0.0, logits_via_embedding=tied,
+      relative_attention_num_buckets=kwargs.get('relative_attention_num_buckets', 32),
+      relative_attention_max_distance=kwargs.get('relative_attention_max_distance', 128))
+
+
+def random_batch(vocab: int, seed: int = 0, batch: int = 3, enc_len: int = 40, dec_len: int = 24
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(encoder tokens, decoder inputs, targets) with trailing padding of three lengths."""
+  rng = np.random.default_rng(seed)
+  encoder = rng.integers(2, vocab, (batch, enc_len))
+  targets = rng.integers(2, vocab, (batch, dec_len))
+  for row, (e, d) in enumerate([(enc_len, dec_len), (25, 10), (7, 3)][:batch]):
+    encoder[row, e:] = 0
+    targets[row, d:] = 0
+  decoder_inputs = np.pad(targets, ((0, 0), (1, 0)))[:, :-1]
+  return encoder, decoder_inputs, targets
+
+
+def hf_logits(model, encoder, decoder_inputs) -> np.ndarray:
+  with torch.no_grad():
+    return model(input_ids=torch.tensor(encoder), attention_mask=torch.tensor(encoder > 0),
+                 decoder_input_ids=torch.tensor(decoder_inputs)).logits.numpy()
+
+
+def relative_error(actual: np.ndarray, expected: np.ndarray, targets: np.ndarray) -> float:
+  """max |a - b| / max |b| over real (non-padding) target positions."""
+  real = targets > 0
+  return float(np.max(np.abs(actual[real] - expected[real])) / np.max(np.abs(expected[real])))

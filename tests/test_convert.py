@@ -1,0 +1,145 @@
+"""Converting weights: Hugging Face -> t5train -> Hugging Face, T5X -> t5train, and bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip('torch')
+transformers = pytest.importorskip('transformers')
+
+import hf_models  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from safetensors.numpy import load_file  # noqa: E402
+
+from t5train import (checkpoints, convert, hf_interop, models, network, optimizers,  # noqa: E402
+                     partitioning, train_state, trainer)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+T5X_DATA = os.path.join(REPO, '..', 'shared', 'testdata', 't5x_tiny_v1_1')
+
+
+def _t5train_logits(config, flat, encoder, decoder_inputs, targets):
+  return np.asarray(network.Transformer(config).apply(
+      {'params': hf_interop.nest(flat)}, jnp.asarray(encoder), jnp.asarray(decoder_inputs),
+      jnp.asarray(targets), enable_dropout=False))
+
+
+@pytest.mark.parametrize('name', sorted(hf_models.FAMILIES))
+def test_hf_round_trip(name, tmp_path):
+  hf = hf_models.hf_model(name)
+  hf.save_pretrained(tmp_path / 'hf')
+  checkpoint = convert.import_hf(str(tmp_path / 'hf'), str(tmp_path / 'imported'))
+  config = hf_models.t5train_config(name)
+  assert hf_interop.t5_config_from_hf_config(
+      json.load(open(tmp_path / 'hf' / 'config.json'))) == config.__class__(
+          **{**config.__dict__, 'dtype': 'float32'})
+
+  # In: t5train reproduces transformers' logits from the converted checkpoint.
+  flat = convert.read_checkpoint_params(checkpoint, config)
+  encoder, decoder_inputs, targets = hf_models.random_batch(config.vocab_size)
+  expected = hf_models.hf_logits(hf, encoder, decoder_inputs)
+  logits = _t5train_logits(config, flat, encoder, decoder_inputs, targets)
+  assert hf_models.relative_error(logits, expected, targets) < 1e-5
+
+  # Out: every tensor comes back bit for bit, and transformers loads the directory.
+  convert.export_hf(checkpoint, config, str(tmp_path / 'exported'))
+  exported = load_file(str(tmp_path / 'exported' / 'model.safetensors'))
+  original = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+  for _, hf_name in hf_interop.name_pairs(config):
+    np.testing.assert_array_equal(exported[hf_name], original[hf_name], err_msg=hf_name)
+  reloaded = transformers.AutoModelForSeq2SeqLM.from_pretrained(str(tmp_path / 'exported')).eval()
+  np.testing.assert_array_equal(hf_models.hf_logits(reloaded, encoder, decoder_inputs), expected)
+
+
+def test_fine_tuning_restores_converted_params_and_starts_the_optimizer_fresh(tmp_path):
+  name = 'v1_1_gated_gelu_untied'
+  hf = hf_models.hf_model(name)
+  hf.save_pretrained(tmp_path / 'hf')
+  checkpoint = convert.import_hf(str(tmp_path / 'hf'), str(tmp_path / 'imported'))
+  config = hf_models.t5train_config(name)
+  model = models.EncoderDecoderModel(network.Transformer(config), None, None, optimizers.AdamW(),
+                                     loss_normalizing_factor='NUM_REAL_TARGET_TOKENS')
+  encoder, decoder_inputs, targets = hf_models.random_batch(config.vocab_size)
+  batch = {'encoder_input_tokens': encoder.astype(np.int32),
+           'decoder_input_tokens': decoder_inputs.astype(np.int32),
+           'decoder_target_tokens': targets.astype(np.int32),
+           'decoder_loss_weights': (targets > 0).astype(np.float32)}
+  partitioner = partitioning.PjitPartitioner()
+  initializer = train_state.TrainStateInitializer(
+      model.optimizer_def, model.get_initial_variables,
+      {k: v.shape for k, v in batch.items()}, partitioner=partitioner)
+  state = checkpoints.restore_from_path(checkpoint, initializer)
+  # A fresh Adam state: step count and both moments all zero.
+  assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree_util.tree_leaves(state.opt_state))
+  t = trainer.Trainer(model, state, partitioner, initializer.train_state_axes,
+                      jax.random.PRNGKey(0), optimizers.create_learning_rate_scheduler('constant'))
+  first_loss = float(t.train_step(batch)['loss'].compute())
+  with torch.no_grad():
+    labels = torch.tensor(np.where(targets > 0, targets, -100))
+    hf_loss = float(hf(input_ids=torch.tensor(encoder), attention_mask=torch.tensor(encoder > 0),
+                       decoder_input_ids=torch.tensor(decoder_inputs), labels=labels).loss)
+  assert first_loss == pytest.approx(hf_loss, rel=1e-5)
+
+
+@pytest.mark.skipif(not os.path.isdir(T5X_DATA), reason='T5X test checkpoint not present')
+@pytest.mark.parametrize('fmt', ['t5x_checkpoint', 't5x_orbax_checkpoint'])
+def test_t5x_import_reproduces_t5x_logits(fmt, tmp_path):
+  checkpoint = convert.import_t5x(os.path.join(T5X_DATA, fmt, 'checkpoint_2'),
+                                  str(tmp_path / 'out'))
+  assert checkpoint.endswith('checkpoint_2')
+  config = convert.t5_config_from_shapes(convert.read_checkpoint_params(
+      checkpoint, network.T5Config(vocab_size=320, emb_dim=32, num_heads=4, num_encoder_layers=2,
+                                   num_decoder_layers=2, head_dim=8, mlp_dim=64,
+                                   mlp_activations=('gelu', 'linear'))))
+  reference = np.load(os.path.join(T5X_DATA, 'reference_logits.npz'))
+  flat = convert.read_checkpoint_params(checkpoint, config)
+  logits = _t5train_logits(config, flat, reference['encoder_input_tokens'],
+                           reference['decoder_input_tokens'], reference['decoder_target_tokens'])
+  real = reference['decoder_loss_weights'] > 0
+  error = np.abs(logits[real] - reference['logits'][real]).max() / np.abs(
+      reference['logits'][real]).max()
+  assert error < 1e-5
+  assert 'mlp_activations = (\'gelu\', \'linear\')' in open(tmp_path / 'out' / 'model.gin').read()
+
+
+def _convert(*args):
+  return subprocess.run([sys.executable, '-m', 't5train.convert', *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_convert_binary_and_its_errors(tmp_path):
+  hf = hf_models.hf_model('v1_0_relu_tied')
+  hf.save_pretrained(tmp_path / 'hf')
+  result = _convert('--from=hf', f'--input={tmp_path / "hf"}', f'--output={tmp_path / "ok"}')
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert sorted(os.listdir(tmp_path / 'ok')) == ['checkpoint_0', 'model.gin']
+  back = _convert('--to=hf', f'--input={tmp_path / "ok" / "checkpoint_0"}',
+                  f'--gin_file={tmp_path / "ok" / "model.gin"}', f'--output={tmp_path / "back"}')
+  assert back.returncode == 0, back.stderr[-2000:]
+  assert {'config.json', 'model.safetensors'} <= set(os.listdir(tmp_path / 'back'))
+
+  config = json.load(open(tmp_path / 'hf' / 'config.json'))
+  (tmp_path / 'bart').mkdir()
+  json.dump({**config, 'model_type': 'bart'}, open(tmp_path / 'bart' / 'config.json', 'w'))
+  (tmp_path / 'wide').mkdir()
+  json.dump({**config, 'd_ff': 128}, open(tmp_path / 'wide' / 'config.json', 'w'))
+  os.link(tmp_path / 'hf' / 'model.safetensors', tmp_path / 'wide' / 'model.safetensors')
+  cases = [
+      ((tmp_path / 'nowhere'), 'is not a directory'),
+      ((tmp_path / 'ok'), 'no config.json'),
+      ((tmp_path / 'bart'), "unsupported model_type 'bart'"),
+      ((tmp_path / 'wide'), 'layers_0/mlp/wi/kernel has shape (32, 64) but the config '
+                            'says (32, 128)'),
+  ]
+  for source, message in cases:
+    out = tmp_path / f'out_{source.name}'
+    result = _convert('--from=hf', f'--input={source}', f'--output={out}')
+    assert result.returncode == 2, (source, result.stderr[-2000:])
+    assert message in result.stderr.strip().splitlines()[-1], result.stderr[-500:]
+    assert 'Traceback' not in result.stderr
+    assert not out.exists() and not [p for p in os.listdir(tmp_path) if '.tmp-' in p]
