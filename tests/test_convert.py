@@ -16,8 +16,17 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
-from t5train import (checkpoints, convert, hf_interop, models, network, optimizers,  # noqa: E402
-                     partitioning, train_state, trainer)
+from t5train import (  # noqa: E402
+  checkpoints,
+  convert,
+  hf_interop,
+  models,
+  network,
+  optimizers,
+  partitioning,
+  train_state,
+  trainer,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T5X_DATA = os.path.join(REPO, '..', 'shared', 'testdata', 't5x_tiny_v1_1')
