@@ -32,7 +32,7 @@ _FROM = flags.DEFINE_enum('from', None, ['hf', 't5x'], 'Import from this format.
 _TO = flags.DEFINE_enum('to', None, ['hf'], 'Export a t5train checkpoint to this format.')
 _INPUT = flags.DEFINE_string('input', None, 'The directory to read.')
 _OUTPUT = flags.DEFINE_string('output', None, 'The directory to create; it must not exist.')
-_DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
+_DTYPE = flags.DEFINE_enum('activation_dtype', 'float32', ['float32', 'bfloat16'],
                            'Activation dtype written into model.gin (parameters stay float32).')
 
 HF_WEIGHTS = 'model.safetensors'

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -124,13 +125,20 @@ def _convert(*args):
 def test_convert_binary_and_its_errors(tmp_path):
   hf = hf_models.hf_model('v1_0_relu_tied')
   hf.save_pretrained(tmp_path / 'hf')
+  import seqio  # a SentencePiece model that ships with seqio stands in for a tokenizer
+  spm = os.path.join(os.path.dirname(seqio.__file__), 'test_data', 'sentencepiece',
+                     'sentencepiece.model')
+  shutil.copy(spm, tmp_path / 'hf' / 'spiece.model')
   result = _convert('--from=hf', f'--input={tmp_path / "hf"}', f'--output={tmp_path / "ok"}')
   assert result.returncode == 0, result.stderr[-2000:]
-  assert sorted(os.listdir(tmp_path / 'ok')) == ['checkpoint_0', 'model.gin']
+  assert sorted(os.listdir(tmp_path / 'ok')) == ['checkpoint_0', 'model.gin', 'spiece.model']
+  assert f"sentencepiece_model_file = '{tmp_path / 'ok' / 'spiece.model'}'" in open(
+      tmp_path / 'ok' / 'model.gin').read()
   back = _convert('--to=hf', f'--input={tmp_path / "ok" / "checkpoint_0"}',
                   f'--gin_file={tmp_path / "ok" / "model.gin"}', f'--output={tmp_path / "back"}')
   assert back.returncode == 0, back.stderr[-2000:]
-  assert {'config.json', 'model.safetensors'} <= set(os.listdir(tmp_path / 'back'))
+  assert sorted(os.listdir(tmp_path / 'back')) == ['config.json', 'model.safetensors',
+                                                   'spiece.model', 'tokenizer_config.json']
 
   config = json.load(open(tmp_path / 'hf' / 'config.json'))
   (tmp_path / 'bart').mkdir()
