@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -63,17 +64,18 @@ def saved_tree(item_dir: str) -> dict[str, Any]:
   return dict(getattr(tree, 'tree', tree))
 
 
-def check_shapes(expected: Any, saved: Any, where: str) -> None:
-  """Raises a UserError naming the first parameter whose shape differs (or that is missing)."""
-  expected_flat = dict(flatten_with_names(expected))
-  saved_flat = dict(flatten_with_names(saved))
-  for name, leaf in expected_flat.items():
-    if name not in saved_flat:
+def check_shapes(expected: Mapping[str, Any], saved: Mapping[str, Any], where: str) -> None:
+  """UserError naming the first parameter whose shape differs, is missing, or is extra.
+
+  Both arguments map parameter paths ('encoder/layers_0/...') to anything with a ``shape``.
+  """
+  for name, leaf in expected.items():
+    if name not in saved:
       raise UserError(f'{where} has no parameter {name} (expected shape {tuple(leaf.shape)})')
-    if tuple(saved_flat[name].shape) != tuple(leaf.shape):
-      raise UserError(f'{where}: parameter {name} has shape {tuple(saved_flat[name].shape)} but '
+    if tuple(saved[name].shape) != tuple(leaf.shape):
+      raise UserError(f'{where}: parameter {name} has shape {tuple(saved[name].shape)} but '
                       f'the model expects {tuple(leaf.shape)}')
-  extra = sorted(set(saved_flat) - set(expected_flat))
+  extra = sorted(set(saved) - set(expected))
   if extra:
     raise UserError(f'{where} has parameters this model does not: {", ".join(extra[:5])}')
 
@@ -97,7 +99,8 @@ def restore_from_path(path: str, initializer: TrainStateInitializer) -> TrainSta
   item_dir = os.path.join(os.path.abspath(path), STATE_ITEM)
   saved = saved_tree(item_dir)
   abstract = _abstract(initializer.global_train_state_shape, initializer.train_state_shardings)
-  check_shapes(abstract.params, saved.get('params', {}), path)
+  check_shapes(dict(flatten_with_names(abstract.params)),
+               dict(flatten_with_names(saved.get('params', {}))), path)
   with_optimizer = 'opt_state' in saved and _same_structure(saved['opt_state'], abstract.opt_state)
   wanted = {'step': abstract.step, 'params': abstract.params}
   if with_optimizer:

@@ -95,28 +95,18 @@ def read_hf_config(directory: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- shapes
 
 
-def expected_param_shapes(config: network.T5Config) -> dict[str, tuple[int, ...]]:
-  """Parameter path -> shape of a model built from ``config`` (no memory is allocated)."""
+def expected_params(config: network.T5Config) -> dict[str, jax.ShapeDtypeStruct]:
+  """Parameter path -> shape and dtype of a model built from ``config`` (nothing is allocated)."""
   def init(rng: jax.Array) -> Any:
     tokens = jax.numpy.ones((1, 8), np.int32)
     return network.Transformer(config).init(rng, tokens, tokens, tokens, enable_dropout=False)
   variables = jax.eval_shape(init, jax.random.PRNGKey(0))
-  return {name: tuple(leaf.shape)
-          for name, leaf in checkpoints.flatten_with_names(nn.unbox(variables)['params'])}
+  return dict(checkpoints.flatten_with_names(nn.unbox(variables)['params']))
 
 
 def check_flat_shapes(flat: Mapping[str, Any], config: network.T5Config, source: str) -> None:
   """UserError naming the first tensor whose shape disagrees with ``config`` (or is missing)."""
-  expected = expected_param_shapes(config)
-  for name, shape in expected.items():
-    if name not in flat:
-      raise UserError(f'{source} has no tensor for {name} (expected shape {shape})')
-    if tuple(flat[name].shape) != shape:
-      raise UserError(f'{source}: tensor {name} has shape {tuple(flat[name].shape)} but the '
-                      f'config says {shape}')
-  extra = sorted(set(flat) - set(expected))
-  if extra:
-    raise UserError(f'{source} has tensors the config does not: {", ".join(extra[:5])}')
+  checkpoints.check_shapes(expected_params(config), flat, source)
 
 
 # ---------------------------------------------------------------- model.gin
@@ -225,11 +215,11 @@ def read_checkpoint_params(checkpoint: str, config: network.T5Config) -> dict[st
   item_dir = os.path.join(os.path.abspath(checkpoint), checkpoints.STATE_ITEM)
   if not os.path.isdir(item_dir):
     raise UserError(f'{checkpoint} is not a t5train checkpoint (no {checkpoints.STATE_ITEM}/)')
-  expected = expected_param_shapes(config)
+  expected = expected_params(config)
   saved = dict(checkpoints.flatten_with_names(checkpoints.saved_tree(item_dir).get('params', {})))
   check_flat_shapes(saved, config, checkpoint)
-  wanted = {'params': hf_interop.nest({name: np.zeros(shape, np.float32)
-                                       for name, shape in expected.items()})}
+  wanted = {'params': hf_interop.nest({name: np.zeros(leaf.shape, np.float32)
+                                       for name, leaf in expected.items()})}
   restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
   with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
     restored = checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(

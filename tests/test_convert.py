@@ -150,8 +150,8 @@ def test_convert_binary_and_its_errors(tmp_path):
       ((tmp_path / 'nowhere'), 'is not a directory'),
       ((tmp_path / 'ok'), 'no config.json'),
       ((tmp_path / 'bart'), "unsupported model_type 'bart'"),
-      ((tmp_path / 'wide'), 'layers_0/mlp/wi/kernel has shape (32, 64) but the config '
-                            'says (32, 128)'),
+      ((tmp_path / 'wide'), 'layers_0/mlp/wi/kernel has shape (32, 64) but the model '
+                            'expects (32, 128)'),
   ]
   for source, message in cases:
     out = tmp_path / f'out_{source.name}'
