@@ -88,12 +88,6 @@ def global_batches(dataset: tf.data.Dataset, sharding: jax.sharding.Sharding
            for name, value in local.items()}
 
 
-def model_input_shapes(dataset: tf.data.Dataset, global_batch_size: int) -> dict[str, tuple]:
-  """Global shapes of the model features (``decoder_loss_weights`` etc.) of ``dataset``."""
-  return {name: (global_batch_size,) + tuple(spec.shape[1:])
-          for name, spec in dataset.element_spec.items()}
-
-
 def pretokenized_examples(config: DatasetConfig, num_examples: int) -> list[dict[str, Any]]:
   """The first examples of a split, unbatched and unconverted (text plus token ids)."""
   task = task_for(config)
@@ -103,4 +97,4 @@ def pretokenized_examples(config: DatasetConfig, num_examples: int) -> list[dict
 
 
 __all__ = ['DatasetConfig', 'get_dataset', 'task_for', 'global_batches', 'get_mixture_or_task',
-           'model_input_shapes', 'pretokenized_examples', 'tasks']
+           'pretokenized_examples', 'tasks']

@@ -14,7 +14,6 @@ import clu.metrics as clu_metrics
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from t5train import decoding, losses
 
@@ -132,6 +131,3 @@ class EncoderDecoderModel:
                              jnp.ones_like(decoder_input_tokens), enable_dropout=False,
                              method=self.module.decode)
 
-
-def count_parameters(params: Any) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
