@@ -69,7 +69,8 @@ def get_dataset(config: DatasetConfig, feature_converter_cls: type, num_epochs: 
   """This host's share of the batched, feature-converted dataset."""
   task = task_for(config)
   if config.batch_size % num_shards:
-    raise UserError(f'batch size {config.batch_size} is not divisible by the {num_shards} hosts')
+    raise UserError(f'BATCH_SIZE {config.batch_size} is not divisible by the {num_shards} data '
+                    'shards (hosts)')
   if config.split not in task.splits:
     raise UserError(f'{config.mixture_or_task_name!r} has no split {config.split!r}; '
                     f'it has {sorted(task.splits)}')
@@ -80,11 +81,12 @@ def get_dataset(config: DatasetConfig, feature_converter_cls: type, num_epochs: 
       seed=config.seed, batch_size=config.batch_size // num_shards)
 
 
-def global_batches(dataset: tf.data.Dataset, sharding: jax.sharding.Sharding
-                   ) -> Iterator[dict[str, jax.Array]]:
-  """Host-local numpy batches -> global jax.Arrays laid out by ``sharding``."""
+def global_batches(dataset: tf.data.Dataset, sharding: jax.sharding.Sharding,
+                   global_batch_size: int) -> Iterator[dict[str, jax.Array]]:
+  """Host-local numpy batches -> global jax.Arrays of ``global_batch_size`` rows."""
   for local in dataset.as_numpy_iterator():
-    yield {name: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+    yield {name: jax.make_array_from_process_local_data(
+               sharding, np.asarray(value), (global_batch_size,) + value.shape[1:])
            for name, value in local.items()}
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from absl import app, flags, logging
 
 import gin
+from t5train import multihost
 from t5train.errors import UserError
 
 # TensorFlow's C++ start-up chatter (CUDA probes, oneDNN notes) says nothing useful to users.
@@ -33,6 +34,15 @@ _GIN_BINDINGS = flags.DEFINE_multi_string(
 _GIN_SEARCH_PATHS = flags.DEFINE_list(
     'gin_search_paths', [], 'Comma-separated directories in which to look for gin files.')
 _DEBUG = flags.DEFINE_bool('debug', False, 'Show tracebacks for user errors too.')
+
+# Multi-host: one process per host (names as in T5X and jax.distributed).
+_MULTIPROCESS = flags.DEFINE_bool(
+    'multiprocess', False, 'Start jax.distributed before anything else. Without the three flags '
+    'below, JAX detects the cluster itself (TPU VM, SLURM, Open MPI).')
+_COORDINATOR_ADDRESS = flags.DEFINE_string(
+    'coordinator_address', None, 'host:port of process 0, e.g. 10.0.0.2:1234 (with --multiprocess).')
+_PROCESS_COUNT = flags.DEFINE_integer('process_count', None, 'Number of processes (hosts).')
+_PROCESS_INDEX = flags.DEFINE_integer('process_index', None, 'This process\'s index, from 0.')
 
 
 def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
@@ -130,11 +140,25 @@ class _LibraryChatterFilter(std_logging.Filter):
     return True
 
 
+def initialize_multiprocess_from_flags() -> None:
+  """Joins the process group when ``--multiprocess`` is given; other hosts log warnings only."""
+  given = [_COORDINATOR_ADDRESS.value, _PROCESS_COUNT.value, _PROCESS_INDEX.value]
+  if not _MULTIPROCESS.value:
+    if any(value is not None for value in given):
+      raise UserError('--coordinator_address, --process_count and --process_index need '
+                      '--multiprocess')
+    return
+  multihost.initialize(_COORDINATOR_ADDRESS.value, _PROCESS_COUNT.value, _PROCESS_INDEX.value)
+  if not multihost.is_primary():
+    logging.set_verbosity(logging.WARNING)
+
+
 def run(main: Callable[[Sequence[str]], None], program: str) -> None:
   """``app.run`` with T5X-style gin flags; UserError -> message and exit status 2."""
   def main_with_exit_codes(argv: Sequence[str]) -> None:
     logging.get_absl_handler().addFilter(_LibraryChatterFilter())
     try:
+      initialize_multiprocess_from_flags()
       main(argv)
     except UserError as e:
       if _DEBUG.value:

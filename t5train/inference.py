@@ -48,7 +48,10 @@ def predict_examples(model: models.EncoderDecoderModel, partitioner: PjitPartiti
   for start in range(0, len(examples), batch_size):
     chunk = list(examples[start:start + batch_size])
     padded = chunk + [chunk[-1]] * (batch_size - len(chunk))  # fixed shape: one compilation
-    tokens = _pad([ex['inputs'] for ex in padded], input_length)
+    host_tokens = _pad([ex['inputs'] for ex in padded], input_length)
+    # Every process holds the whole batch; each contributes the rows of its own devices.
+    tokens = jax.make_array_from_callback(host_tokens.shape, batch_sharding,
+                                          lambda index, t=host_tokens: t[index])
     decoded = np.asarray(jax.device_get(predict(params, tokens)))
     for example, row in zip(chunk, decoded):
       predictions.append(Prediction(

@@ -15,6 +15,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from t5train import multihost
+
 StepMetrics = Mapping[str, Any]  # name -> clu metric (device arrays)
 
 
@@ -64,7 +66,7 @@ class SummaryWriter:
 
   def __init__(self, summary_dir: str | None):
     self._writer = None
-    if summary_dir and jax.process_index() == 0:
+    if summary_dir and multihost.is_primary():
       from clu import metric_writers  # pylint: disable=g-import-not-at-top
       self._writer = metric_writers.AsyncWriter(metric_writers.SummaryWriter(summary_dir))
 

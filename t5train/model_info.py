@@ -8,6 +8,7 @@ import jax
 import numpy as np
 from jax.sharding import PartitionSpec
 
+from t5train import multihost
 from t5train.partitioning import PjitPartitioner
 from t5train.train_state import TrainState
 
@@ -49,7 +50,7 @@ def log_model_info(log_file: str | None, full_train_state: TrainState,
     raise ValueError('log_model_info needs the logical axes of the train state '
                      '(TrainStateInitializer.train_state_logical_axes)')
   text = model_info_text(full_train_state, logical_axes, partitioner)
-  if log_file and jax.process_index() == 0:
+  if log_file and multihost.is_primary():
     os.makedirs(os.path.dirname(log_file) or '.', exist_ok=True)
     with open(log_file, 'w') as f:
       f.write(text)

@@ -19,7 +19,7 @@ import jax
 from absl import flags, logging
 
 import gin
-from t5train import checkpoints, gin_utils, model_info, models, optimizers, partitioning
+from t5train import checkpoints, gin_utils, model_info, models, multihost, optimizers, partitioning
 from t5train import metrics as metrics_lib
 from t5train import train_state as train_state_lib
 from t5train import trainer as trainer_lib
@@ -55,7 +55,7 @@ def _restore_or_initialize(manager: checkpoints.CheckpointManager,
 
 def _write_operative_config(model_dir: str) -> None:
   """Saves the bindings the run actually used (every configurable has been called by now)."""
-  if jax.process_index() == 0:
+  if multihost.is_primary():
     with open(os.path.join(model_dir, 'config.gin'), 'w') as f:
       f.write(gin.operative_config_str())
 
@@ -88,6 +88,7 @@ def train(*, model: models.EncoderDecoderModel, train_dataset_cfg: Any,
     raise UserError(f'TRAIN_STEPS must be >= 0, got {total_steps}')
   data.task_for(train_dataset_cfg)  # fail fast on a bad name, before any compilation
   partitioner.validate()
+  layout = partitioner.get_data_layout(train_dataset_cfg.batch_size)
   if num_microbatches and train_dataset_cfg.batch_size % num_microbatches:
     raise UserError(f'BATCH_SIZE {train_dataset_cfg.batch_size} is not divisible by '
                     f'num_microbatches={num_microbatches}')
@@ -120,8 +121,9 @@ def train(*, model: models.EncoderDecoderModel, train_dataset_cfg: Any,
     seed = (train_dataset_cfg.seed if train_dataset_cfg.seed is not None else random_seed)
     dataset_cfg = dataclasses.replace(train_dataset_cfg, seed=seed + start_step)
     dataset = data.get_dataset(dataset_cfg, model.FEATURE_CONVERTER_CLS,
-                               shard_id=jax.process_index(), num_shards=jax.process_count())
-    batches = data.global_batches(dataset, partitioner.sharding(partitioner.data_partition_spec))
+                               shard_id=layout.shard_id, num_shards=layout.num_shards)
+    batches = data.global_batches(dataset, partitioner.sharding(partitioner.data_partition_spec),
+                                  layout.batch_size)
     logging.info('Training steps %d to %d.', start_step + 1, total_steps)
     summary = trainer_lib.run_training(
         trainer, batches, start_step, total_steps, manager, summary_period, log_every_secs,

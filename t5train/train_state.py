@@ -90,6 +90,8 @@ class TrainStateInitializer:
     self.train_state_logical_axes: TrainState = self._logical_axes(param_axes)
     self.train_state_axes: TrainState = self._partitioner.logical_to_mesh_axes(
         self.train_state_logical_axes)
+    self._partitioner.check_divisible(self.global_train_state_shape, self.train_state_axes,
+                                      'train state variable')
     self.train_state_shardings: TrainState = self._partitioner.mesh_shardings(
         self.train_state_axes)
     self._initialize = self._partitioner.partition(

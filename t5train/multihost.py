@@ -1,0 +1,39 @@
+"""One process per host: starting ``jax.distributed`` and asking which process this is.
+
+``initialize`` must run before anything touches a device. With no arguments it
+lets JAX detect the cluster (Cloud TPU VMs, SLURM, Open MPI, Kubernetes); with
+a coordinator address, process count and process id it joins that group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+from absl import logging
+
+from t5train.errors import UserError
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None,
+               local_device_ids: Sequence[int] | None = None) -> None:
+  """Joins the process group; CPU devices talk over gloo so that CPU-only groups work too."""
+  if jax.distributed.is_initialized():
+    return
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  try:
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id,
+                               local_device_ids=local_device_ids)
+  except ValueError as e:  # nothing detected and not enough given
+    raise UserError(f'cannot start jax.distributed: {e}. Pass --coordinator_address, '
+                    '--process_count and --process_index, or run under a cluster that JAX '
+                    'detects (TPU VM, SLURM, Open MPI)') from e
+  logging.info('Process %d of %d: %d local devices, %d in all.', jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def is_primary() -> bool:
+  """Whether this process writes the files that exist once per run (summaries, configs)."""
+  return jax.process_index() == 0
