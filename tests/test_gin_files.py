@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import gin
-from t5train import gin_utils, models
+from t5train import gin_utils, models, partitioning
 
 GIN_DIR = os.path.join(gin_utils.REPO_ROOT, 'gin')
 REQUIRED = ["MODEL_DIR = '/tmp/unused'", 'TRAIN_STEPS = 1',
@@ -67,3 +67,18 @@ def test_command_line_bindings_override_files():
 def test_gin_args_rewrite():
   assert gin_utils.rewrite_gin_args(['prog', "--gin.MODEL_DIR='/x'", '--gin_file=a.gin']) == [
       'prog', "--gin_bindings=MODEL_DIR = '/x'", '--gin_file=a.gin']
+
+
+@pytest.mark.parametrize('preset,model_partitions,activation_dims,parameter_dims', [
+    ('data_parallel', 1, 1, 1), ('model_parallel', 2, 1, 1), ('fsdp', 1, 1, 2),
+    ('fsdp_model_parallel', 2, 2, 2)])
+@pytest.mark.parametrize('preset_first', [False, True], ids=['after_run', 'before_run'])
+def test_partitioning_presets(preset, model_partitions, activation_dims, parameter_dims,
+                              preset_first):
+  files = ['gin/models/t5_1_1/tiny.gin', 'gin/runs/pretrain.gin', 'gin/tasks/demo.gin']
+  preset_file = f'gin/partitioning/{preset}.gin'
+  _parse(*([preset_file] + files if preset_first else files + [preset_file]))
+  partitioner = gin.query_parameter('train_script.train.partitioner').scoped_configurable_fn()
+  assert partitioner.num_model_partitions == model_partitions
+  expected = partitioning.standard_logical_axis_rules(activation_dims, parameter_dims)
+  assert tuple(partitioner.logical_axis_rules) == tuple(expected)

@@ -1,38 +1,14 @@
 """The train binary end to end, in a subprocess, on tiny.gin and the built-in task."""
 
-import glob
 import os
-import subprocess
-import sys
 
 import pytest
-from tensorboard.backend.event_processing import event_accumulator
-from tensorboard.util import tensor_util
+from binaries import SMOKE, read_scalars, run_train
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMOKE = ['--gin_file=gin/models/t5_1_1/tiny.gin', '--gin_file=gin/runs/pretrain.gin',
-         '--gin_file=gin/tasks/demo.gin']
 EXPECTED_SCALARS = {
     'loss', 'accuracy', 'cross_ent_loss', 'z_loss', 'learning_rate', 'timing/steps_per_second',
     'timing/seqs_per_second', 'timing/target_tokens_per_second',
     'non_padding_fraction/loss_weights'}
-
-
-def run_train(*args, cwd=REPO):
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
-  return subprocess.run([sys.executable, '-m', 't5train.train', *args], cwd=cwd, env=env,
-                        capture_output=True, text=True, timeout=600)
-
-
-def read_scalars(summary_dir):
-  scalars = {}
-  for path in glob.glob(os.path.join(summary_dir, 'events.out.tfevents.*')):
-    acc = event_accumulator.EventAccumulator(path, size_guidance={'tensors': 0})
-    acc.Reload()
-    for tag in acc.Tags()['tensors']:
-      scalars.setdefault(tag, []).extend(
-          (e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag))
-  return {tag: sorted(values) for tag, values in scalars.items()}
 
 
 @pytest.fixture(scope='module')

@@ -1,0 +1,56 @@
+"""Helpers for tests that run t5train's binaries in a subprocess and read what they wrote."""
+
+import glob
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.util import tensor_util
+
+from t5train import checkpoints
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = ['--gin_file=gin/models/t5_1_1/tiny.gin', '--gin_file=gin/runs/pretrain.gin',
+         '--gin_file=gin/tasks/demo.gin']
+
+
+def run_train(*args, cwd=REPO, env=None):
+  """``python -m t5train.train ARGS`` on the CPU; returns the CompletedProcess."""
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', **(env or {})}
+  return subprocess.run([sys.executable, '-m', 't5train.train', *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+def read_scalars(summary_dir):
+  """tag -> [(step, value), ...] from the TensorBoard event files in ``summary_dir``."""
+  scalars = {}
+  for path in glob.glob(os.path.join(summary_dir, 'events.out.tfevents.*')):
+    acc = event_accumulator.EventAccumulator(path, size_guidance={'tensors': 0})
+    acc.Reload()
+    for tag in acc.Tags()['tensors']:
+      scalars.setdefault(tag, []).extend(
+          (e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag))
+  return {tag: sorted(values) for tag, values in scalars.items()}
+
+
+def read_params(checkpoint_dir):
+  """The parameters saved in ``checkpoint_dir`` (a checkpoint_<step> folder) as numpy arrays."""
+  item_dir = os.path.join(os.path.abspath(checkpoint_dir), 'state')
+  params = {'params': checkpoints.saved_tree(item_dir)['params']}
+  as_numpy = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), params)
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    state = checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(
+        item=params, restore_args=as_numpy, partial_restore=True))
+  return {'/'.join(path): np.asarray(value) for path, value in _flatten(state['params'])}
+
+
+def _flatten(tree, prefix=()):
+  if isinstance(tree, dict):
+    for key, value in tree.items():
+      yield from _flatten(value, prefix + (key,))
+  else:
+    yield prefix, tree

@@ -1,0 +1,83 @@
+"""Two hosts simulated on this machine: 2 processes x 2 CPU devices over jax.distributed.
+
+They must train exactly as one process with 4 devices would (same global batches,
+same losses, same parameters), write the run's files once, and leave a checkpoint
+that one process resumes from.
+"""
+
+import glob
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from binaries import REPO, SMOKE, read_params, read_scalars, run_train
+
+# Unshuffled, unpacked examples: host h reads examples h, h + 2, h + 4, ..., so the two hosts'
+# batches together hold the same examples as the one-host batch.
+RUN = SMOKE + ['--gin.BATCH_SIZE=8', '--gin.SUMMARY_PERIOD=1', '--gin.CHECKPOINT_PERIOD=4',
+               '--gin.train/data.DatasetConfig.shuffle=False',
+               '--gin.train/data.DatasetConfig.pack=False']
+FOUR_DEVICES = {'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
+
+
+def launch_two_hosts(*args):
+  command = [os.path.join(REPO, 'scripts', 'launch_local.sh'), '2', '2', sys.executable, '-m',
+             't5train.train', *args]
+  return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  two_hosts, one_host = (str(tmp_path_factory.mktemp(name)) for name in ('two', 'one'))
+  launched = launch_two_hosts(*RUN, f"--gin.MODEL_DIR='{two_hosts}'", '--gin.TRAIN_STEPS=4')
+  assert launched.returncode == 0, launched.stdout[-4000:]
+  single = run_train(*RUN, f"--gin.MODEL_DIR='{one_host}'", '--gin.TRAIN_STEPS=4',
+                     env=FOUR_DEVICES)
+  assert single.returncode == 0, single.stderr[-3000:]
+  return two_hosts, one_host, launched.stdout
+
+
+def losses(model_dir):
+  return dict(read_scalars(os.path.join(model_dir, 'train'))['loss'])
+
+
+def test_both_processes_joined_one_mesh(runs):
+  _, _, output = runs
+  assert '[process 0]' in output and '[process 1]' in output
+  assert 'Process 1 of 2: 2 local devices, 4 in all.' in output
+
+
+def test_two_hosts_train_like_one_host_with_four_devices(runs):
+  two_hosts, one_host, _ = runs
+  two, one = losses(two_hosts), losses(one_host)
+  assert sorted(two) == [1, 2, 3, 4]
+  np.testing.assert_allclose([two[s] for s in sorted(two)], [one[s] for s in sorted(one)],
+                             rtol=1e-5)
+  expected = read_params(os.path.join(one_host, 'checkpoint_4'))
+  actual = read_params(os.path.join(two_hosts, 'checkpoint_4'))
+  assert sorted(actual) == sorted(expected)
+  for name, value in expected.items():
+    np.testing.assert_allclose(actual[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_run_files_are_written_once(runs):
+  two_hosts, _, output = runs
+  assert len(glob.glob(os.path.join(two_hosts, 'train', 'events.out.tfevents.*'))) == 1
+  assert os.path.isfile(os.path.join(two_hosts, 'config.gin'))
+  assert os.path.isfile(os.path.join(two_hosts, 'model-info.txt'))
+  # Process 1 logs warnings only, so the progress lines come from process 0.
+  assert '[process 0]' in output and 'step 4/4' in output
+  assert not [line for line in output.splitlines()
+              if line.startswith('[process 1]') and 'step 4/4' in line]
+
+
+def test_one_host_resumes_what_two_hosts_saved(runs):
+  two_hosts, one_host, _ = runs
+  for model_dir in (two_hosts, one_host):
+    resumed = run_train(*RUN, f"--gin.MODEL_DIR='{model_dir}'", '--gin.TRAIN_STEPS=5',
+                        env=FOUR_DEVICES)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f'Resuming from {model_dir}/checkpoint_4' in resumed.stderr
+  np.testing.assert_allclose(losses(two_hosts)[5], losses(one_host)[5], rtol=1e-5)
