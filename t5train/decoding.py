@@ -1,19 +1,29 @@
-"""Autoregressive decoding functions (pure jnp, jit-friendly).
+"""Autoregressive decoding: temperature sampling (greedy, top-k, top-p) and beam search.
 
-A decode function takes ``logits_fn(decoder_input_tokens [batch, length]) ->
-logits [batch, length, vocab]`` and returns tokens [batch, length]. Decoding
-starts from BOS (id 0) and pads with 0 after EOS.
+Both take ``tokens_to_logits(tokens [n, 1], cache) -> (logits [n, vocab], cache)``,
+which runs one decoder step and returns the updated cache, and loop with
+``lax.while_loop`` until every row has emitted EOS or ``max_decode_length``
+tokens. The cache comes with one row per example; each leaf with that leading
+dimension is repeated ``num_decodes`` times, example-major (row
+``i * num_decodes + j`` is decode ``j`` of example ``i``), and reordered with the
+beams; other leaves (a step counter) are left as they are. ``tokens_to_logits``
+therefore sees ``batch_size * num_decodes`` rows. Outputs are
+``[batch, num_decodes, length]`` token ids, 0 after EOS, and ``[batch, num_decodes]``
+scores, best first.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 Array = jax.Array
-LogitsFn = Callable[[Array], Array]
+Cache = Any
+TokensToLogits = Callable[[Array, Cache], tuple[Array, Cache]]
+NEG_INF = -1.0e7
 
 
 def shift_right(tokens: Array) -> Array:
@@ -21,23 +31,169 @@ def shift_right(tokens: Array) -> Array:
   return jnp.pad(tokens, ((0, 0), (1, 0)))[:, :-1]
 
 
-def greedy_decode(logits_fn: LogitsFn, batch_size: int, max_decode_length: int,
-                  eos_id: int = 1) -> Array:
-  """Argmax decoding by re-running the decoder over the prefix at every step.
+def _expand_rows(cache: Cache, batch_size: int, num_decodes: int) -> Cache:
+  """Repeats every leaf with ``batch_size`` leading rows ``num_decodes`` times, example-major."""
+  def expand(x: Any) -> Any:
+    if num_decodes > 1 and getattr(x, 'ndim', 0) >= 1 and x.shape[0] == batch_size:
+      return jnp.repeat(x, num_decodes, axis=0)
+    return x
+  return jax.tree_util.tree_map(expand, cache)
 
-  Costs ``max_decode_length`` full decoder passes; it is the simple reference
-  that faster cached decoders must agree with.
+
+def _filter_top_k(logits: Array, top_k: int) -> Array:
+  """Logits outside the ``top_k`` largest of each row set to NEG_INF (ties at the edge kept)."""
+  kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+  return jnp.where(logits < kth, NEG_INF, logits)
+
+
+def _filter_top_p(logits: Array, top_p: float) -> Array:
+  """Keeps the smallest set of most likely tokens whose probabilities sum to at least ``top_p``."""
+  order = jnp.argsort(-logits, axis=-1)
+  sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly more likely tokens
+  sorted_keep = before < top_p
+  keep = jnp.zeros_like(sorted_keep).at[jnp.arange(logits.shape[0])[:, None], order].set(
+      sorted_keep)
+  return jnp.where(keep, logits, NEG_INF)
+
+
+def sampling_logits(logits: Array, temperature: float, top_k: int, top_p: float) -> Array:
+  """The logits that a sample is drawn from, after temperature, top-k and top-p."""
+  logits = logits / temperature
+  if top_k:
+    logits = _filter_top_k(logits, top_k)
+  if 0.0 < top_p < 1.0:
+    logits = _filter_top_p(logits, top_p)
+  return logits
+
+
+def temperature_sample(tokens_to_logits: TokensToLogits, cache: Cache, batch_size: int,
+                       max_decode_length: int, eos_id: int, *, decode_rng: Array | None = None,
+                       num_decodes: int = 1, temperature: float = 1.0, topk: int = 1,
+                       topp: float = 0.0) -> tuple[Array, Array]:
+  """Samples ``num_decodes`` continuations per example; scores are their log-likelihoods.
+
+  As in T5X, the default ``topk=1`` is greedy decoding, and so is ``temperature=0``.
+  ``topk=0`` samples from the whole vocabulary; ``0 < topp < 1`` samples from the
+  nucleus. Scores are under the model's own distribution, not the filtered one.
   """
-  tokens = jnp.zeros((batch_size, max_decode_length), jnp.int32)
-  done = jnp.zeros((batch_size,), bool)
+  rows = batch_size * num_decodes
+  cache = _expand_rows(cache, batch_size, num_decodes)
+  greedy = temperature == 0.0
+  if decode_rng is None:
+    if not (greedy or topk == 1):
+      raise ValueError('temperature_sample needs decode_rng unless it is greedy')
+    decode_rng = jax.random.PRNGKey(0)  # top-1 sampling does not depend on it
 
-  def step(i: Array, carry: tuple[Array, Array]) -> tuple[Array, Array]:
-    tokens, done = carry
-    logits = logits_fn(shift_right(tokens))
-    next_token = jnp.argmax(logits[:, i], axis=-1).astype(jnp.int32)
-    next_token = jnp.where(done, 0, next_token)
-    tokens = tokens.at[:, i].set(next_token)
-    return tokens, done | (next_token == eos_id)
+  def cond(state: tuple) -> Array:
+    index, _, _, done, _, _, _ = state
+    return (index < max_decode_length) & ~jnp.all(done)
 
-  tokens, _ = jax.lax.fori_loop(0, max_decode_length, step, (tokens, done))
-  return tokens
+  def body(state: tuple) -> tuple:
+    index, tokens, current, done, log_prob, cache, rng = state
+    logits, cache = tokens_to_logits(current[:, None], cache)
+    logits = logits.astype(jnp.float32)
+    rng, step_rng = jax.random.split(rng)
+    if greedy:
+      chosen = jnp.argmax(logits, axis=-1)
+    else:
+      chosen = jax.random.categorical(step_rng, sampling_logits(logits, temperature, topk, topp))
+    chosen = jnp.where(done, 0, chosen).astype(jnp.int32)
+    token_log_prob = jnp.take_along_axis(jax.nn.log_softmax(logits), chosen[:, None], axis=-1)[:, 0]
+    log_prob = log_prob + jnp.where(done, 0.0, token_log_prob)
+    tokens = jax.lax.dynamic_update_slice(tokens, chosen[:, None], (0, index))
+    return index + 1, tokens, chosen, done | (chosen == eos_id), log_prob, cache, rng
+
+  init = (jnp.zeros((), jnp.int32), jnp.zeros((rows, max_decode_length), jnp.int32),
+          jnp.zeros((rows,), jnp.int32), jnp.zeros((rows,), bool), jnp.zeros((rows,), jnp.float32),
+          cache, decode_rng)
+  _, tokens, _, _, log_prob, _, _ = jax.lax.while_loop(cond, body, init)
+  tokens = tokens.reshape(batch_size, num_decodes, max_decode_length)
+  log_prob = log_prob.reshape(batch_size, num_decodes)
+  order = jnp.argsort(-log_prob, axis=-1)
+  return (jnp.take_along_axis(tokens, order[:, :, None], axis=1),
+          jnp.take_along_axis(log_prob, order, axis=1))
+
+
+def brevity_penalty(alpha: float, length: Array) -> Array:
+  """T5X's (Google NMT's) length penalty: ((5 + length) / 6) ** alpha."""
+  return jnp.power((5.0 + length.astype(jnp.float32)) / 6.0, alpha)
+
+
+def _gather_beams(tree: Any, beam_indices: Array, batch_size: int, old_beams: int) -> Any:
+  """Reorders every leaf with ``batch_size * old_beams`` rows by ``beam_indices`` [batch, new]."""
+  flat = (beam_indices + old_beams * jnp.arange(batch_size)[:, None]).reshape(-1)
+
+  def gather(x: Any) -> Any:
+    if getattr(x, 'ndim', 0) >= 1 and x.shape[0] == batch_size * old_beams:
+      return jnp.take(x, flat, axis=0)
+    return x
+  return jax.tree_util.tree_map(gather, tree)
+
+
+def beam_search(tokens_to_logits: TokensToLogits, cache: Cache, batch_size: int,
+                max_decode_length: int, eos_id: int, *, num_decodes: int = 4, alpha: float = 0.6,
+                decode_rng: Array | None = None) -> tuple[Array, Array]:
+  """Beam search with ``num_decodes`` beams; scores are log-likelihood / brevity_penalty.
+
+  A hypothesis ends when it emits EOS among the ``num_decodes`` best candidates of
+  its step (as in Hugging Face's beam search), or at ``max_decode_length``; so one
+  beam with ``alpha=0`` is greedy decoding. The search stops early once no live
+  beam can beat the finished ones.
+  """
+  del decode_rng  # deterministic
+  beams, vocab_rows = num_decodes, batch_size * num_decodes
+  cache = _expand_rows(cache, batch_size, num_decodes)
+  max_penalty = brevity_penalty(alpha, jnp.asarray(max_decode_length))
+
+  def cond(state: dict) -> Array:
+    best_possible = state['live_log_prob'][:, 0] / max_penalty
+    worst_finished = jnp.where(state['finished_flags'], state['finished_scores'], NEG_INF).min(-1)
+    can_improve = ~jnp.all(state['finished_flags'], -1) | (best_possible > worst_finished)
+    return (state['index'] < max_decode_length) & jnp.any(can_improve)
+
+  def body(state: dict) -> dict:
+    index = state['index']
+    last = jnp.where(index == 0, 0, jax.lax.dynamic_index_in_dim(
+        state['live_seqs'], jnp.maximum(index - 1, 0), axis=2, keepdims=False))
+    logits, cache = tokens_to_logits(last.reshape(vocab_rows, 1), state['cache'])
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32)).reshape(batch_size, beams, -1)
+    vocab = log_probs.shape[-1]
+    candidates = (state['live_log_prob'][:, :, None] + log_probs).reshape(batch_size, -1)
+    top_log_prob, top_index = jax.lax.top_k(candidates, 2 * beams)
+    top_beam, top_token = top_index // vocab, (top_index % vocab).astype(jnp.int32)
+    top_seqs = jnp.take_along_axis(state['live_seqs'], top_beam[:, :, None], axis=1)
+    top_seqs = jax.lax.dynamic_update_slice(
+        top_seqs, top_token[:, :, None], (0, 0, index))
+    is_eos = top_token == eos_id
+    at_end = index + 1 >= max_decode_length
+    # Finished: EOS among the best `beams` candidates, or any candidate at the last position.
+    rank_ok = jnp.arange(2 * beams)[None, :] < beams
+    ends = (is_eos & rank_ok) | (at_end & rank_ok)
+    new_scores = jnp.where(ends, top_log_prob / brevity_penalty(alpha, index + 1), NEG_INF)
+    all_scores = jnp.concatenate([state['finished_scores'], new_scores], axis=1)
+    all_flags = jnp.concatenate([state['finished_flags'], ends], axis=1)
+    all_seqs = jnp.concatenate([state['finished_seqs'], top_seqs], axis=1)
+    keep_scores, keep = jax.lax.top_k(jnp.where(all_flags, all_scores, NEG_INF * 2), beams)
+    finished_seqs = jnp.take_along_axis(all_seqs, keep[:, :, None], axis=1)
+    finished_flags = jnp.take_along_axis(all_flags, keep, axis=1)
+    # Live: the best candidates that did not emit EOS.
+    live_scores, live = jax.lax.top_k(jnp.where(is_eos, NEG_INF * 2, top_log_prob), beams)
+    live_seqs = jnp.take_along_axis(top_seqs, live[:, :, None], axis=1)
+    parent = jnp.take_along_axis(top_beam, live, axis=1)
+    return {'index': index + 1, 'cache': _gather_beams(cache, parent, batch_size, beams),
+            'live_seqs': live_seqs, 'live_log_prob': live_scores,
+            'finished_seqs': finished_seqs, 'finished_scores': keep_scores,
+            'finished_flags': finished_flags}
+
+  # At the start only beam 0 is live, so the first step does not pick one token `beams` times.
+  init_live = jnp.tile(jnp.asarray([0.0] + [NEG_INF] * (beams - 1)), (batch_size, 1))
+  init = {'index': jnp.zeros((), jnp.int32), 'cache': cache,
+          'live_seqs': jnp.zeros((batch_size, beams, max_decode_length), jnp.int32),
+          'live_log_prob': init_live,
+          'finished_seqs': jnp.zeros((batch_size, beams, max_decode_length), jnp.int32),
+          'finished_scores': jnp.full((batch_size, beams), NEG_INF),
+          'finished_flags': jnp.zeros((batch_size, beams), bool)}
+  final = jax.lax.while_loop(cond, body, init)
+  return final['finished_seqs'], final['finished_scores']

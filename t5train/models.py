@@ -36,7 +36,7 @@ class EncoderDecoderModel:
   FEATURE_CONVERTER_CLS = _SeqioEncDecFeatureConverter()
 
   def __init__(self, module: nn.Module, input_vocabulary: Any, output_vocabulary: Any,
-               optimizer_def: Any, decode_fn: Callable[..., Any] = decoding.greedy_decode,
+               optimizer_def: Any, decode_fn: Callable[..., Any] = decoding.temperature_sample,
                z_loss: float = 0.0, label_smoothing: float = 0.0,
                loss_normalizing_factor: losses.LossNormalizingFactor = None):
     self.module = module
@@ -113,21 +113,82 @@ class EncoderDecoderModel:
                                                      count=sums['num_positions']),
     }
 
-  def predict_batch(self, params: Any, batch: Batch, max_decode_length: int | None = None) -> Array:
-    """Decoded target tokens [batch, length] from ``decode_fn``, starting from BOS (id 0)."""
-    length = max_decode_length or batch['decoder_target_tokens'].shape[1]
-    encoded = self.module.apply({'params': params}, batch['encoder_input_tokens'],
-                                enable_dropout=False, method=self.module.encode)
-    step_logits_fn = functools.partial(self._decoder_logits, params, encoded,
-                                       batch['encoder_input_tokens'])
+  def score_batch(self, params: Any, batch: Batch, return_intermediates: bool = False) -> Array:
+    """Log-likelihood of each example's targets [batch]: the sum over its weighted tokens."""
+    del return_intermediates  # accepted for T5X compatibility
+    logits = self.logits(params, batch, dropout_rng=None)
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
+    targets = batch['decoder_target_tokens']
+    token_log_probs = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    weights = batch.get('decoder_loss_weights')
+    weights = (targets > 0) if weights is None else weights
+    return jnp.sum(token_log_probs * weights, axis=-1)
+
+  def predict_batch(self, params: Any, batch: Batch, rng: Array | None = None,
+                    decoder_params: Mapping[str, Any] | None = None,
+                    max_decode_length: int | None = None) -> Array:
+    """The best decode of each example [batch, length] (0 after EOS)."""
+    return self.predict_batch_with_aux(params, batch, rng, decoder_params,
+                                       max_decode_length=max_decode_length)[0]
+
+  def predict_batch_with_aux(self, params: Any, batch: Batch, rng: Array | None = None,
+                             decoder_params: Mapping[str, Any] | None = None,
+                             return_all_decodes: bool = False, num_decodes: int | None = None,
+                             max_decode_length: int | None = None
+                             ) -> tuple[Array, dict[str, Array]]:
+    """Decodes with ``decode_fn`` from a key/value cache; aux holds the ``scores``.
+
+    ``decoder_params`` are passed to ``decode_fn`` (e.g. temperature, alpha), as is
+    ``num_decodes`` when given (otherwise ``decode_fn``'s own, e.g. from gin, holds).
+    The decode length is ``max_decode_length``, else the width of
+    ``decoder_target_tokens`` or ``decoder_input_tokens`` in the batch. With
+    ``return_all_decodes`` the outputs are [batch, num_decodes, ...], best first.
+    """
+    decoder_params = dict(decoder_params or {})
+    if num_decodes is not None:
+      decoder_params['num_decodes'] = num_decodes
+    length = max_decode_length or _decode_length(batch)
+    inputs = batch['encoder_input_tokens']
+    encoded = self.module.apply({'params': params}, inputs, enable_dropout=False,
+                                method=self.module.encode)
+    cache = self._initial_cache(params, encoded, inputs, length)
+    tokens_to_logits = functools.partial(self._decode_step, params, encoded, inputs, length)
     eos_id = getattr(self.output_vocabulary, 'eos_id', 1)
-    return self.decode_fn(step_logits_fn, batch['encoder_input_tokens'].shape[0], length,
-                          eos_id=eos_id)
+    decodes, scores = self.decode_fn(tokens_to_logits, cache, inputs.shape[0], length, eos_id,
+                                     decode_rng=rng, **decoder_params)
+    if return_all_decodes:
+      return decodes, {'scores': scores}
+    return decodes[:, 0], {'scores': scores[:, 0]}
 
-  def _decoder_logits(self, params: Any, encoded: Array, encoder_tokens: Array,
-                      decoder_input_tokens: Array) -> Array:
-    # Every decoded position counts as a real token (target id 1 stands for "non-padding").
-    return self.module.apply({'params': params}, encoded, encoder_tokens, decoder_input_tokens,
-                             jnp.ones_like(decoder_input_tokens), enable_dropout=False,
-                             method=self.module.decode)
+  def _initial_cache(self, params: Any, encoded: Array, encoder_tokens: Array,
+                     length: int) -> Any:
+    """Empty self-attention caches of ``length`` positions and the projected encoder outputs."""
+    placeholder = jnp.zeros((encoded.shape[0], length), jnp.int32)
+    _, variables = self.module.apply(
+        {'params': params}, encoded, encoder_tokens, placeholder, enable_dropout=False,
+        decode=True, max_decode_length=length, method=self.module.decode, mutable=['cache'])
+    return variables['cache']
 
+  def _decode_step(self, params: Any, encoded: Array, encoder_tokens: Array, length: int,
+                   tokens: Array, cache: Any) -> tuple[Array, Any]:
+    """Logits [rows, vocab] for the next position after ``tokens`` [rows, 1], and the new cache.
+
+    A decode function may run several decodes per example (rows = examples x decodes);
+    the encoder outputs are repeated to match. They are read only for their padding:
+    the projected keys and values are in the cache, so the repeat is compiled away.
+    """
+    repeats = tokens.shape[0] // encoder_tokens.shape[0]
+    encoded = jnp.repeat(encoded, repeats, axis=0)
+    encoder_tokens = jnp.repeat(encoder_tokens, repeats, axis=0)
+    logits, variables = self.module.apply(
+        {'params': params, 'cache': cache}, encoded, encoder_tokens, tokens,
+        enable_dropout=False, decode=True, max_decode_length=length, method=self.module.decode,
+        mutable=['cache'])
+    return logits[:, 0], variables['cache']
+
+
+def _decode_length(batch: Batch) -> int:
+  for name in ('decoder_target_tokens', 'decoder_input_tokens'):
+    if name in batch:
+      return batch[name].shape[1]
+  raise ValueError('give max_decode_length or a batch with decoder_target_tokens')

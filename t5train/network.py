@@ -173,7 +173,14 @@ class RelativePositionBiases(nn.Module):
 
 
 class MultiHeadAttention(nn.Module):
-  """T5 attention: no 1/sqrt(head_dim) on the logits (it is folded into the query init)."""
+  """T5 attention: no 1/sqrt(head_dim) on the logits (it is folded into the query init).
+
+  For cached decoding, ``cache`` is ``'self'`` (keys and values of past positions
+  are kept in the ``cache`` collection and this call adds position
+  ``cache_index``) or ``'cross'`` (the projected encoder outputs are computed
+  once and reused). The first call with a cache creates it: zeros for ``'self'``,
+  sized by that call's length, which is the maximum decode length.
+  """
 
   num_heads: int
   head_dim: int
@@ -182,19 +189,22 @@ class MultiHeadAttention(nn.Module):
   float32_logits: bool = False
 
   @nn.compact
-  def __call__(self, inputs_q: Array, inputs_kv: Array, bias: Array,
-               deterministic: bool) -> Array:
+  def __call__(self, inputs_q: Array, inputs_kv: Array, bias: Array, deterministic: bool,
+               cache: str | None = None, cache_index: Array | None = None) -> Array:
     inner = self.num_heads * self.head_dim
     query_init = _fan_in_normal(1.0 / self.head_dim)  # variance 1/(fan_in * head_dim)
     projection = lambda name, init: Dense(inner, ('embed', 'joined_kv'), init, self.dtype, name=name)
-    q = projection('query', query_init)(inputs_q)
-    k = projection('key', _fan_in_normal())(inputs_kv)
-    v = projection('value', _fan_in_normal())(inputs_kv)
     split = lambda x: x.reshape(x.shape[:2] + (self.num_heads, self.head_dim))
-    q, k, v = split(q), split(k), split(v)  # [batch, length, heads, kv]
-    q = nn.with_logical_constraint(q, ('batch', 'length', 'heads', 'kv'))
-    k = nn.with_logical_constraint(k, ('batch', 'length', 'heads', 'kv'))
-    v = nn.with_logical_constraint(v, ('batch', 'length', 'heads', 'kv'))
+    constrain = lambda x: nn.with_logical_constraint(x, ('batch', 'length', 'heads', 'kv'))
+    q = constrain(split(projection('query', query_init)(inputs_q)))  # [batch, length, heads, kv]
+    key_value = lambda: (constrain(split(projection('key', _fan_in_normal())(inputs_kv))),
+                         constrain(split(projection('value', _fan_in_normal())(inputs_kv))))
+    if cache == 'cross':
+      k, v = self._cross_cache(key_value)
+    elif cache == 'self':
+      k, v = self._self_cache(*key_value(), cache_index)
+    else:
+      k, v = key_value()
     if self.float32_logits:
       q, k = q.astype(jnp.float32), k.astype(jnp.float32)
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) + bias.astype(q.dtype)
@@ -206,6 +216,28 @@ class MultiHeadAttention(nn.Module):
     out = out.reshape(out.shape[:2] + (inner,))
     return Dense(inputs_q.shape[-1], ('joined_kv', 'embed'), _fan_in_normal(), self.dtype,
                  name='out')(out)
+
+  def _cross_cache(self, key_value: Callable[[], tuple[Array, Array]]) -> tuple[Array, Array]:
+    if self.has_variable('cache', 'cross_key'):
+      return self.get_variable('cache', 'cross_key'), self.get_variable('cache', 'cross_value')
+    k, v = key_value()
+    self.put_variable('cache', 'cross_key', k)
+    self.put_variable('cache', 'cross_value', v)
+    return k, v
+
+  def _self_cache(self, k: Array, v: Array, cache_index: Array | None) -> tuple[Array, Array]:
+    if not self.has_variable('cache', 'cached_key'):  # creating the cache: max length = k's
+      self.put_variable('cache', 'cached_key', jnp.zeros_like(k))
+      self.put_variable('cache', 'cached_value', jnp.zeros_like(v))
+      return k, v
+    start = (0, cache_index, 0, 0)
+    k = jax.lax.dynamic_update_slice(self.get_variable('cache', 'cached_key'), k.astype(
+        self.dtype), start)
+    v = jax.lax.dynamic_update_slice(self.get_variable('cache', 'cached_value'), v.astype(
+        self.dtype), start)
+    self.put_variable('cache', 'cached_key', k)
+    self.put_variable('cache', 'cached_value', v)
+    return k, v
 
 
 class MlpBlock(nn.Module):
@@ -269,7 +301,8 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, y: Array, encoded: Array, self_bias: Array, cross_bias: Array,
-               deterministic: bool) -> Array:
+               deterministic: bool, decode: bool = False, cache_index: Array | None = None
+               ) -> Array:
     cfg = self.config
     dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
     norm = lambda name: LayerNorm(cfg.layer_norm_epsilon, cfg.activation_dtype, name=name)
@@ -277,10 +310,12 @@ class DecoderLayer(nn.Module):
                                                 cfg.dropout_rate, cfg.float32_attention_logits,
                                                 name=name)
     h = norm('pre_self_attention_layer_norm')(y)
-    h = attention('self_attention')(h, h, self_bias, deterministic)
+    h = attention('self_attention')(h, h, self_bias, deterministic,
+                                    'self' if decode else None, cache_index)
     y = y + dropout(h, deterministic=deterministic)
     h = norm('pre_cross_attention_layer_norm')(y)
-    h = attention('encoder_decoder_attention')(h, encoded, cross_bias, deterministic)
+    h = attention('encoder_decoder_attention')(h, encoded, cross_bias, deterministic,
+                                               'cross' if decode else None)
     y = y + dropout(h, deterministic=deterministic)
     h = norm('pre_mlp_layer_norm')(y)
     h = MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.activation_dtype, cfg.dropout_rate,
@@ -313,31 +348,51 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
+  """The decoder stack. With ``decode=True`` it runs one position at a time from a cache.
+
+  The first ``decode=True`` call, with inputs of the full decode length, creates
+  the cache (its outputs are not meaningful); each later call takes one token
+  per row [batch, 1] and returns that position's logits. Decoding steps are never
+  dropped out.
+  """
+
   config: T5Config
   shared_embedding: Embed
 
   @nn.compact
   def __call__(self, encoded: Array, encoder_tokens: Array, decoder_input_tokens: Array,
-               decoder_target_tokens: Array, encoder_segment_ids: Array | None,
-               decoder_segment_ids: Array | None, deterministic: bool) -> Array:
+               decoder_target_tokens: Array | None, encoder_segment_ids: Array | None,
+               decoder_segment_ids: Array | None, deterministic: bool,
+               decode: bool = False, max_decode_length: int | None = None) -> Array:
     cfg = self.config
-    length = decoder_input_tokens.shape[1]
-    relpos = RelativePositionBiases(cfg.relative_attention_num_buckets,
-                                    cfg.relative_attention_max_distance, cfg.num_heads,
-                                    bidirectional=False, dtype=cfg.activation_dtype,
-                                    name='relpos_bias')(length, length)
-    # Padding is read off the targets: the first decoder input is BOS (id 0).
-    self_mask = attention_mask(decoder_target_tokens, decoder_target_tokens,
-                               decoder_segment_ids, decoder_segment_ids, causal=True)
-    cross_mask = attention_mask(decoder_target_tokens, encoder_tokens,
-                                decoder_segment_ids, encoder_segment_ids)
-    self_bias = relpos + _mask_to_bias(self_mask, cfg.activation_dtype)
-    cross_bias = _mask_to_bias(cross_mask, cfg.activation_dtype)
+    relpos_bias = RelativePositionBiases(cfg.relative_attention_num_buckets,
+                                         cfg.relative_attention_max_distance, cfg.num_heads,
+                                         bidirectional=False, dtype=cfg.activation_dtype,
+                                         name='relpos_bias')
+    cache_index = None
+    if decode and self.has_variable('cache', 'cache_index'):
+      if max_decode_length is None:
+        raise ValueError('a decoding step needs max_decode_length, the length of the cache')
+      self_bias, cross_bias, cache_index = self._decode_step_biases(
+          relpos_bias, encoder_tokens, max_decode_length)
+    else:
+      if decode:  # creating the cache: this call's length is the maximum decode length
+        self.put_variable('cache', 'cache_index', jnp.zeros((), jnp.int32))
+        decoder_target_tokens = jnp.ones_like(decoder_input_tokens)
+      length = decoder_input_tokens.shape[1]
+      # Padding is read off the targets: the first decoder input is BOS (id 0).
+      self_mask = attention_mask(decoder_target_tokens, decoder_target_tokens,
+                                 decoder_segment_ids, decoder_segment_ids, causal=True)
+      cross_mask = attention_mask(decoder_target_tokens, encoder_tokens,
+                                  decoder_segment_ids, encoder_segment_ids)
+      self_bias = relpos_bias(length, length) + _mask_to_bias(self_mask, cfg.activation_dtype)
+      cross_bias = _mask_to_bias(cross_mask, cfg.activation_dtype)
     dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
     y = dropout(self.shared_embedding(decoder_input_tokens), deterministic=deterministic)
     y = nn.with_logical_constraint(y, ('batch', 'length', 'embed'))
     for i in range(cfg.num_decoder_layers):
-      y = DecoderLayer(cfg, name=f'layers_{i}')(y, encoded, self_bias, cross_bias, deterministic)
+      y = DecoderLayer(cfg, name=f'layers_{i}')(y, encoded, self_bias, cross_bias, deterministic,
+                                                decode, cache_index)
     y = LayerNorm(cfg.layer_norm_epsilon, cfg.activation_dtype, name='decoder_norm')(y)
     y = dropout(y, deterministic=deterministic)
     if cfg.logits_via_embedding:
@@ -348,6 +403,19 @@ class Decoder(nn.Module):
                      name='logits_dense')(y)
     logits = logits.astype(jnp.float32)
     return nn.with_logical_constraint(logits, ('batch', 'length', 'vocab'))
+
+  def _decode_step_biases(self, relpos_bias: RelativePositionBiases, encoder_tokens: Array,
+                          max_length: int) -> tuple[Array, Array, Array]:
+    """Attention biases for the one query at the cached position, and that position."""
+    cfg = self.config
+    cache_index = self.get_variable('cache', 'cache_index')
+    self.put_variable('cache', 'cache_index', cache_index + 1)
+    full = relpos_bias(max_length, max_length)  # [1, heads, max_length, max_length]
+    relpos = jax.lax.dynamic_slice_in_dim(full, cache_index, 1, axis=2)
+    visible = jnp.arange(max_length) <= cache_index  # the past and this position
+    self_bias = relpos + _mask_to_bias(visible[None, None, None, :], cfg.activation_dtype)
+    cross_mask = (encoder_tokens > 0)[:, None, None, :]
+    return self_bias, _mask_to_bias(cross_mask, cfg.activation_dtype), cache_index
 
 
 class Transformer(nn.Module):
@@ -366,11 +434,13 @@ class Transformer(nn.Module):
     return self.encoder(encoder_input_tokens, encoder_segment_ids, not enable_dropout)
 
   def decode(self, encoded: Array, encoder_input_tokens: Array, decoder_input_tokens: Array,
-             decoder_target_tokens: Array, encoder_segment_ids: Array | None = None,
-             decoder_segment_ids: Array | None = None, *, enable_dropout: bool = True) -> Array:
+             decoder_target_tokens: Array | None = None, encoder_segment_ids: Array | None = None,
+             decoder_segment_ids: Array | None = None, *, enable_dropout: bool = True,
+             decode: bool = False, max_decode_length: int | None = None) -> Array:
+    """Decoder logits; with ``decode=True``, one cached step (see ``Decoder``)."""
     return self.decoder(encoded, encoder_input_tokens, decoder_input_tokens,
                         decoder_target_tokens, encoder_segment_ids, decoder_segment_ids,
-                        not enable_dropout)
+                        not enable_dropout or decode, decode, max_decode_length)
 
   def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
                decoder_target_tokens: Array, encoder_segment_ids: Array | None = None,
