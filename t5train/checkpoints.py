@@ -87,6 +87,57 @@ def flatten_with_names(tree: Any) -> list[tuple[str, Any]]:
           for path, leaf in flat]
 
 
+def find_checkpoints(path: str) -> list[tuple[int, str]]:
+  """(step, directory) of the checkpoint ``path`` itself, or of every checkpoint in it, by step.
+
+  Only complete checkpoints count: Orbax gives unfinished saves a temporary name.
+  """
+  if not os.path.isdir(path):
+    raise UserError(f'checkpoint {path!r} does not exist or is not a directory')
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, STATE_ITEM)):
+    name = os.path.basename(path.rstrip('/'))
+    step = name[len(STEP_PREFIX) + 1:]
+    return [(int(step) if step.isdigit() else 0, path)]
+  found = []
+  for name in os.listdir(path):
+    step = name[len(STEP_PREFIX) + 1:] if name.startswith(STEP_PREFIX + '_') else ''
+    if step.isdigit() and os.path.isdir(os.path.join(path, name, STATE_ITEM)):
+      found.append((int(step), os.path.join(path, name)))
+  if not found:
+    raise UserError(f'{path} holds no checkpoints (no {STEP_PREFIX}_<step>/ directories)')
+  return sorted(found)
+
+
+def _restore_partial(path: str, wanted: dict[str, Any]) -> dict[str, Any]:
+  """The items of ``wanted`` (abstract arrays with shardings) read from checkpoint ``path``."""
+  item_dir = os.path.join(os.path.abspath(path), STATE_ITEM)
+  args = ocp.args.PyTreeRestore(item=wanted, partial_restore=True,
+                                restore_args=ocp.checkpoint_utils.construct_restore_args(wanted))
+  try:
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+      return checkpointer.restore(item_dir, args=args)
+  except (ValueError, KeyError, FileNotFoundError) as e:
+    raise UserError(f'cannot restore {path}: {str(e).splitlines()[0] if str(e) else e!r}') from e
+
+
+def _checked_saved_tree(path: str, abstract_params: Any) -> dict[str, Any]:
+  """The saved tree of checkpoint ``path``, after checking its parameters against the model's."""
+  if not os.path.isdir(path):
+    raise UserError(f'checkpoint {path!r} does not exist or is not a directory')
+  saved = saved_tree(os.path.join(os.path.abspath(path), STATE_ITEM))
+  check_shapes(dict(flatten_with_names(abstract_params)),
+               dict(flatten_with_names(saved.get('params', {}))), path)
+  return saved
+
+
+def restore_params(path: str, initializer: TrainStateInitializer) -> Any:
+  """Only the parameters of checkpoint ``path``, in the initializer's shardings (for inference)."""
+  abstract = _abstract(initializer.global_train_state_shape, initializer.train_state_shardings)
+  _checked_saved_tree(path, abstract.params)
+  return _restore_partial(path, {'params': abstract.params})['params']
+
+
 def restore_from_path(path: str, initializer: TrainStateInitializer) -> TrainState:
   """The train state in the checkpoint directory ``path`` (e.g. ``.../checkpoint_1000``).
 
@@ -94,24 +145,13 @@ def restore_from_path(path: str, initializer: TrainStateInitializer) -> TrainSta
   the checkpoint has one of the same structure; otherwise (a converted checkpoint,
   or another optimiser) it starts fresh.
   """
-  if not os.path.isdir(path):
-    raise UserError(f'checkpoint {path!r} does not exist or is not a directory')
-  item_dir = os.path.join(os.path.abspath(path), STATE_ITEM)
-  saved = saved_tree(item_dir)
   abstract = _abstract(initializer.global_train_state_shape, initializer.train_state_shardings)
-  check_shapes(dict(flatten_with_names(abstract.params)),
-               dict(flatten_with_names(saved.get('params', {}))), path)
+  saved = _checked_saved_tree(path, abstract.params)
   with_optimizer = 'opt_state' in saved and _same_structure(saved['opt_state'], abstract.opt_state)
   wanted = {'step': abstract.step, 'params': abstract.params}
   if with_optimizer:
     wanted['opt_state'] = abstract.opt_state
-  args = ocp.args.PyTreeRestore(item=wanted, partial_restore=True,
-                                restore_args=ocp.checkpoint_utils.construct_restore_args(wanted))
-  try:
-    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
-      restored = checkpointer.restore(item_dir, args=args)
-  except (ValueError, KeyError, FileNotFoundError) as e:
-    raise UserError(f'cannot restore {path}: {str(e).splitlines()[0] if str(e) else e!r}') from e
+  restored = _restore_partial(path, wanted)
   if with_optimizer:
     return abstract.replace_state_dict(restored)
   logging.info('%s has no matching optimizer state; the optimizer starts fresh.', path)

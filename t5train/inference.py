@@ -1,9 +1,14 @@
-"""The predict loop: batches of examples through a model's decode function, back to text."""
+"""The inference loop: examples in fixed-size, sharded batches through the model's decode or score.
+
+``InferenceRunner`` owns the compiled predict and score functions. It takes
+padded model features of single examples, so the same loop serves the infer
+binary, seqio's Evaluator and evaluation during training.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -13,6 +18,87 @@ from jax.sharding import PartitionSpec
 from t5train import data, models
 from t5train.partitioning import PjitPartitioner
 
+Features = Mapping[str, np.ndarray]  # one example's model features, padded
+
+
+def _pad(tokens: Any, length: int) -> np.ndarray:
+  tokens = np.asarray(tokens, np.int32)[:length]
+  return np.pad(tokens, (0, length - len(tokens)))
+
+
+def model_features(example: Mapping[str, Any], lengths: Mapping[str, int]) -> dict[str, np.ndarray]:
+  """Padded encoder-decoder features of one task example (``inputs``, optional ``targets``)."""
+  features = {'encoder_input_tokens': _pad(example['inputs'], lengths['inputs'])}
+  if 'targets' in example and 'targets' in lengths:
+    targets = _pad(example['targets'], lengths['targets'])
+    features['decoder_target_tokens'] = targets
+    features['decoder_input_tokens'] = np.pad(targets, (1, 0))[:-1]
+    features['decoder_loss_weights'] = (targets > 0).astype(np.float32)
+  return features
+
+
+def text(value: Any) -> str:
+  return value.decode('utf-8', 'replace') if isinstance(value, bytes) else str(value)
+
+
+class InferenceRunner:
+  """Compiled, sharded predict and score functions over batches of ``batch_size`` examples.
+
+  The last batch is filled up with copies of its last example, so every batch has
+  the same shape and the functions compile once.
+  """
+
+  def __init__(self, model: models.EncoderDecoderModel, partitioner: PjitPartitioner,
+               param_shardings: Any, batch_size: int, max_decode_length: int,
+               decoder_params: Mapping[str, Any] | None = None, seed: int = 0):
+    self._model = model
+    self._partitioner = partitioner
+    self._batch_size = batch_size
+    partitioner.get_data_layout(batch_size)  # a UserError if the batch does not split evenly
+    self._batch_sharding = partitioner.sharding(partitioner.data_partition_spec)
+    self._rng = jax.random.PRNGKey(seed)
+    replicated = partitioner.sharding(PartitionSpec())
+    self._predict = partitioner.partition(
+        lambda params, batch, rng: model.predict_batch_with_aux(
+            params, batch, rng, dict(decoder_params or {}), max_decode_length=max_decode_length),
+        in_shardings=(param_shardings, self._batch_sharding, replicated),
+        out_shardings=replicated)
+    self._score = partitioner.partition(
+        model.score_batch, in_shardings=(param_shardings, self._batch_sharding),
+        out_shardings=replicated)
+
+  def _batches(self, features: Sequence[Features]) -> Iterator[tuple[dict[str, jax.Array], int]]:
+    """(global batch, number of real examples in it)."""
+    for start in range(0, len(features), self._batch_size):
+      chunk = list(features[start:start + self._batch_size])
+      real = len(chunk)
+      chunk += [chunk[-1]] * (self._batch_size - real)
+      batch = {}
+      for name in chunk[0]:
+        # Every process holds the whole batch; each contributes the rows of its own devices.
+        host = np.stack([example[name] for example in chunk])
+        batch[name] = jax.make_array_from_callback(host.shape, self._batch_sharding,
+                                                   lambda index, h=host: h[index])
+      yield batch, real
+
+  def predict(self, params: Any, features: Sequence[Features]
+              ) -> tuple[list[np.ndarray], list[float]]:
+    """The best decode (token ids, 0 after EOS) of each example, and its score."""
+    tokens, scores = [], []
+    for number, (batch, real) in enumerate(self._batches(features)):
+      decoded, aux = jax.device_get(
+          self._predict(params, batch, jax.random.fold_in(self._rng, number)))
+      tokens.extend(np.asarray(decoded)[:real])
+      scores.extend(float(s) for s in np.asarray(aux['scores'])[:real])
+    return tokens, scores
+
+  def score(self, params: Any, features: Sequence[Features]) -> list[float]:
+    """Log-likelihood of each example's targets."""
+    scores: list[float] = []
+    for batch, real in self._batches(features):
+      scores.extend(float(s) for s in np.asarray(jax.device_get(self._score(params, batch)))[:real])
+    return scores
+
 
 @dataclasses.dataclass(frozen=True)
 class Prediction:
@@ -21,53 +107,19 @@ class Prediction:
   prediction: str
 
 
-def _pad(tokens: Sequence[np.ndarray], length: int) -> np.ndarray:
-  out = np.zeros((len(tokens), length), np.int32)
-  for i, t in enumerate(tokens):
-    t = np.asarray(t)[:length]
-    out[i, :len(t)] = t
-  return out
-
-
-def _text(value: Any) -> str:
-  return value.decode('utf-8', 'replace') if isinstance(value, bytes) else str(value)
-
-
-def predict_examples(model: models.EncoderDecoderModel, partitioner: PjitPartitioner,
-                     params: Any, param_shardings: Any, examples: Sequence[dict[str, Any]],
-                     task_feature_lengths: dict[str, int], batch_size: int) -> list[Prediction]:
-  """Decodes ``examples`` (seqio-preprocessed, with text and token ids) in fixed-size batches."""
-  input_length, target_length = task_feature_lengths['inputs'], task_feature_lengths['targets']
-  batch_sharding = partitioner.sharding(partitioner.data_partition_spec)
-  predict = partitioner.partition(
-      lambda p, tokens: model.predict_batch(p, {'encoder_input_tokens': tokens},
-                                            max_decode_length=target_length),
-      in_shardings=(param_shardings, batch_sharding),
-      out_shardings=partitioner.sharding(PartitionSpec()))
-  predictions = []
-  for start in range(0, len(examples), batch_size):
-    chunk = list(examples[start:start + batch_size])
-    padded = chunk + [chunk[-1]] * (batch_size - len(chunk))  # fixed shape: one compilation
-    host_tokens = _pad([ex['inputs'] for ex in padded], input_length)
-    # Every process holds the whole batch; each contributes the rows of its own devices.
-    tokens = jax.make_array_from_callback(host_tokens.shape, batch_sharding,
-                                          lambda index, t=host_tokens: t[index])
-    decoded = np.asarray(jax.device_get(predict(params, tokens)))
-    for example, row in zip(chunk, decoded):
-      predictions.append(Prediction(
-          inputs=_text(example.get('inputs_pretokenized', '')),
-          target=_text(example.get('targets_pretokenized', '')),
-          prediction=model.output_vocabulary.decode(row.tolist())))
-  return predictions
-
-
 def predict_split(model: models.EncoderDecoderModel, partitioner: PjitPartitioner, params: Any,
                   param_shardings: Any, dataset_config: data.DatasetConfig,
                   num_examples: int) -> list[Prediction]:
   """Predictions for the first ``num_examples`` of a task split, with their targets."""
+  lengths = dict(dataset_config.task_feature_lengths)
   examples = data.pretokenized_examples(dataset_config, num_examples)
-  return predict_examples(model, partitioner, params, param_shardings, examples,
-                          dict(dataset_config.task_feature_lengths), dataset_config.batch_size)
+  runner = InferenceRunner(model, partitioner, param_shardings, dataset_config.batch_size,
+                           lengths['targets'])
+  tokens, _ = runner.predict(params, [model_features(ex, lengths) for ex in examples])
+  return [Prediction(inputs=text(ex.get('inputs_pretokenized', '')),
+                     target=text(ex.get('targets_pretokenized', '')),
+                     prediction=model.output_vocabulary.decode(row.tolist()))
+          for ex, row in zip(examples, tokens)]
 
 
 def exact_match(predictions: Sequence[Prediction]) -> float:
