@@ -37,7 +37,7 @@ class SaveCheckpointConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RestoreCheckpointConfig:
-  """What to restore: ``mode='latest'`` in ``path`` or ``'specific'`` checkpoint ``path``."""
+  """What to restore from ``path`` (see ``select_checkpoints`` for the modes)."""
 
   path: str | None = None
   mode: str = 'latest'
@@ -107,6 +107,28 @@ def find_checkpoints(path: str) -> list[tuple[int, str]]:
   if not found:
     raise UserError(f'{path} holds no checkpoints (no {STEP_PREFIX}_<step>/ directories)')
   return sorted(found)
+
+
+RESTORE_MODES = ('specific', 'latest', 'all')
+
+
+def select_checkpoints(config: RestoreCheckpointConfig) -> list[tuple[int, str]]:
+  """(step, directory) of the checkpoints ``config`` names, in step order.
+
+  ``mode='specific'``: ``path`` is one checkpoint directory. ``'latest'``: the newest
+  checkpoint in the directory ``path`` (or ``path`` itself if it is a checkpoint).
+  ``'all'``: every checkpoint in ``path``.
+  """
+  if config.mode not in RESTORE_MODES:
+    raise UserError(f'RestoreCheckpointConfig.mode must be one of {", ".join(RESTORE_MODES)}, '
+                    f'not {config.mode!r}')
+  if not config.path:
+    raise UserError('no checkpoint to restore: set CHECKPOINT_PATH')
+  found = find_checkpoints(config.path)
+  if config.mode == 'specific' and not os.path.isdir(os.path.join(config.path, STATE_ITEM)):
+    raise UserError(f"{config.path} is not a checkpoint directory (mode='specific'); name a "
+                    f"{STEP_PREFIX}_<step> directory or use mode='latest'")
+  return found[-1:] if config.mode == 'latest' else found
 
 
 def _restore_partial(path: str, wanted: dict[str, Any]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -90,13 +91,72 @@ def global_batches(dataset: tf.data.Dataset, sharding: jax.sharding.Sharding,
            for name, value in local.items()}
 
 
-def pretokenized_examples(config: DatasetConfig, num_examples: int) -> list[dict[str, Any]]:
-  """The first examples of a split, unbatched and unconverted (text plus token ids)."""
+def subtask_names(config: DatasetConfig) -> list[str]:
+  """The tasks that make up ``config``'s mixture (or the task itself), in seqio's order."""
+  return [task.name for task in seqio.get_subtasks(task_for(config))]
+
+
+def pretokenized_examples(config: DatasetConfig, num_examples: int | None = None
+                          ) -> list[dict[str, Any]]:
+  """The first examples of a split (all with None), unbatched and unconverted (text and ids)."""
   task = task_for(config)
+  if config.split not in task.splits:
+    raise UserError(f'{config.mixture_or_task_name!r} has no split {config.split!r}; '
+                    f'it has {sorted(task.splits)}')
   dataset = task.get_dataset(dict(config.task_feature_lengths), split=config.split,
-                             shuffle=False, num_epochs=1)
-  return list(dataset.take(num_examples).as_numpy_iterator())
+                             shuffle=False, num_epochs=1, use_cached=config.use_cached)
+  if num_examples is not None:
+    dataset = dataset.take(num_examples)
+  return list(dataset.as_numpy_iterator())
+
+
+def _file_records(path: str) -> list[tuple[str, str | None]]:
+  """(input, target or None) per record of a .txt (a line each), .tsv or .jsonl file."""
+  records = []
+  with tf.io.gfile.GFile(path) as f:
+    for number, line in enumerate(f, start=1):
+      line = line.rstrip('\n')
+      if not line.strip():
+        continue
+      if path.endswith('.jsonl'):
+        try:
+          record = json.loads(line)
+          records.append((str(record['inputs']), record.get('targets')))
+        except (ValueError, KeyError, TypeError) as e:
+          raise UserError(f'{path}:{number}: expected a JSON object with "inputs" ({e})') from e
+      elif path.endswith('.tsv'):
+        fields = line.split('\t')
+        records.append((fields[0], fields[1] if len(fields) > 1 else None))
+      else:
+        records.append((line, None))
+  return records
+
+
+def file_examples(path: str, input_vocabulary: seqio.Vocabulary,
+                  output_vocabulary: seqio.Vocabulary, task_feature_lengths: Mapping[str, int],
+                  num_examples: int | None = None) -> list[dict[str, Any]]:
+  """Examples from a text file, tokenized as T5 tasks do: trimmed, then EOS appended.
+
+  Each example has ``inputs`` and ``inputs_pretokenized`` and, where the file gives
+  targets (.tsv second column, .jsonl "targets"), ``targets`` and ``targets_pretokenized``.
+  """
+  if not tf.io.gfile.exists(path):
+    raise UserError(f'input file {path!r} does not exist')
+  def encode(vocabulary: seqio.Vocabulary, text: str, length: int) -> np.ndarray:
+    ids = list(vocabulary.encode(text))[:length - 1] + [vocabulary.eos_id]
+    return np.asarray(ids, np.int32)
+  examples = []
+  for inputs, targets in _file_records(path)[:num_examples]:
+    example = {'inputs': encode(input_vocabulary, inputs, task_feature_lengths['inputs']),
+               'inputs_pretokenized': inputs}
+    if targets is not None:
+      example['targets'] = encode(output_vocabulary, str(targets), task_feature_lengths['targets'])
+      example['targets_pretokenized'] = str(targets)
+    examples.append(example)
+  if not examples:
+    raise UserError(f'input file {path!r} holds no examples')
+  return examples
 
 
 __all__ = ['DatasetConfig', 'get_dataset', 'task_for', 'global_batches', 'get_mixture_or_task',
-           'pretokenized_examples', 'tasks']
+           'pretokenized_examples', 'subtask_names', 'file_examples', 'tasks']

@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec
 
 from t5train import data, models
 from t5train.partitioning import PjitPartitioner
+from t5train.train_state import TrainStateInitializer
 
 Features = Mapping[str, np.ndarray]  # one example's model features, padded
 
@@ -39,6 +40,15 @@ def model_features(example: Mapping[str, Any], lengths: Mapping[str, int]) -> di
 
 def text(value: Any) -> str:
   return value.decode('utf-8', 'replace') if isinstance(value, bytes) else str(value)
+
+
+def params_initializer(model: models.EncoderDecoderModel, partitioner: PjitPartitioner,
+                       batch_size: int, task_feature_lengths: Mapping[str, int]
+                       ) -> TrainStateInitializer:
+  """Shapes and shardings of the model's state for batches of ``batch_size`` examples."""
+  return TrainStateInitializer(model.optimizer_def, model.get_initial_variables,
+                               model.input_shapes(batch_size, task_feature_lengths),
+                               partitioner=partitioner)
 
 
 class InferenceRunner:

@@ -48,6 +48,13 @@ class EncoderDecoderModel:
     self.label_smoothing = label_smoothing
     self.loss_normalizing_factor = loss_normalizing_factor
 
+  def input_shapes(self, batch_size: int, task_feature_lengths: Mapping[str, int]
+                   ) -> dict[str, tuple[int, int]]:
+    """Shapes of the model features of a batch (what the feature converter produces)."""
+    lengths = self.FEATURE_CONVERTER_CLS(pack=False).get_model_feature_lengths(
+        dict(task_feature_lengths))
+    return {name: (batch_size, length) for name, length in lengths.items()}
+
   def get_initial_variables(self, rng: Array, input_shapes: Mapping[str, Any],
                             input_types: Mapping[str, Any] | None = None) -> Any:
     """Initial variables (parameters boxed with their logical axis names)."""

@@ -57,6 +57,12 @@ def exact_match(targets: list[str], predictions: list[str]) -> dict[str, float]:
   return {'exact_match': 100.0 * matches / max(len(targets), 1)}
 
 
+def mean_log_likelihood(targets: list[str], scores: list[float]) -> dict[str, float]:
+  """Average log-likelihood of the targets under the model (a score metric)."""
+  del targets
+  return {'log_likelihood': sum(scores) / max(len(scores), 1)}
+
+
 def _register_sort_digits() -> None:
   vocabulary = seqio.ByteVocabulary()
   features = {name: seqio.Feature(vocabulary=vocabulary, add_eos=True)
@@ -67,7 +73,7 @@ def _register_sort_digits() -> None:
       preprocessors=[seqio.preprocessors.tokenize, seqio.CacheDatasetPlaceholder(),
                      seqio.preprocessors.append_eos_after_trim],
       output_features=features,
-      metric_fns=[exact_match])
+      metric_fns=[exact_match, mean_log_likelihood])
 
 
 def register_builtin_tasks() -> None:

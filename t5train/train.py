@@ -29,9 +29,7 @@ _GUARD = gin_utils.GinCallGuard()
 
 
 def _input_shapes(model: models.EncoderDecoderModel, dataset_cfg: Any) -> dict[str, tuple]:
-  lengths = model.FEATURE_CONVERTER_CLS(pack=False).get_model_feature_lengths(
-      dict(dataset_cfg.task_feature_lengths))
-  return {name: (dataset_cfg.batch_size, length) for name, length in lengths.items()}
+  return model.input_shapes(dataset_cfg.batch_size, dataset_cfg.task_feature_lengths)
 
 
 def _restore_or_initialize(manager: checkpoints.CheckpointManager,
