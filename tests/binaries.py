@@ -18,11 +18,16 @@ SMOKE = ['--gin_file=gin/models/t5_1_1/tiny.gin', '--gin_file=gin/runs/pretrain.
          '--gin_file=gin/tasks/demo.gin']
 
 
+def run_binary(module, *args, cwd=REPO, env=None):
+  """``python -m MODULE ARGS`` on the CPU; returns the CompletedProcess."""
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', **(env or {})}
+  return subprocess.run([sys.executable, '-m', module, *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
 def run_train(*args, cwd=REPO, env=None):
   """``python -m t5train.train ARGS`` on the CPU; returns the CompletedProcess."""
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', **(env or {})}
-  return subprocess.run([sys.executable, '-m', 't5train.train', *args], cwd=cwd, env=env,
-                        capture_output=True, text=True, timeout=600)
+  return run_binary('t5train.train', *args, cwd=cwd, env=env)
 
 
 def read_scalars(summary_dir):
