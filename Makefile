@@ -21,10 +21,14 @@ install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
 
-# Trains the 0.5M-parameter demo model to sort digits, then shows held-out predictions.
+# Trains the demo model to sort digits, then decodes the held-out examples with the infer binary.
 demo: install
 	rm -rf $(DEMO_DIR)
 	$(PY) -m t5train.train --gin_file=gin/demo.gin --gin.MODEL_DIR="'$(DEMO_DIR)'"
+	$(PY) -m t5train.infer --gin_file=gin/runs/infer.gin --gin_file=$(DEMO_DIR)/config.gin \
+	  --gin.CHECKPOINT_PATH="'$(DEMO_DIR)'" --gin.INFER_OUTPUT_DIR="'$(DEMO_DIR)/inference'"
+	@echo "First held-out predictions ($(DEMO_DIR)/inference/sort_digits-predict.jsonl):"
+	@head -n 8 $(DEMO_DIR)/inference/sort_digits-predict.jsonl
 
 # The CI smoke run.
 smoke: install

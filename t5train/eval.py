@@ -17,7 +17,6 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 from absl import flags, logging
 
 import gin
@@ -43,39 +42,13 @@ def _write_results(path: str, results: AllMetrics) -> None:
   os.replace(partial, path)
 
 
-def _as_float(value: Any) -> float:
-  """A metric value as a float (seqio gives clu ``Scalar``s or plain numbers)."""
-  return float(np.asarray(getattr(value, 'value', value)))
-
-
-def _model_fns(runner: inference.InferenceRunner, params: Any) -> dict[str, Any]:
-  """seqio's predict_fn, predict_with_aux_fn and score_fn over its (index, features) datasets."""
-  def read(dataset: Any) -> tuple[list[int], list[Any]]:
-    items = list(dataset.as_numpy_iterator())
-    return [int(index) for index, _ in items], [features for _, features in items]
-
-  def predict_with_aux_fn(dataset: Any) -> tuple[list[tuple[int, Any]], dict[str, list[float]]]:
-    indices, features = read(dataset)
-    tokens, scores = runner.predict(params, features)
-    return list(zip(indices, tokens)), {'scores': scores}
-
-  def score_fn(dataset: Any) -> list[tuple[int, float]]:
-    indices, features = read(dataset)
-    return list(zip(indices, runner.score(params, features)))
-
-  return {'predict_fn': lambda dataset: predict_with_aux_fn(dataset)[0],
-          'predict_with_aux_fn': predict_with_aux_fn, 'score_fn': score_fn}
-
-
 def evaluate(*, model: models.EncoderDecoderModel, partitioner: partitioning.PjitPartitioner,
              restore_checkpoint_cfg: checkpoints.RestoreCheckpointConfig, output_dir: str,
              dataset_cfg: Any, num_examples: int | None = None,
              decoder_params: dict[str, Any] | None = None, random_seed: int = 0) -> AllMetrics:
   """Evaluates the selected checkpoints in step order; returns every step's metrics so far."""
   _GUARD.enter()
-  import seqio  # pylint: disable=g-import-not-at-top  (TensorFlow is slow to import)
-
-  from t5train import data  # pylint: disable=g-import-not-at-top
+  from t5train import data, evaluation  # pylint: disable=g-import-not-at-top  (TensorFlow: slow)
   data.task_for(dataset_cfg)
   selected = checkpoints.select_checkpoints(restore_checkpoint_cfg)
   partitioner.validate()
@@ -91,30 +64,15 @@ def evaluate(*, model: models.EncoderDecoderModel, partitioner: partitioning.Pji
 
   lengths = dict(dataset_cfg.task_feature_lengths)
   initializer = inference.params_initializer(model, partitioner, dataset_cfg.batch_size, lengths)
-  runner = inference.InferenceRunner(model, partitioner, initializer.train_state_shardings.params,
-                                     dataset_cfg.batch_size, lengths['targets'], decoder_params,
-                                     seed=random_seed)
-  loggers = (seqio.TensorBoardLogger, seqio.JSONLogger) if multihost.is_primary() else ()
-  evaluator = seqio.Evaluator(
-      dataset_cfg.mixture_or_task_name, model.FEATURE_CONVERTER_CLS(pack=False),
-      eval_split=dataset_cfg.split, use_cached=dataset_cfg.use_cached, seed=random_seed,
-      sequence_length=lengths, num_examples=num_examples, shuffle=False, logger_cls=loggers,
-      log_dir=output_dir)
-  if not evaluator.eval_tasks:
-    raise UserError(f'{dataset_cfg.mixture_or_task_name!r} has no task with metric functions '
-                    f'and a {dataset_cfg.split!r} split; there is nothing to evaluate')
+  evaluator = evaluation.InferenceEval(
+      model, partitioner, initializer.train_state_shardings.params, dataset_cfg, num_examples,
+      log_dir=output_dir, decoder_params=decoder_params, seed=random_seed)
   for step, path in todo:
-    params = checkpoints.restore_params(path, initializer)
-    metrics_future, _ = evaluator.evaluate(compute_metrics=True, step=step,
-                                           **_model_fns(runner, params))
-    metrics = {task: {name: _as_float(value) for name, value in task_metrics.items()}
-               for task, task_metrics in metrics_future.result().items()}
+    metrics = evaluator(checkpoints.restore_params(path, initializer), step)
     results[str(step)] = metrics
     if multihost.is_primary():
       _write_results(results_path, results)
-    for task, task_metrics in metrics.items():
-      shown = ', '.join(f'{name} {value:.4g}' for name, value in sorted(task_metrics.items()))
-      print(f'step {step}  {task}: {shown}', flush=True)
+    print('\n'.join(evaluation.format_metrics(step, 'eval', metrics)), flush=True)
   return results
 
 

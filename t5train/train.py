@@ -20,7 +20,6 @@ from absl import flags, logging
 
 import gin
 from t5train import checkpoints, gin_utils, model_info, models, multihost, optimizers, partitioning
-from t5train import metrics as metrics_lib
 from t5train import train_state as train_state_lib
 from t5train import trainer as trainer_lib
 from t5train.errors import UserError
@@ -58,16 +57,44 @@ def _write_operative_config(model_dir: str) -> None:
       f.write(gin.operative_config_str())
 
 
-def _report_predictions(predictions: Sequence[Any], num_shown: int = 8) -> float:
-  from t5train import inference  # pylint: disable=g-import-not-at-top
-  accuracy = inference.exact_match(predictions)
-  lines = [f'{"input":<20} {"prediction":<20} {"target":<20}']
-  for p in predictions[:num_shown]:
-    mark = 'ok' if p.prediction == p.target else 'WRONG'
-    lines.append(f'{p.inputs:<20} {p.prediction:<20} {p.target:<20} {mark}')
-  lines.append(f'held-out exact match: {100 * accuracy:.1f}% of {len(predictions)} examples')
-  print('\n'.join(lines), flush=True)
-  return accuracy
+class _Evaluations:
+  """``evaluate(step)`` for the loop: teacher-forced and inference metrics of the current params.
+
+  The latest values are kept in ``results`` as ``<kind>/<task>/<metric>``.
+  """
+
+  def __init__(self, model: models.EncoderDecoderModel,
+               partitioner: partitioning.PjitPartitioner, param_shardings: Any,
+               trainer: trainer_lib.Trainer, model_dir: str, train_eval_dataset_cfg: Any,
+               eval_steps: int, infer_eval_dataset_cfg: Any, infer_eval_num_examples: int | None):
+    from t5train import evaluation  # pylint: disable=g-import-not-at-top  (TensorFlow is slow)
+    self._evaluation = evaluation
+    self._trainer = trainer
+    self.results: dict[str, float] = {}
+    self._evaluators: dict[str, Any] = {}
+    if train_eval_dataset_cfg is not None and eval_steps > 0:
+      self._evaluators['training_eval'] = evaluation.TeacherForcedEval(
+          model, partitioner, param_shardings, train_eval_dataset_cfg, eval_steps,
+          os.path.join(model_dir, 'training_eval'))
+    if infer_eval_dataset_cfg is not None:
+      self._evaluators['inference_eval'] = evaluation.InferenceEval(
+          model, partitioner, param_shardings, infer_eval_dataset_cfg, infer_eval_num_examples,
+          log_dir=os.path.join(model_dir, 'inference_eval'))
+
+  def __bool__(self) -> bool:
+    return bool(self._evaluators)
+
+  def __call__(self, step: int) -> None:
+    for kind, evaluator in self._evaluators.items():
+      metrics = evaluator(self._trainer.train_state.params, step)
+      for line in self._evaluation.format_metrics(step, kind, metrics):
+        logging.info(line)
+      self.results.update({f'{kind}/{task}/{name}': value for task, values in metrics.items()
+                           for name, value in values.items()})
+
+  def close(self) -> None:
+    for evaluator in self._evaluators.values():
+      getattr(evaluator, 'close', lambda: None)()
 
 
 def train(*, model: models.EncoderDecoderModel, train_dataset_cfg: Any,
@@ -76,10 +103,16 @@ def train(*, model: models.EncoderDecoderModel, train_dataset_cfg: Any,
           restore_checkpoint_cfg: checkpoints.RestoreCheckpointConfig | None = None,
           learning_rate_fn: optimizers.LearningRateFn | None = None,
           num_microbatches: int | None = None, random_seed: int = 0,
-          summary_period: int = 100, log_every_secs: float = 5.0,
-          infer_eval_dataset_cfg: Any = None, infer_eval_num_examples: int = 0
+          summary_period: int = 100, log_every_secs: float = 5.0, eval_period: int | None = None,
+          eval_steps: int = 20, train_eval_dataset_cfg: Any = None,
+          infer_eval_dataset_cfg: Any = None, infer_eval_num_examples: int | None = None
           ) -> dict[str, float]:
-  """Trains ``model`` to ``total_steps`` in ``model_dir``; returns the last summary's metrics."""
+  """Trains ``model`` to ``total_steps`` in ``model_dir``; returns the last metrics.
+
+  Every ``eval_period`` steps (and at the last) it evaluates: teacher-forced on
+  ``eval_steps`` batches of ``train_eval_dataset_cfg``, and with the tasks' seqio
+  metrics on ``infer_eval_dataset_cfg`` (the first ``infer_eval_num_examples``).
+  """
   _GUARD.enter()
   from t5train import data  # pylint: disable=g-import-not-at-top  (TensorFlow is slow to import)
   if total_steps < 0:
@@ -109,8 +142,13 @@ def train(*, model: models.EncoderDecoderModel, train_dataset_cfg: Any,
   trainer = trainer_lib.Trainer(model, state, partitioner, initializer.train_state_axes,
                                 train_rng, learning_rate_fn, num_microbatches,
                                 summary_dir=os.path.join(model_dir, 'train'))
-  _write_operative_config(model_dir)
   summary: dict[str, float] = {}
+  evaluations = None
+  if eval_period and start_step < total_steps:
+    evaluations = _Evaluations(model, partitioner, initializer.train_state_shardings.params,
+                               trainer, model_dir, train_eval_dataset_cfg, eval_steps,
+                               infer_eval_dataset_cfg, infer_eval_num_examples)
+  _write_operative_config(model_dir)
   if start_step >= total_steps:
     logging.info('Step %d already reaches TRAIN_STEPS=%d; nothing to train.', start_step,
                  total_steps)
@@ -125,22 +163,13 @@ def train(*, model: models.EncoderDecoderModel, train_dataset_cfg: Any,
     logging.info('Training steps %d to %d.', start_step + 1, total_steps)
     summary = trainer_lib.run_training(
         trainer, batches, start_step, total_steps, manager, summary_period, log_every_secs,
-        batch_shapes=_input_shapes(model, train_dataset_cfg))
+        batch_shapes=_input_shapes(model, train_dataset_cfg),
+        evaluate=evaluations or None, eval_period=eval_period)
   trainer.close()
   manager.close()
-
-  if infer_eval_dataset_cfg is not None and infer_eval_num_examples > 0:
-    from t5train import inference  # pylint: disable=g-import-not-at-top
-    predictions = inference.predict_split(
-        model, partitioner, trainer.train_state.params,
-        initializer.train_state_shardings.params, infer_eval_dataset_cfg,
-        infer_eval_num_examples)
-    summary['inference_eval/exact_match'] = _report_predictions(predictions)
-    writer = metrics_lib.SummaryWriter(os.path.join(model_dir, 'inference_eval'))
-    writer.write_scalars(max(start_step, total_steps), {
-        f'inference_eval/{infer_eval_dataset_cfg.mixture_or_task_name}/exact_match':
-            summary['inference_eval/exact_match']})
-    writer.close()
+  if evaluations is not None:
+    evaluations.close()
+    summary.update(evaluations.results)
   return summary
 
 

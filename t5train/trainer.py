@@ -155,12 +155,15 @@ def _progress_line(step: int, last_step: int, summary: Mapping[str, float],
 def run_training(trainer: Trainer, batches: Iterator[Batch], first_step: int, last_step: int,
                  checkpoints: CheckpointManager | None, summary_period: int,
                  log_every_secs: float = 5.0, batch_shapes: Mapping[str, tuple] | None = None,
-                 log_fn: Callable[[str], None] = logging.info) -> dict[str, float]:
+                 log_fn: Callable[[str], None] = logging.info,
+                 evaluate: Callable[[int], None] | None = None,
+                 eval_period: int | None = None) -> dict[str, float]:
   """Trains from ``first_step`` to ``last_step``; returns the metrics of the last window.
 
   Every ``summary_period`` steps the window's metrics go to TensorBoard; every
-  ``log_every_secs`` a progress line is logged; the checkpoint manager saves on
-  its own period and always at the last step.
+  ``log_every_secs`` a progress line is logged; ``evaluate(step)`` runs every
+  ``eval_period`` steps; the checkpoint manager saves on its own period. All of
+  them also act at the last step, and no period needs to divide another.
   """
   shapes = batch_shapes or {}
   seqs = shapes.get('decoder_target_tokens', (0,))[0]
@@ -182,6 +185,9 @@ def run_training(trainer: Trainer, batches: Iterator[Batch], first_step: int, la
       log_fn(_progress_line(step, last_step, log_window.summary(), loop_start, first_step))
       log_window.reset()
       last_log = time.perf_counter()
+    if evaluate is not None and eval_period and (step % eval_period == 0 or step == last_step):
+      evaluate(step)
+      log_window.reset()  # the evaluation's time is not training throughput
     if checkpoints is not None and (checkpoints.should_save(step) or step == last_step):
       checkpoints.save(trainer.train_state, force=step == last_step)
   if checkpoints is not None:

@@ -13,7 +13,9 @@ from t5train import gin_utils, models, partitioning
 
 GIN_DIR = os.path.join(gin_utils.REPO_ROOT, 'gin')
 REQUIRED = ["MODEL_DIR = '/tmp/unused'", 'TRAIN_STEPS = 1',
-            "INITIAL_CHECKPOINT_PATH = '/tmp/unused/checkpoint_1'"]
+            "INITIAL_CHECKPOINT_PATH = '/tmp/unused/checkpoint_1'",
+            "CHECKPOINT_PATH = '/tmp/unused'", "INFER_OUTPUT_DIR = '/tmp/unused'",
+            "EVAL_OUTPUT_DIR = '/tmp/unused'"]
 # Parameter counts of the released T5 1.1 checkpoints (embedding and logits untied).
 T5_1_1_SIZES = {'small': 76_961_152, 'base': 247_577_856, 'large': 783_150_080,
                 'xl': 2_849_757_184, 'xxl': 11_135_332_352, 'tiny': 518_240}
@@ -48,6 +50,11 @@ def test_every_gin_file_parses_in_a_full_configuration(path):
   _parse(*files)
   model = gin.query_parameter('%MODEL').scoped_configurable_fn()
   assert isinstance(model, models.EncoderDecoderModel)
+  if path in ('gin/runs/infer.gin', 'gin/runs/eval.gin'):
+    binary = 'infer_script.infer' if 'infer' in path else 'eval_script.evaluate'
+    config = gin.query_parameter(f'{binary}.dataset_cfg').scoped_configurable_fn()
+    assert (config.mixture_or_task_name, config.split, config.shuffle) == (
+        'sort_digits', 'validation', False)
 
 
 @pytest.mark.parametrize('size,expected', sorted(T5_1_1_SIZES.items()))

@@ -15,7 +15,8 @@ EXPECTED_SCALARS = {
 def smoke_run(tmp_path_factory):
   model_dir = str(tmp_path_factory.mktemp('smoke'))
   result = run_train(*SMOKE, f"--gin.MODEL_DIR='{model_dir}'", '--gin.TRAIN_STEPS=8',
-                     '--gin.SUMMARY_PERIOD=4', '--gin.CHECKPOINT_PERIOD=4')
+                     '--gin.SUMMARY_PERIOD=4', '--gin.CHECKPOINT_PERIOD=4', '--gin.EVAL_PERIOD=3',
+                     '--gin.EVAL_STEPS=2')
   assert result.returncode == 0, result.stderr[-3000:]
   return model_dir, result
 
@@ -23,7 +24,7 @@ def smoke_run(tmp_path_factory):
 def test_writes_the_model_directory(smoke_run):
   model_dir, _ = smoke_run
   assert sorted(os.listdir(model_dir)) == ['checkpoint_4', 'checkpoint_8', 'config.gin',
-                                           'model-info.txt', 'train']
+                                           'model-info.txt', 'train', 'training_eval']
   info = open(os.path.join(model_dir, 'model-info.txt')).read()
   assert 'encoder/layers_0/mlp/wi_0/kernel' in info and "('embed', 'mlp')" in info
   assert 'Total parameters: 518,240' in info  # T5X tiny: 32128 x 8 embedding + untied logits
@@ -37,6 +38,14 @@ def test_summaries_hold_t5x_scalars(smoke_run):
   assert EXPECTED_SCALARS <= set(scalars), sorted(scalars)
   assert [step for step, _ in scalars['loss']] == [4, 8]
   assert all(0.0 <= value <= 1.0 for _, value in scalars['accuracy'])
+
+
+def test_teacher_forced_eval_runs_on_its_own_period(smoke_run):
+  model_dir, result = smoke_run
+  scalars = read_scalars(os.path.join(model_dir, 'training_eval', 'sort_digits'))
+  assert [step for step, _ in scalars['loss']] == [3, 6, 8]  # and at the last step
+  assert {'accuracy', 'cross_ent_loss', 'z_loss'} <= set(scalars)
+  assert 'step 6  training_eval/sort_digits: accuracy' in result.stderr
 
 
 def test_progress_lines_are_printed(smoke_run):
@@ -69,12 +78,17 @@ def test_finetune_starts_from_an_initial_checkpoint(smoke_run, tmp_path):
   model_dir, _ = smoke_run
   finetune = ['--gin_file=gin/models/t5_1_1/tiny.gin', '--gin_file=gin/runs/finetune.gin',
               '--gin_file=gin/tasks/demo.gin', f"--gin.MODEL_DIR='{tmp_path}'",
-              '--gin.TRAIN_STEPS=9']
+              '--gin.TRAIN_STEPS=9', '--gin.INFER_EVAL_NUM_EXAMPLES=16', '--gin.EVAL_STEPS=2']
   result = run_train(*finetune, f"--gin.INITIAL_CHECKPOINT_PATH='{model_dir}/checkpoint_8'")
   assert result.returncode == 0, result.stderr[-3000:]
   assert f'Initialising from {model_dir}/checkpoint_8' in result.stderr
   assert 'Training steps 9 to 9' in result.stderr  # the step count continues, as in T5X
   assert os.path.isdir(tmp_path / 'checkpoint_9')
+  # Fine-tuning evaluates the task's seqio metrics on held-out examples at the end.
+  assert 'step 9  inference_eval/sort_digits: exact_match' in result.stderr
+  metrics = (tmp_path / 'inference_eval' / 'sort_digits-metrics.jsonl').read_text()
+  assert '"step": 9' in metrics and 'exact_match' in metrics
+  assert len((tmp_path / 'inference_eval' / 'sort_digits-000009.jsonl').read_text().splitlines()) == 16
 
   missing = run_train(*finetune[:3], f"--gin.MODEL_DIR='{tmp_path / 'other'}'",
                       '--gin.TRAIN_STEPS=9', f"--gin.INITIAL_CHECKPOINT_PATH='{tmp_path}/nope'")
