@@ -1,11 +1,13 @@
-"""``python -m t5train.bench`` (``make bench``): training throughput, side by side with a peer.
+"""``python -m t5train.bench`` (``make bench``): training and decoding speed, side by side with a peer.
 
 Each row runs in its own process (so that peak memory is that row's alone) on
 random tokens, with no TensorFlow or seqio, so it also runs on accelerator
 images without them. Rows: t5train at each size and, where PyTorch and
 transformers are installed, transformers' T5 in eager PyTorch on the same
-shapes. Model FLOPs are counted analytically (see ``train_flops_per_step``) and
-divided by a matrix-multiply rate measured in the same run on the same device.
+shapes. Training: model FLOPs are counted analytically (see
+``train_flops_per_step``) and divided by a matrix-multiply rate measured in the
+same run on the same device. Decoding: generated tokens per second for greedy
+and 4-beam search, always to the full length (EOS is never emitted).
 """
 
 from __future__ import annotations
@@ -31,7 +33,15 @@ _DTYPE = flags.DEFINE_string('dtype', 'float32', 'Activation dtype: float32 or b
 _PEER = flags.DEFINE_enum('peer', 'auto', ['auto', 'none', 'transformers'],
                           'Also measure transformers\' PyTorch T5 (auto: if installed).')
 _OUT = flags.DEFINE_string('out', 'docs/bench/train.json', 'Where to write the JSON results.')
+_WORKLOADS = flags.DEFINE_list('workloads', ['train', 'decode'], 'train and/or decode.')
+_DECODE_SIZES = flags.DEFINE_list('decode_sizes', ['small'], 'Model sizes for decoding.')
+_DECODE_BATCHES = flags.DEFINE_list('decode_batch_sizes', ['1', '32'],
+                                    'Batch sizes for decoding (latency and throughput).')
+_DECODE_METHODS = flags.DEFINE_list('decode_methods', ['greedy', 'beam4'],
+                                    'greedy and/or beam<N>.')
+_DECODE_REPEATS = flags.DEFINE_integer('decode_repeats', 3, 'Timed decodes per row (median).')
 _WORKER = flags.DEFINE_string('worker', None, 'Internal: measure one row and print JSON.')
+_METHOD = flags.DEFINE_string('method', 'greedy', 'Internal: the decoding method of a worker.')
 
 # T5 1.1 dimensions, as in gin/models/t5_1_1/*.gin (tests/test_bench.py checks they agree).
 SIZES: dict[str, dict[str, Any]] = {
@@ -196,7 +206,104 @@ def _measure_transformers(size_name: str, batch: int, input_length: int, target_
   return row
 
 
-_WORKERS = {'t5train': _measure_t5train, 'transformers': _measure_transformers}
+def _beams(method: str) -> int:
+  return 1 if method == 'greedy' else int(method.removeprefix('beam'))
+
+
+def _measure_t5train_decode(size_name: str, batch: int, input_length: int, target_length: int,
+                            repeats: int, dtype: str, method: str) -> dict[str, Any]:
+  import functools
+  import types
+
+  import flax.linen as nn
+  import jax
+  import numpy as np
+
+  from t5train import decoding, models, network, partitioning
+  config = network.T5Config(**SIZES[size_name], dtype=dtype, mlp_activations=('gelu', 'linear'),
+                            dropout_rate=0.0)
+  beams = _beams(method)
+  decode_fn = (functools.partial(decoding.temperature_sample, temperature=0.0) if beams == 1
+               else functools.partial(decoding.beam_search, num_decodes=beams, alpha=0.6))
+  # An EOS id that is never produced, so that every decode runs to the full length.
+  model = models.EncoderDecoderModel(network.Transformer(config), None,
+                                     types.SimpleNamespace(eos_id=-1), None, decode_fn=decode_fn)
+  inputs = np.random.default_rng(0).integers(2, config.vocab_size, (batch, input_length))
+  shapes = {'encoder_input_tokens': (batch, input_length),
+            'decoder_input_tokens': (batch, target_length),
+            'decoder_target_tokens': (batch, target_length)}
+  partitioner = partitioning.PjitPartitioner()
+  params = jax.jit(lambda rng: model.get_initial_variables(rng, shapes)['params'])(
+      jax.random.PRNGKey(0))
+  params = nn.unbox(params)
+  sharding = partitioner.sharding(partitioner.data_partition_spec)
+  tokens = jax.device_put(inputs.astype(np.int32), sharding)
+  predict = jax.jit(lambda p, x: model.predict_batch(p, {'encoder_input_tokens': x},
+                                                     max_decode_length=target_length))
+
+  def timed() -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(predict(params, tokens))
+    return time.perf_counter() - start
+
+  first = timed()
+  secs = [timed() for _ in range(repeats)]
+  return _decode_row(secs, first, batch, target_length, 't5train (JAX)',
+                     device=str(jax.devices()[0].device_kind), jax_version=jax.__version__)
+
+
+def _measure_transformers_decode(size_name: str, batch: int, input_length: int,
+                                 target_length: int, repeats: int, dtype: str,
+                                 method: str) -> dict[str, Any]:
+  import torch
+  import transformers
+  size = SIZES[size_name]
+  torch.manual_seed(0)
+  config = transformers.T5Config(
+      vocab_size=size['vocab_size'], d_model=size['emb_dim'], d_kv=size['head_dim'],
+      d_ff=size['mlp_dim'], num_layers=size['num_encoder_layers'],
+      num_decoder_layers=size['num_decoder_layers'], num_heads=size['num_heads'],
+      feed_forward_proj='gated-gelu', dropout_rate=0.0, tie_word_embeddings=False,
+      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+  device = 'cuda' if torch.cuda.is_available() else 'cpu'
+  torch_dtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[dtype]
+  model = transformers.T5ForConditionalGeneration(config)
+  model.lm_head.weight = torch.nn.Parameter(torch.randn(size['vocab_size'], size['emb_dim']) *
+                                            size['emb_dim']**-0.5)
+  model = model.to(device=device, dtype=torch_dtype).eval()
+  gen = torch.Generator().manual_seed(0)
+  inputs = torch.randint(2, size['vocab_size'], (batch, input_length), generator=gen).to(device)
+  beams = _beams(method)
+
+  def timed() -> float:
+    start = time.perf_counter()
+    with torch.no_grad():
+      # min_new_tokens: every decode runs to the full length, as the t5train rows do.
+      model.generate(input_ids=inputs, max_new_tokens=target_length,
+                     min_new_tokens=target_length, num_beams=beams, do_sample=False,
+                     length_penalty=0.6 if beams > 1 else 1.0, early_stopping=False)
+    if device == 'cuda':
+      torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+  first = timed()
+  secs = [timed() for _ in range(repeats)]
+  return _decode_row(secs, first, batch, target_length, 'transformers (PyTorch eager)',
+                     device=device, torch_version=torch.__version__,
+                     transformers_version=transformers.__version__)
+
+
+def _decode_row(secs: list[float], first_secs: float, batch: int, length: int, system: str,
+                **extra: Any) -> dict[str, Any]:
+  median = statistics.median(secs)
+  return {'system': system, 'sec_per_decode_median': median, 'sec_per_decode_min': min(secs),
+          'sec_per_decode_max': max(secs), 'tokens_per_sec': batch * length / median,
+          'compile_and_first_decode_secs': first_secs, **extra}
+
+
+_WORKERS = {'t5train': _measure_t5train, 'transformers': _measure_transformers,
+            't5train_decode': _measure_t5train_decode,
+            'transformers_decode': _measure_transformers_decode}
 
 
 def _peer_available() -> bool:
@@ -209,10 +316,10 @@ def _peer_available() -> bool:
 
 
 def _run_row(worker: str, size: str, batch: int, lengths: Sequence[int], steps: int,
-             dtype: str) -> dict[str, Any]:
+             dtype: str, method: str = 'greedy') -> dict[str, Any]:
   command = [sys.executable, '-m', 't5train.bench', f'--worker={worker}', f'--sizes={size}',
              f'--batch_size={batch}', f'--lengths={lengths[0]},{lengths[1]}',
-             f'--steps={steps}', f'--dtype={dtype}']
+             f'--steps={steps}', f'--dtype={dtype}', f'--method={method}']
   result = subprocess.run(command, capture_output=True, text=True, check=False)
   if result.returncode:
     return {'system': worker, 'error': result.stderr.strip().splitlines()[-1:]}
@@ -245,18 +352,25 @@ def _table(rows: list[dict[str, Any]]) -> str:
   return '\n'.join(lines)
 
 
-def main(argv: Sequence[str]) -> None:
-  del argv
-  lengths = [int(x) for x in _LENGTHS.value]
-  if _WORKER.value:
-    row = _WORKERS[_WORKER.value](_SIZES.value[0], _BATCH.value, lengths[0], lengths[1],
-                                  _STEPS.value, _DTYPE.value)
-    print(json.dumps(row))
-    return
-  unknown = set(_SIZES.value) - set(SIZES)
-  if unknown:
-    raise app.UsageError(f'unknown sizes {sorted(unknown)}; known: {sorted(SIZES)}')
-  peer = _PEER.value == 'transformers' or (_PEER.value == 'auto' and _peer_available())
+def _decode_table(rows: list[dict[str, Any]]) -> str:
+  header = (f'{"system":<30} {"size":<6} {"method":<7} {"batch":>5} {"s/decode":>9} '
+            f'{"spread":>15} {"tokens/s":>10} {"compile+1st":>11} {"vs peer":>8}')
+  lines = [header, '-' * len(header)]
+  for r in rows:
+    if 'error' in r:
+      lines.append(f'{r["system"]:<30} {r["size"]:<6} {r["method"]:<7} {r["batch"]:>5} '
+                   f'failed: {r["error"]}')
+      continue
+    spread = f'{r["sec_per_decode_min"]:.3f}-{r["sec_per_decode_max"]:.3f}'
+    ratio = f'{r["speedup_vs_peer"]:.2f}x' if 'speedup_vs_peer' in r else ''
+    lines.append(
+        f'{r["system"]:<30} {r["size"]:<6} {r["method"]:<7} {r["batch"]:>5} '
+        f'{r["sec_per_decode_median"]:>9.3f} {spread:>15} {r["tokens_per_sec"]:>10,.1f} '
+        f'{r["compile_and_first_decode_secs"]:>10.1f}s {ratio:>8}')
+  return '\n'.join(lines)
+
+
+def _train_rows(peer: bool, lengths: list[int]) -> list[dict[str, Any]]:
   rows = []
   for size in _SIZES.value:
     for worker in ['t5train'] + (['transformers'] if peer else []):
@@ -264,13 +378,60 @@ def main(argv: Sequence[str]) -> None:
       row.update(size=size)
       rows.append(row)
       print(_table(rows[-1:]).splitlines()[-1], flush=True)
+  return rows
+
+
+def _decode_rows(peer: bool, lengths: list[int]) -> list[dict[str, Any]]:
+  """t5train and the peer alternate (A B A B), so that drift in the machine hits both."""
+  rows = []
+  for size in _DECODE_SIZES.value:
+    for method in _DECODE_METHODS.value:
+      for batch in (int(b) for b in _DECODE_BATCHES.value):
+        pair = []
+        for worker in ['t5train_decode'] + (['transformers_decode'] if peer else []):
+          row = _run_row(worker, size, batch, lengths, _DECODE_REPEATS.value, _DTYPE.value,
+                         method)
+          row.update(size=size, method=method, batch=batch)
+          pair.append(row)
+        if len(pair) == 2 and 'error' not in pair[0] and 'error' not in pair[1]:
+          pair[0]['speedup_vs_peer'] = pair[0]['tokens_per_sec'] / pair[1]['tokens_per_sec']
+        for row in pair:
+          print(_decode_table([row]).splitlines()[-1], flush=True)
+        rows.extend(pair)
+  return rows
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  lengths = [int(x) for x in _LENGTHS.value]
+  if _WORKER.value:
+    measure = _WORKERS[_WORKER.value]
+    args = (_SIZES.value[0], _BATCH.value, lengths[0], lengths[1], _STEPS.value, _DTYPE.value)
+    row = measure(*args, _METHOD.value) if _WORKER.value.endswith('_decode') else measure(*args)
+    print(json.dumps(row))
+    return
+  unknown = (set(_SIZES.value) | set(_DECODE_SIZES.value)) - set(SIZES)
+  if unknown:
+    raise app.UsageError(f'unknown sizes {sorted(unknown)}; known: {sorted(SIZES)}')
+  peer = _PEER.value == 'transformers' or (_PEER.value == 'auto' and _peer_available())
+  rows = _train_rows(peer, lengths) if 'train' in _WORKLOADS.value else []
+  decode_rows = _decode_rows(peer, lengths) if 'decode' in _WORKLOADS.value else []
   report = {'machine': _machine(),
             'batch_size': _BATCH.value, 'lengths': lengths, 'dtype': _DTYPE.value,
-            'timed_steps': _STEPS.value, 'rows': rows}
-  print()
-  print(f'batch {_BATCH.value}, lengths {lengths[0]}/{lengths[1]}, {_DTYPE.value}, Adafactor, '
-        f'median of {_STEPS.value} warm steps; MFU against a matmul measured in the same process')
-  print(_table(rows))
+            'timed_steps': _STEPS.value, 'rows': rows,
+            'decode_repeats': _DECODE_REPEATS.value, 'decode_rows': decode_rows}
+  if rows:
+    print()
+    print(f'train: batch {_BATCH.value}, lengths {lengths[0]}/{lengths[1]}, {_DTYPE.value}, '
+          f'Adafactor, median of {_STEPS.value} warm steps; MFU against a matmul measured in the '
+          'same process')
+    print(_table(rows))
+  if decode_rows:
+    print()
+    print(f'decode: input length {lengths[0]}, {lengths[1]} new tokens per sequence (full length), '
+          f'{_DTYPE.value}, median of {_DECODE_REPEATS.value} decodes; tokens/s counts generated '
+          'tokens of the best sequence; beam search with length penalty 0.6')
+    print(_decode_table(decode_rows))
   if _OUT.value:
     os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
     with open(_OUT.value, 'w') as f:

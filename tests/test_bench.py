@@ -1,6 +1,9 @@
 """The benchmark's model sizes and FLOP count."""
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -19,3 +22,19 @@ def test_small_step_flops():
   # T5 1.1 small, batch 8, lengths 128/32: about 201 GFLOP per training step.
   flops = bench.train_flops_per_step(bench.SIZES['small'], 8, 128, 32)
   assert flops == pytest.approx(200.7e9, rel=2e-3)
+
+
+def test_decode_rows_are_measured(tmp_path):
+  out = tmp_path / 'bench.json'
+  result = subprocess.run(
+      [sys.executable, '-m', 't5train.bench', '--workloads=decode', '--decode_sizes=tiny',
+       '--decode_batch_sizes=2', '--decode_methods=greedy,beam2', '--decode_repeats=1',
+       '--peer=none', f'--out={out}', '--lengths=16,8'],
+      capture_output=True, text=True, timeout=600, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = json.loads(out.read_text())['decode_rows']
+  assert [(r['method'], r['batch']) for r in rows] == [('greedy', 2), ('beam2', 2)]
+  for row in rows:
+    assert 'error' not in row, row
+    assert row['tokens_per_sec'] == pytest.approx(2 * 8 / row['sec_per_decode_median'])
+    assert row['sec_per_decode_median'] > 0
