@@ -165,3 +165,28 @@ def test_data_layout_of_a_single_host():
   layout = partitioner.get_data_layout(16)
   assert (layout.shard_id, layout.num_shards, layout.per_host_batch_size) == (0, 1, 16)
   assert layout.is_first_host_in_replica_set
+
+
+def test_sharded_decoding_and_scoring_equal_one_device(runs):
+  from t5train import decoding, inference  # noqa: PLC0415
+  _, state, _ = runs['data8']
+  params = jax.device_get(state.params)
+  examples = [{'inputs': np.arange(2, 2 + n) % 60 + 2, 'targets': np.arange(3, 3 + n // 2) + 1}
+              for n in range(3, 14)]  # 11 examples: the last batch of 8 is partly filler
+  features = [inference.model_features(ex, {'inputs': 12, 'targets': 8}) for ex in examples]
+  outputs = []
+  for partitioner in (partitioning.PjitPartitioner(num_partitions=2),
+                      partitioning.PjitPartitioner(devices=jax.devices()[:1])):
+    model = testing.tiny_model(testing.tiny_config(num_heads=4, head_dim=4),
+                               decode_fn=decoding.beam_search)
+    initializer = initializer_for(model, partitioner)
+    sharded = jax.device_put(params, initializer.train_state_shardings.params)
+    runner = inference.InferenceRunner(model, partitioner, initializer.train_state_shardings.params,
+                                       batch_size=8, max_decode_length=8)
+    tokens, scores = runner.predict(sharded, features)
+    outputs.append((np.stack(tokens), np.asarray(scores), np.asarray(runner.score(sharded, features))))
+  (tokens, scores, score), (one_tokens, one_scores, one_score) = outputs
+  assert tokens.shape == (11, 8)
+  np.testing.assert_array_equal(tokens, one_tokens)
+  np.testing.assert_allclose(scores, one_scores, rtol=1e-5)
+  np.testing.assert_allclose(score, one_score, rtol=1e-5)
