@@ -32,7 +32,7 @@ _STEPS = flags.DEFINE_integer('steps', 10, 'Warm steps to time (after 2 untimed 
 _DTYPE = flags.DEFINE_string('dtype', 'float32', 'Activation dtype: float32 or bfloat16.')
 _PEER = flags.DEFINE_enum('peer', 'auto', ['auto', 'none', 'transformers'],
                           'Also measure transformers\' PyTorch T5 (auto: if installed).')
-_OUT = flags.DEFINE_string('out', 'docs/bench/train.json', 'Where to write the JSON results.')
+_OUT = flags.DEFINE_string('out', 'docs/bench/cpu.json', 'Where to write the JSON results.')
 _WORKLOADS = flags.DEFINE_list('workloads', ['train', 'decode'], 'train and/or decode.')
 _DECODE_SIZES = flags.DEFINE_list('decode_sizes', ['small'], 'Model sizes for decoding.')
 _DECODE_BATCHES = flags.DEFINE_list('decode_batch_sizes', ['1', '32'],
