@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
@@ -20,28 +22,60 @@ from t5train.errors import UserError
 from t5train.train_state import TrainState, TrainStateInitializer
 
 STEP_PREFIX = 'checkpoint'
+AssignmentMap = Sequence[tuple[str, str | None]]
 # Each checkpoint directory holds named items; the train state is one of them.
 STATE_ITEM = 'state'
 
 
+SAVE_DTYPES = ('float32', 'bfloat16')
+
+
 @dataclasses.dataclass(frozen=True)
 class SaveCheckpointConfig:
-  """When and how to save (T5X's field names). ``keep=None`` keeps every checkpoint."""
+  """When and how to save (T5X's field names).
 
-  period: int = 1000
+  A checkpoint is written every ``period`` steps, at each of ``steps``, and at
+  the last step. ``keep`` keeps only the newest N (None: all), but a checkpoint
+  whose step is a multiple of ``keep_period`` is never deleted. ``dtype`` is the
+  dtype of the saved parameters. ``save_dataset`` also saves each host's data
+  iterator, for exact resumes. ``use_async`` writes while training goes on.
+  """
+
+  period: int | None = 1000
   keep: int | None = None
+  keep_period: int | None = None
+  steps: tuple[int, ...] = ()
   dtype: str = 'float32'
-  save_dataset: bool = False
+  save_dataset: bool = True
   use_async: bool = True
+
+  def __post_init__(self) -> None:
+    if self.dtype not in SAVE_DTYPES:
+      raise UserError(f'SaveCheckpointConfig.dtype must be one of {", ".join(SAVE_DTYPES)}, '
+                      f'not {self.dtype!r}')
+    for name in ('period', 'keep', 'keep_period'):
+      value = getattr(self, name)
+      if value is not None and value < 1:
+        raise UserError(f'SaveCheckpointConfig.{name} must be a positive number or None, '
+                        f'not {value}')
 
 
 @dataclasses.dataclass(frozen=True)
 class RestoreCheckpointConfig:
-  """What to restore from ``path`` (see ``select_checkpoints`` for the modes)."""
+  """What to restore from ``path`` (see ``select_checkpoints`` for the modes).
+
+  ``fallback_to_scratch``: when ``path`` holds no checkpoint, start from scratch
+  (with a warning) instead of failing. ``assignment_map``: (regex, replacement)
+  pairs that rename a model parameter to the checkpoint's name for it, or with
+  None leave it freshly initialised (see ``restore_from_path``). Parameters are
+  always restored in the model's dtype; ``dtype`` is accepted for T5X compatibility.
+  """
 
   path: str | None = None
   mode: str = 'latest'
   dtype: str = 'float32'
+  fallback_to_scratch: bool = False
+  assignment_map: tuple[tuple[str, str | None], ...] = ()
 
 
 def checkpoint_dir(model_dir: str, step: int) -> str:
@@ -68,7 +102,15 @@ def check_shapes(expected: Mapping[str, Any], saved: Mapping[str, Any], where: s
   """UserError naming the first parameter whose shape differs, is missing, or is extra.
 
   Both arguments map parameter paths ('encoder/layers_0/...') to anything with a ``shape``.
+  A different vocabulary size is reported as such.
   """
+  embedding = 'token_embedder/embedding'
+  if embedding in expected and embedding in saved:
+    vocab, saved_vocab = expected[embedding].shape[0], saved[embedding].shape[0]
+    if vocab != saved_vocab:
+      raise UserError(f'{where}: its vocabulary has {saved_vocab} entries but the model\'s has '
+                      f'{vocab} ({embedding}); use the vocabulary the checkpoint was trained with, '
+                      'or set vocab_size to match')
   for name, leaf in expected.items():
     if name not in saved:
       raise UserError(f'{where} has no parameter {name} (expected shape {tuple(leaf.shape)})')
@@ -160,13 +202,70 @@ def restore_params(path: str, initializer: TrainStateInitializer) -> Any:
   return _restore_partial(path, {'params': abstract.params})['params']
 
 
-def restore_from_path(path: str, initializer: TrainStateInitializer) -> TrainState:
+def _mapped_sources(names: Sequence[str], assignment_map: AssignmentMap) -> dict[str, str | None]:
+  """Model parameter name -> the checkpoint's name for it (None: not restored)."""
+  sources = {}
+  for name in names:
+    sources[name] = name
+    for pattern, replacement in assignment_map:
+      if re.fullmatch(pattern, name):
+        sources[name] = None if replacement is None else re.sub(f'^(?:{pattern})$', replacement, name)
+        break
+  return sources
+
+
+def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+  tree: dict[str, Any] = {}
+  for name, leaf in flat.items():
+    *parents, last = name.split('/')
+    node = tree
+    for key in parents:
+      node = node.setdefault(key, {})
+    node[last] = leaf
+  return tree
+
+
+def _restore_mapped_params(path: str, initializer: TrainStateInitializer,
+                           assignment_map: AssignmentMap, init_rng: jax.Array) -> TrainState:
+  """Parameters renamed or left fresh by ``assignment_map``; the optimiser starts fresh."""
+  abstract = _abstract(initializer.global_train_state_shape, initializer.train_state_shardings)
+  expected = dict(flatten_with_names(abstract.params))
+  saved = dict(flatten_with_names(saved_tree(os.path.join(os.path.abspath(path), STATE_ITEM))
+                                  .get('params', {})))
+  sources = _mapped_sources(list(expected), assignment_map)
+  wanted = {source: expected[name] for name, source in sources.items() if source is not None}
+  check_shapes(wanted, {source: saved[source] for source in wanted if source in saved}, path)
+  restored = dict(flatten_with_names(_restore_partial(path, {'params': _nest(wanted)})['params']))
+  fresh = initializer.from_scratch(init_rng)
+  fresh_flat = dict(flatten_with_names(fresh.params))
+  skipped = sorted(name for name, source in sources.items() if source is None)
+  if skipped:
+    logging.info('Left freshly initialised by the assignment map: %s', ', '.join(skipped))
+  params = jax.tree_util.tree_unflatten(
+      jax.tree_util.tree_structure(fresh.params),
+      [restored[sources[name]] if sources[name] is not None else fresh_flat[name]
+       for name in expected])
+  return initializer.from_params(params, jnp.zeros((), jnp.int32))
+
+
+def restore_from_path(path: str, initializer: TrainStateInitializer,
+                      assignment_map: AssignmentMap = (),
+                      init_rng: jax.Array | None = None) -> TrainState:
   """The train state in the checkpoint directory ``path`` (e.g. ``.../checkpoint_1000``).
 
   Parameters must match the model's shapes. The optimiser state is restored when
   the checkpoint has one of the same structure; otherwise (a converted checkpoint,
-  or another optimiser) it starts fresh.
+  or another optimiser) it starts fresh. With an ``assignment_map`` (T5X's idea),
+  each model parameter whose name fully matches a regex is read from the
+  checkpoint's parameter named by the replacement (``re.sub``), or, for None, is
+  freshly initialised; checkpoint parameters nobody reads are dropped, and the
+  step and optimiser start from zero.
   """
+  if not os.path.isdir(path):
+    raise UserError(f'checkpoint {path!r} does not exist or is not a directory')
+  if assignment_map:
+    return _restore_mapped_params(path, initializer, assignment_map,
+                                  init_rng if init_rng is not None else jax.random.PRNGKey(0))
   abstract = _abstract(initializer.global_train_state_shape, initializer.train_state_shardings)
   saved = _checked_saved_tree(path, abstract.params)
   with_optimizer = 'opt_state' in saved and _same_structure(saved['opt_state'], abstract.opt_state)
@@ -201,16 +300,28 @@ def save_params(directory: str, params: Any, step: int = 0) -> str:
   return target
 
 
+def _cast_floats(tree: Any, dtype: str) -> Any:
+  if dtype == 'float32':
+    return tree
+  return jax.tree_util.tree_map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
 class CheckpointManager:
-  """Saves and restores TrainStates in their shardings with ``orbax.checkpoint``."""
+  """Saves and restores TrainStates in their shardings with ``orbax.checkpoint``.
+
+  Other items (the data iterator) are added with ``add_item`` and saved with
+  every checkpoint. Unfinished saves left by a crash are removed on start-up.
+  """
 
   def __init__(self, directory: str, save_config: SaveCheckpointConfig,
                state_shardings: TrainState, state_shape: TrainState):
     self._save_config = save_config
     self._abstract_state = _abstract(state_shape, state_shardings)
+    self._extra_items: dict[str, Any] = {}
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=save_config.keep, step_prefix=STEP_PREFIX, create=True,
-        save_interval_steps=save_config.period,
+        max_to_keep=save_config.keep, keep_period=save_config.keep_period,
+        step_prefix=STEP_PREFIX, create=True, cleanup_tmp_directories=True,
         enable_async_checkpointing=save_config.use_async)
     self._manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
@@ -218,37 +329,57 @@ class CheckpointManager:
   def directory(self) -> str:
     return str(self._manager.directory)
 
+  @property
+  def save_config(self) -> SaveCheckpointConfig:
+    return self._save_config
+
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
+  def add_item(self, name: str, args: Any) -> None:
+    """Saves ``args`` (Orbax checkpoint args, e.g. the data iterator's) with every checkpoint."""
+    self._extra_items[name] = args
+
   def should_save(self, step: int) -> bool:
-    """Whether ``step`` is a multiple of the save period."""
-    return step > 0 and step % self._save_config.period == 0
+    """Whether the policy saves at ``step``: a multiple of the period, or one of ``steps``."""
+    period = self._save_config.period
+    return step > 0 and ((period is not None and step % period == 0) or
+                         step in self._save_config.steps)
 
   def save(self, state: TrainState, force: bool = False) -> bool:
-    """Starts saving ``state`` at its step if the period says so (or ``force``)."""
+    """Starts saving ``state`` at its step if the policy says so (or ``force``)."""
     step = int(jax.device_get(state.step))
-    if step in self._manager.all_steps():
+    if step in self._manager.all_steps() or not (force or self.should_save(step)):
       return False
-    args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state.state_dict())})
-    return self._manager.save(step, args=args, force=force)
+    state_dict = state.state_dict()
+    state_dict['params'] = _cast_floats(state_dict['params'], self._save_config.dtype)
+    items = {STATE_ITEM: ocp.args.StandardSave(state_dict), **self._extra_items}
+    return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
   def restore(self, step: int | None = None) -> TrainState | None:
     """The state at ``step`` (default: the newest), in its shardings; None if there is none."""
     step = self.latest_step() if step is None else step
     if step is None:
       return None
+    path = checkpoint_dir(self.directory, step)
+    _checked_saved_tree(path, self._abstract_state.params)
     abstract = self._abstract_state.state_dict()
     try:
       args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract)})
       restored = self._manager.restore(step, args=args)[STATE_ITEM]
-    except (ValueError, KeyError) as e:
-      raise UserError(f'cannot restore {checkpoint_dir(self.directory, step)}: it does not '
-                      f'match this model ({e})') from e
+    except (ValueError, KeyError, FileNotFoundError) as e:
+      raise UserError(f'cannot restore {path}: {str(e).splitlines()[0] if str(e) else e!r}') from e
     return self._abstract_state.replace_state_dict(restored)
+
+  def restore_item(self, step: int, name: str, args: Any) -> bool:
+    """Restores item ``name`` of checkpoint ``step`` with ``args``; False if it has none."""
+    if not os.path.isdir(os.path.join(checkpoint_dir(self.directory, step), name)):
+      return False
+    self._manager.restore(step, args=ocp.args.Composite(**{name: args}))
+    return True
 
   def wait_until_finished(self) -> None:
     self._manager.wait_until_finished()

@@ -10,13 +10,14 @@ import dataclasses
 import importlib
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+import orbax.checkpoint as ocp  # noqa: E402
 import seqio  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
@@ -82,13 +83,60 @@ def get_dataset(config: DatasetConfig, feature_converter_cls: type, num_epochs: 
       seed=config.seed, batch_size=config.batch_size // num_shards)
 
 
-def global_batches(dataset: tf.data.Dataset, sharding: jax.sharding.Sharding,
-                   global_batch_size: int) -> Iterator[dict[str, jax.Array]]:
-  """Host-local numpy batches -> global jax.Arrays of ``global_batch_size`` rows."""
-  for local in dataset.as_numpy_iterator():
-    yield {name: jax.make_array_from_process_local_data(
-               sharding, np.asarray(value), (global_batch_size,) + value.shape[1:])
-           for name, value in local.items()}
+class BatchIterator:
+  """Host-local batches of a tf.data dataset as global jax.Arrays of ``global_batch_size`` rows.
+
+  ``iterator`` is the underlying tf.data iterator; its position (shuffle and
+  prefetch buffers included) is what ``DatasetIteratorArgs`` saves and restores.
+  """
+
+  def __init__(self, dataset: tf.data.Dataset, sharding: jax.sharding.Sharding,
+               global_batch_size: int):
+    self.iterator = iter(dataset)
+    self._sharding = sharding
+    self._global_batch_size = global_batch_size
+
+  def __iter__(self) -> 'BatchIterator':
+    return self
+
+  def __next__(self) -> dict[str, jax.Array]:
+    local = next(self.iterator)
+    return {name: jax.make_array_from_process_local_data(
+                self._sharding, value.numpy(), (self._global_batch_size,) + tuple(value.shape[1:]))
+            for name, value in local.items()}
+
+
+def _iterator_file(directory: Any) -> str:
+  """This process's file in a checkpoint's dataset item: one per process, as T5X does."""
+  return os.path.join(str(directory), f'process_{jax.process_index()}-of-{jax.process_count()}')
+
+
+def has_saved_iterator(item_dir: str) -> bool:
+  """Whether ``item_dir`` (a checkpoint's dataset item) holds this process's iterator."""
+  return tf.io.gfile.exists(_iterator_file(item_dir) + '.index')
+
+
+class DatasetIteratorHandler(ocp.CheckpointHandler):
+  """Saves and restores each process's tf.data iterator as a TensorFlow checkpoint file."""
+
+  def save(self, directory: Any, args: 'DatasetIteratorArgs') -> None:
+    tf.train.Checkpoint(iterator=args.iterator).write(_iterator_file(directory))
+
+  def restore(self, directory: Any, args: 'DatasetIteratorArgs') -> Any:
+    path = _iterator_file(directory)
+    if not tf.io.gfile.exists(path + '.index'):
+      raise UserError(f'{directory} has no data iterator for process {jax.process_index()} of '
+                      f'{jax.process_count()}')
+    tf.train.Checkpoint(iterator=args.iterator).read(path).assert_consumed()
+    return args.iterator
+
+
+@ocp.args.register_with_handler(DatasetIteratorHandler, for_save=True, for_restore=True)
+@dataclasses.dataclass
+class DatasetIteratorArgs(ocp.args.CheckpointArgs):
+  """Orbax arguments for the data iterator item of a checkpoint."""
+
+  iterator: Any
 
 
 def subtask_names(config: DatasetConfig) -> list[str]:
@@ -158,5 +206,6 @@ def file_examples(path: str, input_vocabulary: seqio.Vocabulary,
   return examples
 
 
-__all__ = ['DatasetConfig', 'get_dataset', 'task_for', 'global_batches', 'get_mixture_or_task',
+__all__ = ['DatasetConfig', 'get_dataset', 'task_for', 'get_mixture_or_task',
+           'BatchIterator', 'DatasetIteratorArgs', 'has_saved_iterator',
            'pretokenized_examples', 'subtask_names', 'file_examples', 'tasks']

@@ -56,7 +56,7 @@ class TeacherForcedEval:
         continue
       dataset = data.get_dataset(config, model.FEATURE_CONVERTER_CLS, num_epochs=None,
                                  shard_id=layout.shard_id, num_shards=layout.num_shards)
-      stream = data.global_batches(dataset.take(num_batches), batch_sharding, layout.batch_size)
+      stream = data.BatchIterator(dataset.take(num_batches), batch_sharding, layout.batch_size)
       self._batches[task] = list(stream)
       self._writers[task] = SummaryWriter(
           os.path.join(summary_root, task) if summary_root else None)

@@ -17,7 +17,7 @@ from absl import app, flags, logging
 
 import gin
 from t5train import multihost
-from t5train.errors import UserError
+from t5train.errors import TrainingError, UserError
 
 # TensorFlow's C++ start-up chatter (CUDA probes, oneDNN notes) says nothing useful to users.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
@@ -121,7 +121,7 @@ class GinCallGuard:
 def call_configured(fn: Callable[[], object], guard: GinCallGuard) -> object:
   try:
     return fn()
-  except UserError:
+  except (UserError, TrainingError):
     raise
   except Exception as e:  # pylint: disable=broad-except
     if guard.entered:
@@ -135,6 +135,8 @@ class _LibraryChatterFilter(std_logging.Filter):
   _QUIET = ('/orbax/', '/seqio/', '/gin/resource_reader', '/jax/_src/xla_bridge')
 
   def filter(self, record: std_logging.LogRecord) -> bool:
+    if str(record.msg).startswith('Metadata file does not exist'):  # harmless, on every restore
+      return False
     if any(part in record.pathname for part in self._QUIET):
       return record.levelno >= std_logging.WARNING and 'resource_reader' not in record.pathname
     return True
@@ -154,19 +156,20 @@ def initialize_multiprocess_from_flags() -> None:
 
 
 def run(main: Callable[[Sequence[str]], None], program: str) -> None:
-  """``app.run`` with T5X-style gin flags; UserError -> message and exit status 2."""
+  """``app.run`` with T5X-style gin flags; a UserError (status 2) or TrainingError (status 1)
+  is printed as one line."""
   def main_with_exit_codes(argv: Sequence[str]) -> None:
     logging.get_absl_handler().addFilter(_LibraryChatterFilter())
     try:
       initialize_multiprocess_from_flags()
       main(argv)
-    except UserError as e:
+    except (UserError, TrainingError) as e:
       if _DEBUG.value:
         traceback.print_exc()
       # Gin appends "In call to configurable ..." lines to errors raised inside configurables.
       message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
       print(f'{program}: error: {message}', file=sys.stderr)
       logging.flush()
-      sys.exit(2)
+      sys.exit(2 if isinstance(e, UserError) else 1)
 
   app.run(main_with_exit_codes, flags_parser=parse_flags)

@@ -19,12 +19,22 @@ import jax
 from absl import flags, logging
 
 import gin
-from t5train import checkpoints, gin_utils, model_info, models, multihost, optimizers, partitioning
+from t5train import (
+  checkpoints,
+  gin_utils,
+  model_info,
+  models,
+  multihost,
+  optimizers,
+  partitioning,
+  preemption,
+)
 from t5train import train_state as train_state_lib
 from t5train import trainer as trainer_lib
 from t5train.errors import UserError
 
 _GUARD = gin_utils.GinCallGuard()
+DATASET_ITEM = 'dataset'  # the data iterator's item in a checkpoint
 
 
 def _input_shapes(model: models.EncoderDecoderModel, dataset_cfg: Any) -> dict[str, tuple]:
@@ -34,20 +44,63 @@ def _input_shapes(model: models.EncoderDecoderModel, dataset_cfg: Any) -> dict[s
 def _restore_or_initialize(manager: checkpoints.CheckpointManager,
                            initializer: train_state_lib.TrainStateInitializer,
                            restore_cfg: checkpoints.RestoreCheckpointConfig | None,
-                           init_rng: jax.Array) -> train_state_lib.TrainState:
+                           init_rng: jax.Array) -> tuple[train_state_lib.TrainState, bool]:
+  """The state to start from, and whether it is this run's own (a resume)."""
   state = manager.restore()
   if state is not None:
-    logging.info('Resuming from %s.', checkpoints.checkpoint_dir(manager.directory,
-                                                                 int(state.step)))
+    step = int(state.step)
+    logging.info('Resuming from %s.', checkpoints.checkpoint_dir(manager.directory, step))
     if restore_cfg is not None and restore_cfg.path:
-      logging.warning('MODEL_DIR already has checkpoints, so the initial checkpoint %s is '
-                      'ignored.', restore_cfg.path)
-    return state
+      logging.warning('*** MODEL_DIR already has checkpoints, so the run resumes from step %d and '
+                      'the initial checkpoint %s is IGNORED. Use a new MODEL_DIR to start from '
+                      'it. ***', step, restore_cfg.path)
+    return state, True
   if restore_cfg is not None and restore_cfg.path:
-    logging.info('Initialising from %s.', restore_cfg.path)
-    return checkpoints.restore_from_path(restore_cfg.path, initializer)
+    try:
+      _, path = checkpoints.select_checkpoints(restore_cfg)[-1]
+    except UserError as e:
+      if not restore_cfg.fallback_to_scratch:
+        raise
+      logging.warning('%s; starting from scratch (fallback_to_scratch).', e)
+      return initializer.from_scratch(init_rng), False
+    logging.info('Initialising from %s.', path)
+    return checkpoints.restore_from_path(path, initializer, restore_cfg.assignment_map,
+                                         init_rng), False
   logging.info('Initialising from scratch.')
-  return initializer.from_scratch(init_rng)
+  return initializer.from_scratch(init_rng), False
+
+
+def _training_batches(model: models.EncoderDecoderModel, dataset_cfg: Any, random_seed: int,
+                      partitioner: partitioning.PjitPartitioner,
+                      manager: checkpoints.CheckpointManager, start_step: int,
+                      resumed: bool) -> Any:
+  """This host's batches, continuing exactly where the checkpoint left off when it saved them.
+
+  Without a saved position (none was saved, or another number of hosts saved it),
+  the stream starts afresh, seeded with the seed plus the step, so that it does
+  not replay the batches already trained on.
+  """
+  from t5train import data  # pylint: disable=g-import-not-at-top  (TensorFlow is slow to import)
+  layout = partitioner.get_data_layout(dataset_cfg.batch_size)
+  seed = dataset_cfg.seed if dataset_cfg.seed is not None else random_seed
+  item_dir = os.path.join(checkpoints.checkpoint_dir(manager.directory, start_step),
+                          DATASET_ITEM)
+  saved = resumed and data.has_saved_iterator(item_dir)
+  if not saved and start_step:
+    logging.warning('No saved data position for this host in checkpoint_%d: the data stream '
+                    'starts afresh (seed %d + step %d).', start_step, seed, start_step)
+  config = dataclasses.replace(dataset_cfg, seed=seed if saved else seed + start_step)
+  dataset = data.get_dataset(config, model.FEATURE_CONVERTER_CLS, shard_id=layout.shard_id,
+                             num_shards=layout.num_shards)
+  batches = data.BatchIterator(dataset, partitioner.sharding(partitioner.data_partition_spec),
+                               layout.batch_size)
+  if saved:
+    manager.restore_item(start_step, DATASET_ITEM, data.DatasetIteratorArgs(batches.iterator))
+    logging.info('Data iterator restored: the data continue where checkpoint_%d left off.',
+                 start_step)
+  if manager.save_config.save_dataset:
+    manager.add_item(DATASET_ITEM, data.DatasetIteratorArgs(batches.iterator))
+  return batches
 
 
 def _write_operative_config(model_dir: str) -> None:
@@ -105,13 +158,16 @@ def train(*, model: models.EncoderDecoderModel, train_dataset_cfg: Any,
           num_microbatches: int | None = None, random_seed: int = 0,
           summary_period: int = 100, log_every_secs: float = 5.0, eval_period: int | None = None,
           eval_steps: int = 20, train_eval_dataset_cfg: Any = None,
-          infer_eval_dataset_cfg: Any = None, infer_eval_num_examples: int | None = None
-          ) -> dict[str, float]:
+          infer_eval_dataset_cfg: Any = None, infer_eval_num_examples: int | None = None,
+          skip_nonfinite_steps: bool = False) -> dict[str, float]:
   """Trains ``model`` to ``total_steps`` in ``model_dir``; returns the last metrics.
 
   Every ``eval_period`` steps (and at the last) it evaluates: teacher-forced on
   ``eval_steps`` batches of ``train_eval_dataset_cfg``, and with the tasks' seqio
   metrics on ``infer_eval_dataset_cfg`` (the first ``infer_eval_num_examples``).
+  SIGTERM or SIGINT stops after the current step with a checkpoint. A NaN or
+  infinite step stops the run (TrainingError), or is skipped and counted with
+  ``skip_nonfinite_steps``.
   """
   _GUARD.enter()
   from t5train import data  # pylint: disable=g-import-not-at-top  (TensorFlow is slow to import)
@@ -119,7 +175,7 @@ def train(*, model: models.EncoderDecoderModel, train_dataset_cfg: Any,
     raise UserError(f'TRAIN_STEPS must be >= 0, got {total_steps}')
   data.task_for(train_dataset_cfg)  # fail fast on a bad name, before any compilation
   partitioner.validate()
-  layout = partitioner.get_data_layout(train_dataset_cfg.batch_size)
+  partitioner.get_data_layout(train_dataset_cfg.batch_size)  # a UserError if it does not split
   if num_microbatches and train_dataset_cfg.batch_size % num_microbatches:
     raise UserError(f'BATCH_SIZE {train_dataset_cfg.batch_size} is not divisible by '
                     f'num_microbatches={num_microbatches}')
@@ -135,13 +191,14 @@ def train(*, model: models.EncoderDecoderModel, train_dataset_cfg: Any,
   manager = checkpoints.CheckpointManager(model_dir, checkpoint_cfg,
                                           initializer.train_state_shardings,
                                           initializer.global_train_state_shape)
-  state = _restore_or_initialize(manager, initializer, restore_checkpoint_cfg, init_rng)
+  state, resumed = _restore_or_initialize(manager, initializer, restore_checkpoint_cfg, init_rng)
   start_step = int(jax.device_get(state.step))
 
   learning_rate_fn = learning_rate_fn or optimizers.create_learning_rate_scheduler()
   trainer = trainer_lib.Trainer(model, state, partitioner, initializer.train_state_axes,
                                 train_rng, learning_rate_fn, num_microbatches,
-                                summary_dir=os.path.join(model_dir, 'train'))
+                                summary_dir=os.path.join(model_dir, 'train'),
+                                skip_nonfinite=skip_nonfinite_steps)
   summary: dict[str, float] = {}
   evaluations = None
   if eval_period and start_step < total_steps:
@@ -153,18 +210,15 @@ def train(*, model: models.EncoderDecoderModel, train_dataset_cfg: Any,
     logging.info('Step %d already reaches TRAIN_STEPS=%d; nothing to train.', start_step,
                  total_steps)
   else:
-    # Without a saved data position, a resumed run starts a fresh stream rather than replaying.
-    seed = (train_dataset_cfg.seed if train_dataset_cfg.seed is not None else random_seed)
-    dataset_cfg = dataclasses.replace(train_dataset_cfg, seed=seed + start_step)
-    dataset = data.get_dataset(dataset_cfg, model.FEATURE_CONVERTER_CLS,
-                               shard_id=layout.shard_id, num_shards=layout.num_shards)
-    batches = data.global_batches(dataset, partitioner.sharding(partitioner.data_partition_spec),
-                                  layout.batch_size)
+    batches = _training_batches(model, train_dataset_cfg, random_seed, partitioner, manager,
+                                start_step, resumed)
     logging.info('Training steps %d to %d.', start_step + 1, total_steps)
-    summary = trainer_lib.run_training(
-        trainer, batches, start_step, total_steps, manager, summary_period, log_every_secs,
-        batch_shapes=_input_shapes(model, train_dataset_cfg),
-        evaluate=evaluations or None, eval_period=eval_period)
+    with preemption.StopRequest() as stop_request:
+      result = trainer_lib.run_training(
+          trainer, batches, start_step, total_steps, manager, summary_period, log_every_secs,
+          batch_shapes=_input_shapes(model, train_dataset_cfg),
+          evaluate=evaluations or None, eval_period=eval_period, stop_request=stop_request)
+    summary = result.summary
   trainer.close()
   manager.close()
   if evaluations is not None:

@@ -7,6 +7,7 @@ actions (progress line, TensorBoard summaries, checkpoints).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
@@ -21,9 +22,11 @@ from jax.sharding import PartitionSpec
 
 from t5train import models
 from t5train.checkpoints import CheckpointManager
+from t5train.errors import TrainingError
 from t5train.metrics import MetricsWindow, SummaryWriter
 from t5train.optimizers import LearningRateFn
 from t5train.partitioning import PjitPartitioner
+from t5train.preemption import StopRequest
 from t5train.train_state import TrainState
 
 Batch = Mapping[str, jax.Array]
@@ -67,18 +70,34 @@ def _loss_and_grads(model: models.EncoderDecoderModel, params: Any, batch: Batch
   return grads, jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), stacked)
 
 
+NONFINITE = 'nonfinite_step_fraction'
+
+
 def train_step(model: models.EncoderDecoderModel, tx: optax.GradientTransformation,
                learning_rate_fn: LearningRateFn, num_microbatches: int | None,
-               state: TrainState, batch: Batch, rng: jax.Array
+               skip_nonfinite: bool, state: TrainState, batch: Batch, rng: jax.Array
                ) -> tuple[TrainState, models.Metrics]:
-  """One optimiser update; dropout randomness is derived from ``rng`` and the step."""
+  """One optimiser update; dropout randomness is derived from ``rng`` and the step.
+
+  A step whose loss, gradient norm or update norm is not finite is flagged in the
+  ``nonfinite_step_fraction`` metric; with ``skip_nonfinite`` it also leaves the
+  parameters and optimiser state as they were (the step count still advances).
+  """
   dropout_rng = jax.random.fold_in(rng, state.step)
   grads, sums = _loss_and_grads(model, state.params, batch, dropout_rng, num_microbatches)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  finite = (jnp.isfinite(sums['loss']) & jnp.isfinite(optax.global_norm(grads)) &
+            jnp.isfinite(optax.global_norm(updates)))
+  if skip_nonfinite:
+    keep_if_bad = lambda new, old: jnp.where(finite, new, old)
+    params = jax.tree_util.tree_map(keep_if_bad, params, state.params)
+    opt_state = jax.tree_util.tree_map(keep_if_bad, opt_state, state.opt_state)
   metrics = model.metrics(sums)
-  metrics['learning_rate'] = type(metrics['loss'])(total=learning_rate_fn(state.step),
-                                                  count=jnp.ones((), jnp.int32))
+  average = type(metrics['loss'])
+  one = jnp.ones((), jnp.int32)
+  metrics['learning_rate'] = average(total=learning_rate_fn(state.step), count=one)
+  metrics[NONFINITE] = average(total=1.0 - finite.astype(jnp.float32), count=one)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -88,11 +107,13 @@ class Trainer:
   def __init__(self, model: models.EncoderDecoderModel, train_state: TrainState,
                partitioner: PjitPartitioner, train_state_axes: TrainState, rng: jax.Array,
                learning_rate_fn: LearningRateFn, num_microbatches: int | None = None,
-               summary_dir: str | None = None, eval_names: tuple[str, ...] = ()):
+               summary_dir: str | None = None, eval_names: tuple[str, ...] = (),
+               skip_nonfinite: bool = False):
     del eval_names  # evaluation during training is run by its own loop
     self.model = model
     self.train_state = train_state
     self.stop_training = False
+    self.skip_nonfinite = skip_nonfinite
     self._rng = rng
     self._writer = SummaryWriter(summary_dir)
     tx = model.optimizer_def.make(learning_rate_fn)
@@ -100,7 +121,8 @@ class Trainer:
     batch_sharding = partitioner.sharding(partitioner.data_partition_spec)
     replicated = partitioner.sharding(PartitionSpec())
     self._step_fn = partitioner.partition(
-        functools.partial(train_step, model, tx, learning_rate_fn, num_microbatches),
+        functools.partial(train_step, model, tx, learning_rate_fn, num_microbatches,
+                          skip_nonfinite),
         in_shardings=(state_shardings, batch_sharding, replicated),
         out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
@@ -152,18 +174,40 @@ def _progress_line(step: int, last_step: int, summary: Mapping[str, float],
           f'  eta {time.strftime("%H:%M:%S", time.gmtime(min(eta, 359999)))}')
 
 
+def _check_finite(trainer: Trainer, step: int, metrics: models.Metrics) -> None:
+  """TrainingError if step ``step`` was not finite and the trainer does not skip such steps."""
+  if not trainer.skip_nonfinite and float(jax.device_get(metrics[NONFINITE].total)) > 0:
+    raise TrainingError(
+        f'the loss or gradients became NaN or infinite at step {step}; stopping. Checkpoints '
+        'before this step are kept. Lower the learning rate, or set '
+        'train_script.train.skip_nonfinite_steps = True to skip such steps')
+
+
+@dataclasses.dataclass
+class LoopResult:
+  """What ``run_training`` did: the last window's metrics, the last step, a signal if stopped."""
+
+  summary: dict[str, float]
+  last_step: int
+  stopped_by: str | None = None
+
+
 def run_training(trainer: Trainer, batches: Iterator[Batch], first_step: int, last_step: int,
                  checkpoints: CheckpointManager | None, summary_period: int,
                  log_every_secs: float = 5.0, batch_shapes: Mapping[str, tuple] | None = None,
                  log_fn: Callable[[str], None] = logging.info,
                  evaluate: Callable[[int], None] | None = None,
-                 eval_period: int | None = None) -> dict[str, float]:
-  """Trains from ``first_step`` to ``last_step``; returns the metrics of the last window.
+                 eval_period: int | None = None, stop_request: StopRequest | None = None
+                 ) -> LoopResult:
+  """Trains from ``first_step`` to ``last_step``.
 
   Every ``summary_period`` steps the window's metrics go to TensorBoard; every
   ``log_every_secs`` a progress line is logged; ``evaluate(step)`` runs every
-  ``eval_period`` steps; the checkpoint manager saves on its own period. All of
-  them also act at the last step, and no period needs to divide another.
+  ``eval_period`` steps; the checkpoint manager saves as its policy says. All of
+  them also act at the last step, and no period needs to divide another. A
+  non-finite step raises TrainingError (checked one step late, so the device
+  never waits, and before any save). When ``stop_request`` says so, the loop
+  saves a checkpoint at the current step and returns.
   """
   shapes = batch_shapes or {}
   seqs = shapes.get('decoder_target_tokens', (0,))[0]
@@ -173,8 +217,13 @@ def run_training(trainer: Trainer, batches: Iterator[Batch], first_step: int, la
   summary_window, log_window = new_window(), new_window()
   loop_start, last_log = time.perf_counter(), time.perf_counter()
   summary: dict[str, float] = {}
+  previous: tuple[int, models.Metrics] | None = None
+  step, stopped_by = first_step, None
   for step in range(first_step + 1, last_step + 1):
     metrics = trainer.train_step(next(batches))
+    if previous is not None:
+      _check_finite(trainer, *previous)
+    previous = (step, metrics)
     summary_window.add(metrics)
     log_window.add(metrics)
     if step % summary_period == 0 or step == last_step:
@@ -188,9 +237,20 @@ def run_training(trainer: Trainer, batches: Iterator[Batch], first_step: int, la
     if evaluate is not None and eval_period and (step % eval_period == 0 or step == last_step):
       evaluate(step)
       log_window.reset()  # the evaluation's time is not training throughput
-    if checkpoints is not None and (checkpoints.should_save(step) or step == last_step):
-      checkpoints.save(trainer.train_state, force=step == last_step)
+    stop = stop_request is not None and stop_request.requested()
+    if checkpoints is not None and (checkpoints.should_save(step) or step == last_step or stop):
+      _check_finite(trainer, step, metrics)
+      checkpoints.save(trainer.train_state, force=True)
+    if stop:
+      stopped_by = stop_request.signal_name or 'a signal on another process'
+      break
+  if previous is not None:
+    _check_finite(trainer, *previous)
   if checkpoints is not None:
     checkpoints.wait_until_finished()
+  if stopped_by is not None:
+    summary = summary_window.summary() or summary
+    log_fn(f'Stopped by {stopped_by} after step {step}: checkpoint_{step} is saved; rerun the '
+           'same command to resume.')
   trainer.flush()
-  return summary
+  return LoopResult(summary=summary, last_step=step, stopped_by=stopped_by)

@@ -54,17 +54,22 @@ def test_empty_directory_restores_nothing(tmp_path):
 def test_checkpoint_of_another_model_is_a_user_error(tmp_path):
   small = _initializer()
   manager = _manager(tmp_path, small, period=1)
-  manager.save(small.from_scratch(jax.random.PRNGKey(0)))
+  manager.save(small.from_scratch(jax.random.PRNGKey(0)), force=True)
   manager.wait_until_finished()
   manager.close()
   wider = _initializer(testing.tiny_config(emb_dim=32))
   reader = _manager(tmp_path, wider)
-  with pytest.raises(UserError, match='does not match this model'):
+  message = (r'checkpoint_0: parameter decoder/decoder_norm/scale has shape \(16,\) but the model '
+             r'expects \(32,\)')
+  with pytest.raises(UserError, match=message):
     reader.restore()
   reader.close()
-  with pytest.raises(UserError, match=r'parameter decoder/decoder_norm/scale has shape \(16,\) but '
-                     r'the model expects \(32,\)'):
+  with pytest.raises(UserError, match=message):
     checkpoints.restore_from_path(str(tmp_path / 'checkpoint_0'), wider)
+  other_vocab = _initializer(testing.tiny_config(vocab_size=80))
+  with pytest.raises(UserError, match=r"checkpoint_0: its vocabulary has 64 entries but the "
+                     r"model's has 80 \(token_embedder/embedding\)"):
+    checkpoints.restore_from_path(str(tmp_path / 'checkpoint_0'), other_vocab)
 
 
 def test_params_only_checkpoint_restores_params_and_starts_the_optimizer_fresh(tmp_path):
@@ -77,3 +82,65 @@ def test_params_only_checkpoint_restores_params_and_starts_the_optimizer_fresh(t
   jax.tree_util.tree_map(np.testing.assert_array_equal, restored.params, params)
   fresh = initializer.from_scratch(jax.random.PRNGKey(3)).opt_state
   jax.tree_util.tree_map(np.testing.assert_array_equal, restored.opt_state, fresh)
+
+
+def _save_steps(manager, initializer, steps):
+  state = initializer.from_scratch(jax.random.PRNGKey(0))
+  for step in steps:
+    state = state.replace(step=jax.numpy.asarray(step, jax.numpy.int32))
+    manager.save(state)
+  manager.wait_until_finished()
+  manager.close()
+  return state
+
+
+def test_keep_period_and_explicit_steps(tmp_path):
+  initializer = _initializer()
+  manager = _manager(tmp_path, initializer, period=2, keep=2, keep_period=4, steps=(3,))
+  _save_steps(manager, initializer, range(1, 11))
+  # Saved: 2, 3, 4, 6, 8, 10. Kept: the newest two (8, 10) and every multiple of 4 (4, 8).
+  assert manager.all_steps() == [4, 8, 10]
+
+
+def test_bfloat16_checkpoints_restore_into_float32(tmp_path):
+  initializer = _initializer()
+  manager = _manager(tmp_path, initializer, period=1, dtype='bfloat16')
+  state = _save_steps(manager, initializer, [1])
+  saved = checkpoints.saved_tree(str(tmp_path / 'checkpoint_1' / 'state'))
+  assert saved['params']['token_embedder']['embedding'].dtype == jax.numpy.bfloat16
+  restored = _manager(tmp_path, initializer).restore()
+  leaf = restored.params['token_embedder']['embedding']
+  assert leaf.dtype == jax.numpy.float32
+  expected = np.asarray(state.params['token_embedder']['embedding'])
+  np.testing.assert_array_equal(np.asarray(leaf), expected.astype(jax.numpy.bfloat16).astype(np.float32))
+
+
+def test_bad_policy_values_are_user_errors():
+  with pytest.raises(UserError, match="dtype must be one of float32, bfloat16, not 'float16'"):
+    checkpoints.SaveCheckpointConfig(dtype='float16')
+  with pytest.raises(UserError, match='keep must be a positive number'):
+    checkpoints.SaveCheckpointConfig(keep=0)
+
+
+def test_assignment_map_renames_and_drops_parameters(tmp_path):
+  initializer = _initializer()
+  trained = initializer.from_scratch(jax.random.PRNGKey(3))
+  params = jax.tree_util.tree_map(np.asarray, trained.params)
+  # A checkpoint whose decoder layers are named `block_<i>` instead of `layers_<i>`.
+  renamed = dict(params)
+  renamed['decoder'] = {name.replace('layers_', 'block_'): value
+                        for name, value in params['decoder'].items()}
+  checkpoints.save_params(str(tmp_path), renamed, step=5)
+  assignment_map = ((r'decoder/layers_(\d+)/(.*)', r'decoder/block_\1/\2'),
+                    (r'.*relpos_bias.*', None))
+  restored = checkpoints.restore_from_path(str(tmp_path / 'checkpoint_5'), initializer,
+                                           assignment_map, jax.random.PRNGKey(9))
+  np.testing.assert_array_equal(restored.params['decoder']['layers_1']['mlp']['wo']['kernel'],
+                                params['decoder']['layers_1']['mlp']['wo']['kernel'])
+  fresh = initializer.from_scratch(jax.random.PRNGKey(9)).params
+  np.testing.assert_array_equal(restored.params['encoder']['relpos_bias']['rel_embedding'],
+                                fresh['encoder']['relpos_bias']['rel_embedding'])
+  assert not np.array_equal(restored.params['encoder']['relpos_bias']['rel_embedding'],
+                            params['encoder']['relpos_bias']['rel_embedding'])
+  with pytest.raises(UserError, match='has no parameter decoder/layers_0'):
+    checkpoints.restore_from_path(str(tmp_path / 'checkpoint_5'), initializer)
