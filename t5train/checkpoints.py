@@ -95,7 +95,11 @@ def saved_tree(item_dir: str) -> dict[str, Any]:
   except (FileNotFoundError, ValueError) as e:
     raise UserError(f'{os.path.dirname(item_dir)} is not a t5train checkpoint ({e})') from e
   tree = getattr(metadata, 'item_metadata', metadata)
-  return dict(getattr(tree, 'tree', tree))
+  tree = getattr(tree, 'tree', tree)
+  if not isinstance(tree, Mapping):
+    raise UserError(f'{os.path.dirname(item_dir)} is damaged: its metadata cannot be read. '
+                    'Earlier checkpoints are not affected; delete this one to resume from them')
+  return dict(tree)
 
 
 def check_shapes(expected: Mapping[str, Any], saved: Mapping[str, Any], where: str) -> None:
@@ -173,6 +177,19 @@ def select_checkpoints(config: RestoreCheckpointConfig) -> list[tuple[int, str]]
   return found[-1:] if config.mode == 'latest' else found
 
 
+def _restore_error(path: str, error: Exception) -> UserError:
+  """A UserError naming the checkpoint and, where the error says, the array it could not read."""
+  text = str(error)
+  arrays = re.findall(r"'path': '((?:params|opt_state|step)[^']*?)/?'", text)
+  if arrays:
+    name = arrays[0].replace('.', '/')
+    return UserError(f'cannot restore {path}: {name} cannot be read, so the checkpoint is damaged '
+                     '(truncated or corrupt). Earlier checkpoints are not affected; delete this one '
+                     'to resume from them')
+  first = text.strip().splitlines()[0] if text.strip() else repr(error)
+  return UserError(f'cannot restore {path}: {first}')
+
+
 def _restore_partial(path: str, wanted: dict[str, Any]) -> dict[str, Any]:
   """The items of ``wanted`` (abstract arrays with shardings) read from checkpoint ``path``."""
   item_dir = os.path.join(os.path.abspath(path), STATE_ITEM)
@@ -181,8 +198,8 @@ def _restore_partial(path: str, wanted: dict[str, Any]) -> dict[str, Any]:
   try:
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
       return checkpointer.restore(item_dir, args=args)
-  except (ValueError, KeyError, FileNotFoundError) as e:
-    raise UserError(f'cannot restore {path}: {str(e).splitlines()[0] if str(e) else e!r}') from e
+  except Exception as e:  # pylint: disable=broad-except  (Orbax raises bare Exceptions for bad data)
+    raise _restore_error(path, e) from e
 
 
 def _checked_saved_tree(path: str, abstract_params: Any) -> dict[str, Any]:
@@ -370,8 +387,8 @@ class CheckpointManager:
     try:
       args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract)})
       restored = self._manager.restore(step, args=args)[STATE_ITEM]
-    except (ValueError, KeyError, FileNotFoundError) as e:
-      raise UserError(f'cannot restore {path}: {str(e).splitlines()[0] if str(e) else e!r}') from e
+    except Exception as e:  # pylint: disable=broad-except  (Orbax raises bare Exceptions for bad data)
+      raise _restore_error(path, e) from e
     return self._abstract_state.replace_state_dict(restored)
 
   def restore_item(self, step: int, name: str, args: Any) -> bool:

@@ -132,7 +132,8 @@ def call_configured(fn: Callable[[], object], guard: GinCallGuard) -> object:
 class _LibraryChatterFilter(std_logging.Filter):
   """Drops the INFO lines of Orbax, seqio and gin's file search, which drown the progress lines."""
 
-  _QUIET = ('/orbax/', '/seqio/', '/gin/resource_reader', '/jax/_src/xla_bridge')
+  _QUIET = ('/orbax/', '/seqio/', '/gin/resource_reader', '/jax/_src/xla_bridge',
+            '/tensorflow/python/checkpoint/')
 
   def filter(self, record: std_logging.LogRecord) -> bool:
     if str(record.msg).startswith('Metadata file does not exist'):  # harmless, on every restore
@@ -170,6 +171,10 @@ def run(main: Callable[[Sequence[str]], None], program: str) -> None:
       message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
       print(f'{program}: error: {message}', file=sys.stderr)
       logging.flush()
-      sys.exit(2 if isinstance(e, UserError) else 1)
+      sys.stdout.flush()
+      sys.stderr.flush()
+      # Exit without interpreter teardown: Orbax's and TensorFlow's background threads would
+      # print shutdown noise after the message. Nothing is left to write at this point.
+      os._exit(2 if isinstance(e, UserError) else 1)
 
   app.run(main_with_exit_codes, flags_parser=parse_flags)

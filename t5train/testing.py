@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -45,3 +48,8 @@ def random_batch(batch_size: int = 4, input_length: int = 12, target_length: int
 
 def input_shapes(batch: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
   return {name: value.shape for name, value in batch.items()}
+
+
+def nan_learning_rate(from_step: int, base: float = 1e-3) -> Callable[[jax.Array], jax.Array]:
+  """A schedule that is NaN from (0-based) step ``from_step`` on: injects NaN into training."""
+  return lambda step: jnp.where(step >= from_step, jnp.nan, base)

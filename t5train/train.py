@@ -209,20 +209,25 @@ def train(*, model: models.EncoderDecoderModel, train_dataset_cfg: Any,
   if start_step >= total_steps:
     logging.info('Step %d already reaches TRAIN_STEPS=%d; nothing to train.', start_step,
                  total_steps)
+    trainer.close()
   else:
     batches = _training_batches(model, train_dataset_cfg, random_seed, partitioner, manager,
                                 start_step, resumed)
     logging.info('Training steps %d to %d.', start_step + 1, total_steps)
-    with preemption.StopRequest() as stop_request:
-      result = trainer_lib.run_training(
-          trainer, batches, start_step, total_steps, manager, summary_period, log_every_secs,
-          batch_shapes=_input_shapes(model, train_dataset_cfg),
-          evaluate=evaluations or None, eval_period=eval_period, stop_request=stop_request)
-    summary = result.summary
-  trainer.close()
+    try:
+      with preemption.StopRequest() as stop_request:
+        result = trainer_lib.run_training(
+            trainer, batches, start_step, total_steps, manager, summary_period, log_every_secs,
+            batch_shapes=_input_shapes(model, train_dataset_cfg),
+            evaluate=evaluations or None, eval_period=eval_period, stop_request=stop_request)
+      summary = result.summary
+    finally:  # on an error too: let the checkpoints already started finish
+      manager.wait_until_finished()
+      trainer.close()
+      if evaluations is not None:
+        evaluations.close()
   manager.close()
   if evaluations is not None:
-    evaluations.close()
     summary.update(evaluations.results)
   return summary
 

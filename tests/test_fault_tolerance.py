@@ -1,0 +1,176 @@
+"""Nothing lost: real training subprocesses stopped, killed and fed NaN, then resumed.
+
+Each test runs the train binary on tiny.gin and the built-in task and checks
+what must hold afterwards: exact resumes, a checkpoint at a SIGTERM, no broken
+checkpoint after a SIGKILL, a clear stop on NaN.
+"""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from binaries import REPO, SMOKE, read_params, read_scalars, run_train
+
+RUN = SMOKE + ['--gin.SUMMARY_PERIOD=1', '--gin.EVAL_PERIOD=0']
+
+
+def losses(model_dir):
+  return read_scalars(os.path.join(model_dir, 'train'))['loss']
+
+
+def assert_same_params(dir_a, dir_b):
+  a, b = read_params(dir_a), read_params(dir_b)
+  assert sorted(a) == sorted(b)
+  for name in a:
+    np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path):
+  whole, split = str(tmp_path / 'whole'), str(tmp_path / 'split')
+  args = ['--gin.CHECKPOINT_PERIOD=3']
+  assert run_train(*RUN, *args, f"--gin.MODEL_DIR='{whole}'", '--gin.TRAIN_STEPS=6').returncode == 0
+  assert run_train(*RUN, *args, f"--gin.MODEL_DIR='{split}'", '--gin.TRAIN_STEPS=3').returncode == 0
+  resumed = run_train(*RUN, *args, f"--gin.MODEL_DIR='{split}'", '--gin.TRAIN_STEPS=6')
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'Data iterator restored' in resumed.stderr
+  assert losses(split) == losses(whole)  # bit for bit, steps 1 to 6
+  assert_same_params(f'{whole}/checkpoint_6', f'{split}/checkpoint_6')
+
+
+def start_training(model_dir, *args):
+  """The train binary in the background, logging a progress line after every step."""
+  command = [sys.executable, '-m', 't5train.train', *RUN, f"--gin.MODEL_DIR='{model_dir}'",
+             '--gin.train_script.train.log_every_secs=0', *args]
+  return subprocess.Popen(command, cwd=REPO, env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+                          stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+
+
+def wait_for_step(process, step):
+  """Reads the progress lines until step ``step`` is reported; returns the lines read."""
+  lines = []
+  for line in process.stderr:
+    lines.append(line)
+    if f'step {step}/' in line:
+      return lines
+  tail = ''.join(lines[-30:])
+  raise AssertionError(f'training ended before step {step}:\n{tail}')
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_0(tmp_path):
+  model_dir = str(tmp_path)
+  process = start_training(model_dir, '--gin.TRAIN_STEPS=500', '--gin.CHECKPOINT_PERIOD=1000')
+  wait_for_step(process, 3)
+  process.send_signal(signal.SIGTERM)
+  output = process.stderr.read()
+  assert process.wait(timeout=300) == 0, output[-3000:]
+  stopped = [line for line in output.splitlines() if 'Stopped by SIGTERM after step' in line]
+  assert stopped, output[-3000:]
+  step = int(stopped[0].split('after step ')[1].split(':')[0])
+  assert 3 <= step < 500
+  assert sorted(os.listdir(model_dir)) == [f'checkpoint_{step}', 'config.gin', 'model-info.txt',
+                                           'train']
+  resumed = run_train(*RUN, f"--gin.MODEL_DIR='{model_dir}'", f'--gin.TRAIN_STEPS={step + 1}',
+                      '--gin.CHECKPOINT_PERIOD=1000')
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f'Resuming from {model_dir}/checkpoint_{step}' in resumed.stderr
+  assert 'Data iterator restored' in resumed.stderr
+
+
+def test_a_second_signal_exits_at_once(tmp_path):
+  process = start_training(str(tmp_path), '--gin.TRAIN_STEPS=500', '--gin.CHECKPOINT_PERIOD=1000')
+  wait_for_step(process, 2)
+  process.send_signal(signal.SIGTERM)
+  process.send_signal(signal.SIGINT)
+  output = process.stderr.read()
+  status = process.wait(timeout=300)
+  # The two pending signals may be handled in either order; the second one decides.
+  second = signal.Signals(status - 128) if status > 128 else None
+  assert second in (signal.SIGTERM, signal.SIGINT), output[-3000:]
+  assert f'Received a second signal ({second.name}): exiting now' in output
+  assert 'Stopped by' not in output and not any(
+      name.startswith('checkpoint_') for name in os.listdir(tmp_path))
+
+
+@pytest.mark.parametrize('delay', [0.0, 0.4])
+def test_sigkill_never_leaves_a_checkpoint_that_restores_wrongly(tmp_path, delay):
+  model_dir = str(tmp_path)
+  # A checkpoint at every step, written asynchronously: a kill lands in or between saves.
+  process = start_training(model_dir, '--gin.TRAIN_STEPS=500', '--gin.CHECKPOINT_PERIOD=1')
+  wait_for_step(process, 4)
+  time.sleep(delay)
+  process.kill()
+  process.wait(timeout=60)
+  complete = sorted(int(name.split('_')[1]) for name in os.listdir(model_dir)
+                    if name.startswith('checkpoint_') and name.split('_')[1].isdigit())
+  assert complete, os.listdir(model_dir)
+  resumed = run_train(*RUN, f"--gin.MODEL_DIR='{model_dir}'", f'--gin.TRAIN_STEPS={complete[-1] + 1}',
+                      '--gin.CHECKPOINT_PERIOD=1')
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f'Resuming from {model_dir}/checkpoint_{complete[-1]}' in resumed.stderr
+  leftovers = [name for name in os.listdir(model_dir) if 'tmp' in name]
+  assert not leftovers  # unfinished saves were cleaned up
+
+
+NAN_GIN = """
+from __gin__ import dynamic_registration
+from t5train import testing
+from t5train import train as train_script
+
+train_script.train.learning_rate_fn = @testing.nan_learning_rate()
+testing.nan_learning_rate.from_step = 4  # the update of step 5 is NaN
+"""
+
+
+def test_nan_stops_training_and_keeps_the_good_checkpoints(tmp_path):
+  nan_gin = tmp_path / 'nan.gin'
+  nan_gin.write_text(NAN_GIN)
+  model_dir = str(tmp_path / 'run')
+  result = run_train(*RUN, f'--gin_file={nan_gin}', f"--gin.MODEL_DIR='{model_dir}'",
+                     '--gin.TRAIN_STEPS=8', '--gin.CHECKPOINT_PERIOD=1')
+  assert result.returncode == 1, result.stderr[-3000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith('t5train.train: error: the loss or gradients became NaN or infinite at '
+                         'step 5'), last
+  saved = sorted(name for name in os.listdir(model_dir) if name.startswith('checkpoint_'))
+  assert saved == ['checkpoint_1', 'checkpoint_2', 'checkpoint_3', 'checkpoint_4']
+  assert all(np.isfinite(v).all() for v in read_params(f'{model_dir}/checkpoint_4').values())
+
+
+def test_nan_steps_can_be_skipped_and_counted(tmp_path):
+  nan_gin = tmp_path / 'nan.gin'
+  nan_gin.write_text(NAN_GIN)
+  model_dir = str(tmp_path / 'run')
+  result = run_train(*RUN, f'--gin_file={nan_gin}', f"--gin.MODEL_DIR='{model_dir}'",
+                     '--gin.TRAIN_STEPS=6', '--gin.CHECKPOINT_PERIOD=4',
+                     '--gin.train_script.train.skip_nonfinite_steps=True')
+  assert result.returncode == 0, result.stderr[-3000:]
+  skipped = dict(read_scalars(os.path.join(model_dir, 'train'))['nonfinite_step_fraction'])
+  assert skipped == {1: 0.0, 2: 0.0, 3: 0.0, 4: 0.0, 5: 1.0, 6: 1.0}
+  assert_same_params(f'{model_dir}/checkpoint_4', f'{model_dir}/checkpoint_6')  # 5, 6 skipped
+
+
+def test_truncated_checkpoint_is_a_clear_error_and_earlier_ones_survive(tmp_path):
+  model_dir = str(tmp_path)
+  assert run_train(*RUN, f"--gin.MODEL_DIR='{model_dir}'", '--gin.TRAIN_STEPS=4',
+                   '--gin.CHECKPOINT_PERIOD=2').returncode == 0
+  state_dir = os.path.join(model_dir, 'checkpoint_4', 'state')
+  array_files = [os.path.join(root, name) for root, _, names in os.walk(state_dir)
+                 for name in names if os.path.getsize(os.path.join(root, name)) > 100_000]
+  assert array_files
+  for path in array_files:  # the large files hold the arrays; cut them short
+    with open(path, 'r+b') as f:
+      f.truncate(os.path.getsize(path) // 2)
+  result = run_train(*RUN, f"--gin.MODEL_DIR='{model_dir}'", '--gin.TRAIN_STEPS=6')
+  assert result.returncode == 2, result.stderr[-3000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert re.match(rf't5train.train: error: cannot restore {re.escape(model_dir)}/checkpoint_4: '
+                  r'\S+ cannot be read, so the checkpoint is damaged', last), last
+  assert 'Traceback' not in result.stderr
+  assert sorted(os.listdir(model_dir))[:2] == ['checkpoint_2', 'checkpoint_4']
+  earlier = read_params(os.path.join(model_dir, 'checkpoint_2'))
+  assert all(np.isfinite(value).all() for value in earlier.values())
