@@ -85,9 +85,10 @@ def _training_batches(model: models.EncoderDecoderModel, dataset_cfg: Any, rando
   seed = dataset_cfg.seed if dataset_cfg.seed is not None else random_seed
   item_dir = os.path.join(checkpoints.checkpoint_dir(manager.directory, start_step),
                           DATASET_ITEM)
-  saved = resumed and data.has_saved_iterator(item_dir)
+  saved = resumed and manager.save_config.save_dataset and data.has_saved_iterator(item_dir)
   if not saved and start_step:
-    logging.warning('No saved data position for this host in checkpoint_%d: the data stream '
+    logging.warning('Not continuing a saved data position (checkpoint_%d has none for this host, '
+                    'or save_dataset is off): the data stream '
                     'starts afresh (seed %d + step %d).', start_step, seed, start_step)
   config = dataclasses.replace(dataset_cfg, seed=seed if saved else seed + start_step)
   dataset = data.get_dataset(config, model.FEATURE_CONVERTER_CLS, shard_id=layout.shard_id,

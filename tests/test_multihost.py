@@ -7,6 +7,7 @@ that one process resumes from.
 
 import glob
 import os
+import signal
 import subprocess
 import sys
 
@@ -75,9 +76,45 @@ def test_run_files_are_written_once(runs):
 
 def test_one_host_resumes_what_two_hosts_saved(runs):
   two_hosts, one_host, _ = runs
-  for model_dir in (two_hosts, one_host):
-    resumed = run_train(*RUN, f"--gin.MODEL_DIR='{model_dir}'", '--gin.TRAIN_STEPS=5',
+  # The two hosts saved one data position each, which one host cannot continue: its stream
+  # starts afresh (seed + step). The one-host reference is told to start afresh too.
+  for model_dir, extra in ((two_hosts, []), (one_host, [
+      '--gin.checkpoints.SaveCheckpointConfig.save_dataset=False'])):
+    resumed = run_train(*RUN, f"--gin.MODEL_DIR='{model_dir}'", '--gin.TRAIN_STEPS=5', *extra,
                         env=FOUR_DEVICES)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f'Resuming from {model_dir}/checkpoint_4' in resumed.stderr
+    assert 'the data stream starts afresh' in resumed.stderr
   np.testing.assert_allclose(losses(two_hosts)[5], losses(one_host)[5], rtol=1e-5)
+
+
+def test_a_signal_to_one_host_stops_both_after_the_same_step(tmp_path):
+  model_dir = str(tmp_path)
+  command = [os.path.join(REPO, 'scripts', 'launch_local.sh'), '2', '2', sys.executable, '-m',
+             't5train.train', *RUN, f"--gin.MODEL_DIR='{model_dir}'", '--gin.TRAIN_STEPS=500',
+             '--gin.CHECKPOINT_PERIOD=1000', '--gin.train_script.train.log_every_secs=0']
+  launcher = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+  for line in launcher.stdout:
+    if line.startswith('[process 0]') and 'step 3/' in line:
+      break
+  host_1 = []  # process 1's Python process (not the launcher's shells)
+  for pid in os.listdir('/proc'):
+    try:
+      with open(f'/proc/{pid}/cmdline', 'rb') as f:
+        args = f.read().decode(errors='replace').split('\0')
+    except OSError:
+      continue
+    if '--process_index=1' in args and f"--gin.MODEL_DIR='{model_dir}'" in args and 'python' in args[0]:
+      host_1.append(int(pid))
+  assert len(host_1) == 1, host_1
+  os.kill(host_1[0], signal.SIGTERM)
+  output = launcher.stdout.read()
+  assert launcher.wait(timeout=300) == 0, output[-4000:]
+  assert '[process 1]' in output and 'Received SIGTERM' in output
+  stopped = [line for line in output.splitlines() if 'Stopped by a signal on another process' in line]
+  assert stopped, output[-4000:]
+  step = int(stopped[0].split('after step ')[1].split(':')[0])
+  assert os.path.isdir(os.path.join(model_dir, f'checkpoint_{step}'))
+  saved = set(os.listdir(os.path.join(model_dir, f'checkpoint_{step}', 'dataset')))
+  assert {'process_0-of-2.index', 'process_1-of-2.index'} <= saved  # each host's data position
