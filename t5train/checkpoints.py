@@ -6,10 +6,12 @@ is complete, so an interrupted save is never mistaken for a checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -18,7 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from t5train.errors import UserError
+from t5train.errors import TrainingError, UserError
 from t5train.train_state import TrainState, TrainStateInitializer
 
 STEP_PREFIX = 'checkpoint'
@@ -317,6 +319,24 @@ def save_params(directory: str, params: Any, step: int = 0) -> str:
   return target
 
 
+_DISK_FULL = {errno.ENOSPC: 'No space left on device', errno.EFBIG: 'File too large',
+              errno.EDQUOT: 'Disk quota exceeded'}
+
+
+def _disk_full_reason(error: BaseException) -> str | None:
+  """The disk-full message in ``error`` or its causes (TensorStore and TF only give text)."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in _DISK_FULL:
+      return _DISK_FULL[error.errno]
+    for reason in _DISK_FULL.values():
+      if reason in str(error):
+        return reason
+    error = error.__cause__ or error.__context__
+  return None
+
+
 def _cast_floats(tree: Any, dtype: str) -> Any:
   if dtype == 'float32':
     return tree
@@ -336,6 +356,7 @@ class CheckpointManager:
     self._save_config = save_config
     self._abstract_state = _abstract(state_shape, state_shardings)
     self._extra_items: dict[str, Any] = {}
+    self._writing = 0  # the step of the newest save started
     options = ocp.CheckpointManagerOptions(
         max_to_keep=save_config.keep, keep_period=save_config.keep_period,
         step_prefix=STEP_PREFIX, create=True, cleanup_tmp_directories=True,
@@ -374,7 +395,24 @@ class CheckpointManager:
     state_dict = state.state_dict()
     state_dict['params'] = _cast_floats(state_dict['params'], self._save_config.dtype)
     items = {STATE_ITEM: ocp.args.StandardSave(state_dict), **self._extra_items}
-    return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    with self._write_errors(step):
+      saved = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    self._writing = step
+    return saved
+
+  @contextlib.contextmanager
+  def _write_errors(self, step: int) -> Iterator[None]:
+    """A full disk while writing ``step`` becomes a TrainingError that says what is safe."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except
+      reason = _disk_full_reason(e)
+      if reason is None:
+        raise
+      steps = [s for s in self._manager.all_steps() if s != step]
+      kept = f'checkpoint_{max(steps)} and earlier are intact' if steps else 'no checkpoint is lost'
+      raise TrainingError(f'cannot write {checkpoint_dir(self.directory, step)}: the disk is full '
+                          f'({reason}); {kept}. Free some space and rerun to resume') from e
 
   def restore(self, step: int | None = None) -> TrainState | None:
     """The state at ``step`` (default: the newest), in its shardings; None if there is none."""
@@ -399,7 +437,8 @@ class CheckpointManager:
     return True
 
   def wait_until_finished(self) -> None:
-    self._manager.wait_until_finished()
+    with self._write_errors(self._writing):
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
     self._manager.close()

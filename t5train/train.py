@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -102,6 +103,17 @@ def _training_batches(model: models.EncoderDecoderModel, dataset_cfg: Any, rando
   if manager.save_config.save_dataset:
     manager.add_item(DATASET_ITEM, data.DatasetIteratorArgs(batches.iterator))
   return batches
+
+
+def _finish_saves(manager: checkpoints.CheckpointManager) -> None:
+  """Waits for the saves in flight; if another error is already on its way, only logs a failure."""
+  propagating = sys.exc_info()[1] is not None
+  try:
+    manager.wait_until_finished()
+  except Exception:  # pylint: disable=broad-except
+    if not propagating:
+      raise
+    logging.exception('A checkpoint save failed as well.')
 
 
 def _write_operative_config(model_dir: str) -> None:
@@ -223,7 +235,7 @@ def train(*, model: models.EncoderDecoderModel, train_dataset_cfg: Any,
             evaluate=evaluations or None, eval_period=eval_period, stop_request=stop_request)
       summary = result.summary
     finally:  # on an error too: let the checkpoints already started finish
-      manager.wait_until_finished()
+      _finish_saves(manager)
       trainer.close()
       if evaluations is not None:
         evaluations.close()

@@ -7,6 +7,7 @@ checkpoint after a SIGKILL, a clear stop on NaN.
 
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -174,3 +175,27 @@ def test_truncated_checkpoint_is_a_clear_error_and_earlier_ones_survive(tmp_path
   assert sorted(os.listdir(model_dir))[:2] == ['checkpoint_2', 'checkpoint_4']
   earlier = read_params(os.path.join(model_dir, 'checkpoint_2'))
   assert all(np.isfinite(value).all() for value in earlier.values())
+
+
+def _small_files():
+  """In the child: files may not grow past 300 kB, as if the disk were full (EFBIG)."""
+  signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+  resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
+
+
+def test_a_full_disk_stops_with_status_1_and_keeps_earlier_checkpoints(tmp_path):
+  model_dir = str(tmp_path)
+  args = [*RUN, f"--gin.MODEL_DIR='{model_dir}'", '--gin.CHECKPOINT_PERIOD=2']
+  assert run_train(*args, '--gin.TRAIN_STEPS=2').returncode == 0
+  full = subprocess.run([sys.executable, '-m', 't5train.train', *args, '--gin.TRAIN_STEPS=4'],
+                        cwd=REPO, env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, text=True,
+                        capture_output=True, preexec_fn=_small_files, timeout=600)
+  assert full.returncode == 1, full.stderr[-3000:]
+  last = full.stderr.strip().splitlines()[-1]
+  assert last.startswith(f't5train.train: error: cannot write {model_dir}/checkpoint_4: the disk '
+                         'is full (File too large); checkpoint_2 and earlier are intact'), last
+  resumed = run_train(*args, '--gin.TRAIN_STEPS=3')
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f'Resuming from {model_dir}/checkpoint_2' in resumed.stderr
+  assert 'Data iterator restored' in resumed.stderr
+  assert not [name for name in os.listdir(model_dir) if 'tmp' in name]
