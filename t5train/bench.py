@@ -8,6 +8,8 @@ shapes. Training: model FLOPs are counted analytically (see
 ``train_flops_per_step``) and divided by a matrix-multiply rate measured in the
 same run on the same device. Decoding: generated tokens per second for greedy
 and 4-beam search, always to the full length (EOS is never emitted).
+Checkpoints: save and restore seconds and MB/s of the train state, and the step
+time while an asynchronous save is in flight.
 """
 
 from __future__ import annotations
@@ -33,7 +35,10 @@ _DTYPE = flags.DEFINE_string('dtype', 'float32', 'Activation dtype: float32 or b
 _PEER = flags.DEFINE_enum('peer', 'auto', ['auto', 'none', 'transformers'],
                           'Also measure transformers\' PyTorch T5 (auto: if installed).')
 _OUT = flags.DEFINE_string('out', 'docs/bench/cpu.json', 'Where to write the JSON results.')
-_WORKLOADS = flags.DEFINE_list('workloads', ['train', 'decode'], 'train and/or decode.')
+_WORKLOADS = flags.DEFINE_list('workloads', ['train', 'decode', 'checkpoint'],
+                               'Any of train, decode, checkpoint.')
+_CHECKPOINT_SIZES = flags.DEFINE_list('checkpoint_sizes', ['small', 'base'],
+                                      'Model sizes for the checkpoint rows.')
 _DECODE_SIZES = flags.DEFINE_list('decode_sizes', ['small'], 'Model sizes for decoding.')
 _DECODE_BATCHES = flags.DEFINE_list('decode_batch_sizes', ['1', '32'],
                                     'Batch sizes for decoding (latency and throughput).')
@@ -111,8 +116,9 @@ def _jax_matmul_flops(dtype: str) -> float:
   return 2 * n**3 / min(times)
 
 
-def _measure_t5train(size_name: str, batch: int, input_length: int, target_length: int,
-                     steps: int, dtype: str) -> dict[str, Any]:
+def _t5train_setup(size_name: str, batch: int, input_length: int, target_length: int,
+                   dtype: str) -> tuple[Any, Any, Any]:
+  """(trainer, device batch, state initializer) for T5 1.1 of ``size_name`` on random tokens."""
   import jax
   import numpy as np
 
@@ -139,15 +145,23 @@ def _measure_t5train(size_name: str, batch: int, input_length: int, target_lengt
                       optimizers.create_learning_rate_scheduler('constant', 1e-3))
   sharding = partitioner.sharding(partitioner.data_partition_spec)
   device_batch = {k: jax.device_put(v, sharding) for k, v in host_batch.items()}
+  return t, device_batch, initializer
 
-  def timed_step() -> float:
-    start = time.perf_counter()
-    jax.block_until_ready(t.train_step(device_batch))
-    return time.perf_counter() - start
 
-  first = timed_step()
-  timed_step()
-  step_secs = [timed_step() for _ in range(steps)]
+def _timed_step(t: Any, device_batch: Any) -> float:
+  import jax
+  start = time.perf_counter()
+  jax.block_until_ready(t.train_step(device_batch))
+  return time.perf_counter() - start
+
+
+def _measure_t5train(size_name: str, batch: int, input_length: int, target_length: int,
+                     steps: int, dtype: str) -> dict[str, Any]:
+  import jax
+  t, device_batch, _ = _t5train_setup(size_name, batch, input_length, target_length, dtype)
+  first = _timed_step(t, device_batch)
+  _timed_step(t, device_batch)
+  step_secs = [_timed_step(t, device_batch) for _ in range(steps)]
   device = jax.devices()[0]
   stats = device.memory_stats() if device.platform != 'cpu' else None
   memory = stats['peak_bytes_in_use'] / 2**30 if stats else _peak_rss_gib()
@@ -156,6 +170,59 @@ def _measure_t5train(size_name: str, batch: int, input_length: int, target_lengt
                    _jax_matmul_flops(dtype), memory)
   row.update(system='t5train (JAX)', device=str(device.device_kind), jax_version=jax.__version__)
   return row
+
+
+def _directory_bytes(path: str) -> int:
+  return sum(os.path.getsize(os.path.join(root, name))
+             for root, _, names in os.walk(path) for name in names)
+
+
+def _measure_t5train_checkpoint(size_name: str, batch: int, input_length: int,
+                                target_length: int, steps: int, dtype: str) -> dict[str, Any]:
+  """Save and restore times of the whole train state, and the step time while an async save runs."""
+  import tempfile
+
+  import jax
+
+  from t5train import checkpoints
+  t, device_batch, initializer = _t5train_setup(size_name, batch, input_length, target_length,
+                                                dtype)
+  for _ in range(2):
+    _timed_step(t, device_batch)
+  baseline = statistics.median(_timed_step(t, device_batch) for _ in range(steps))
+
+  def manager(directory: str, use_async: bool) -> checkpoints.CheckpointManager:
+    config = checkpoints.SaveCheckpointConfig(period=None, save_dataset=False, use_async=use_async)
+    return checkpoints.CheckpointManager(directory, config, initializer.train_state_shardings,
+                                         initializer.global_train_state_shape)
+
+  with tempfile.TemporaryDirectory() as root:
+    sync = manager(os.path.join(root, 'sync'), use_async=False)
+    start = time.perf_counter()
+    sync.save(t.train_state, force=True)
+    sync.wait_until_finished()
+    save_secs = time.perf_counter() - start
+    step = int(jax.device_get(t.train_state.step))
+    size_bytes = _directory_bytes(checkpoints.checkpoint_dir(sync.directory, step))
+    start = time.perf_counter()
+    jax.block_until_ready(sync.restore(step))
+    restore_secs = time.perf_counter() - start
+    sync.close()
+
+    background = manager(os.path.join(root, 'async'), use_async=True)
+    start = time.perf_counter()
+    background.save(t.train_state, force=True)
+    blocking_secs = time.perf_counter() - start
+    during = [_timed_step(t, device_batch) for _ in range(steps)]
+    background.wait_until_finished()
+    async_total_secs = time.perf_counter() - start
+    background.close()
+  return {'system': 't5train (JAX)', 'checkpoint_mb': size_bytes / 1e6,
+          'save_secs': save_secs, 'save_mb_per_sec': size_bytes / 1e6 / save_secs,
+          'restore_secs': restore_secs, 'restore_mb_per_sec': size_bytes / 1e6 / restore_secs,
+          'async_blocking_secs': blocking_secs, 'async_total_secs': async_total_secs,
+          'step_secs_baseline': baseline, 'step_secs_during_async_save': statistics.median(during),
+          'device': str(jax.devices()[0].device_kind), 'jax_version': jax.__version__}
 
 
 def _measure_transformers(size_name: str, batch: int, input_length: int, target_length: int,
@@ -302,6 +369,7 @@ def _decode_row(secs: list[float], first_secs: float, batch: int, length: int, s
 
 
 _WORKERS = {'t5train': _measure_t5train, 'transformers': _measure_transformers,
+            't5train_checkpoint': _measure_t5train_checkpoint,
             't5train_decode': _measure_t5train_decode,
             'transformers_decode': _measure_transformers_decode}
 
@@ -401,6 +469,32 @@ def _decode_rows(peer: bool, lengths: list[int]) -> list[dict[str, Any]]:
   return rows
 
 
+def _checkpoint_table(rows: list[dict[str, Any]]) -> str:
+  header = (f'{"size":<6} {"MB":>8} {"save s":>7} {"MB/s":>7} {"restore s":>9} {"MB/s":>7} '
+            f'{"async blocks s":>14} {"step s":>7} {"step s during async save":>24}')
+  lines = [header, '-' * len(header)]
+  for r in rows:
+    if 'error' in r:
+      lines.append(f'{r["size"]:<6} failed: {r["error"]}')
+      continue
+    lines.append(
+        f'{r["size"]:<6} {r["checkpoint_mb"]:>8.1f} {r["save_secs"]:>7.2f} '
+        f'{r["save_mb_per_sec"]:>7.1f} {r["restore_secs"]:>9.2f} {r["restore_mb_per_sec"]:>7.1f} '
+        f'{r["async_blocking_secs"]:>14.2f} {r["step_secs_baseline"]:>7.3f} '
+        f'{r["step_secs_during_async_save"]:>24.3f}')
+  return '\n'.join(lines)
+
+
+def _checkpoint_rows(lengths: list[int]) -> list[dict[str, Any]]:
+  rows = []
+  for size in _CHECKPOINT_SIZES.value:
+    row = _run_row('t5train_checkpoint', size, _BATCH.value, lengths, _STEPS.value, _DTYPE.value)
+    row.update(size=size)
+    rows.append(row)
+    print(_checkpoint_table([row]).splitlines()[-1], flush=True)
+  return rows
+
+
 def main(argv: Sequence[str]) -> None:
   del argv
   lengths = [int(x) for x in _LENGTHS.value]
@@ -410,16 +504,18 @@ def main(argv: Sequence[str]) -> None:
     row = measure(*args, _METHOD.value) if _WORKER.value.endswith('_decode') else measure(*args)
     print(json.dumps(row))
     return
-  unknown = (set(_SIZES.value) | set(_DECODE_SIZES.value)) - set(SIZES)
+  unknown = (set(_SIZES.value) | set(_DECODE_SIZES.value) | set(_CHECKPOINT_SIZES.value)) - set(SIZES)
   if unknown:
     raise app.UsageError(f'unknown sizes {sorted(unknown)}; known: {sorted(SIZES)}')
   peer = _PEER.value == 'transformers' or (_PEER.value == 'auto' and _peer_available())
   rows = _train_rows(peer, lengths) if 'train' in _WORKLOADS.value else []
   decode_rows = _decode_rows(peer, lengths) if 'decode' in _WORKLOADS.value else []
+  checkpoint_rows = _checkpoint_rows(lengths) if 'checkpoint' in _WORKLOADS.value else []
   report = {'machine': _machine(),
             'batch_size': _BATCH.value, 'lengths': lengths, 'dtype': _DTYPE.value,
             'timed_steps': _STEPS.value, 'rows': rows,
-            'decode_repeats': _DECODE_REPEATS.value, 'decode_rows': decode_rows}
+            'decode_repeats': _DECODE_REPEATS.value, 'decode_rows': decode_rows,
+            'checkpoint_rows': checkpoint_rows}
   if rows:
     print()
     print(f'train: batch {_BATCH.value}, lengths {lengths[0]}/{lengths[1]}, {_DTYPE.value}, '
@@ -432,6 +528,12 @@ def main(argv: Sequence[str]) -> None:
           f'{_DTYPE.value}, median of {_DECODE_REPEATS.value} decodes; tokens/s counts generated '
           'tokens of the best sequence; beam search with length penalty 0.6')
     print(_decode_table(decode_rows))
+  if checkpoint_rows:
+    print()
+    print('checkpoint: the whole train state (float32 parameters, Adafactor state), Orbax, local '
+          f'disk; step time is the median of {_STEPS.value} steps, with and without a save in '
+          'flight')
+    print(_checkpoint_table(checkpoint_rows))
   if _OUT.value:
     os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
     with open(_OUT.value, 'w') as f:

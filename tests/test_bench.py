@@ -38,3 +38,17 @@ def test_decode_rows_are_measured(tmp_path):
     assert 'error' not in row, row
     assert row['tokens_per_sec'] == pytest.approx(2 * 8 / row['sec_per_decode_median'])
     assert row['sec_per_decode_median'] > 0
+
+
+def test_checkpoint_rows_are_measured(tmp_path):
+  out = tmp_path / 'bench.json'
+  result = subprocess.run(
+      [sys.executable, '-m', 't5train.bench', '--workloads=checkpoint', '--checkpoint_sizes=tiny',
+       '--steps=2', f'--out={out}', '--lengths=16,8'],
+      capture_output=True, text=True, timeout=600, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert result.returncode == 0, result.stderr[-3000:]
+  (row,) = json.loads(out.read_text())['checkpoint_rows']
+  assert 'error' not in row, row
+  assert row['checkpoint_mb'] > 1  # tiny's 32,128 x 8 embedding and logits alone are 2 MB
+  assert row['save_mb_per_sec'] == pytest.approx(row['checkpoint_mb'] / row['save_secs'])
+  assert 0 < row['async_blocking_secs'] <= row['async_total_secs']
