@@ -144,3 +144,27 @@ def test_assignment_map_renames_and_drops_parameters(tmp_path):
                             params['encoder']['relpos_bias']['rel_embedding'])
   with pytest.raises(UserError, match='has no parameter decoder/layers_0'):
     checkpoints.restore_from_path(str(tmp_path / 'checkpoint_5'), initializer)
+
+
+def test_initial_checkpoint_fallback_and_the_warning_when_model_dir_wins(tmp_path, caplog):
+  from t5train import train  # noqa: PLC0415  (the binary's restore logic)
+  initializer = _initializer()
+  rng = jax.random.PRNGKey(0)
+  missing = checkpoints.RestoreCheckpointConfig(path=str(tmp_path / 'nope'), mode='specific')
+  empty = _manager(tmp_path / 'run', initializer)
+  with pytest.raises(UserError, match='does not exist'):
+    train._restore_or_initialize(empty, initializer, missing, rng)
+  fallback = checkpoints.RestoreCheckpointConfig(path=str(tmp_path / 'nope'),
+                                                 fallback_to_scratch=True)
+  state, resumed = train._restore_or_initialize(empty, initializer, fallback, rng)
+  assert not resumed and int(state.step) == 0
+  jax.tree_util.tree_map(np.testing.assert_array_equal, state.params,
+                         initializer.from_scratch(rng).params)
+
+  empty.save(state.replace(step=jax.numpy.asarray(3, jax.numpy.int32)), force=True)
+  empty.wait_until_finished()
+  with caplog.at_level('WARNING'):
+    state, resumed = train._restore_or_initialize(empty, initializer, missing, rng)
+  empty.close()
+  assert resumed and int(state.step) == 3
+  assert 'MODEL_DIR already has checkpoints' in caplog.text and 'IGNORED' in caplog.text
