@@ -14,7 +14,7 @@ LAYERS = {
     'models': 2,
     't5x_checkpoint': 3, 'convert': 5,
     'partitioning': 3, 'optimizers': 3, 'train_state': 3, 'checkpoints': 3, 'data': 3,
-    'tasks': 3, 'metrics': 3, 'model_info': 3, 'multihost': 3, 'preemption': 3,
+    'tasks': 3, 'metrics': 3, 'model_info': 3, 'multihost': 3, 'preemption': 3, 'rng': 3,
     'trainer': 4, 'inference': 4, 'evaluation': 4, 'testing': 4,
     'train': 5, 'infer': 5, 'eval': 5, 'gin_utils': 5, 'bench': 5, 'utils': 5, 'adafactor': 5,
 }

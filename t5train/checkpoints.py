@@ -11,7 +11,7 @@ import dataclasses
 import errno
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -50,6 +50,8 @@ class SaveCheckpointConfig:
   dtype: str = 'float32'
   save_dataset: bool = True
   use_async: bool = True
+  # Functions state_dict -> state_dict applied before ``LegacyCheckpointManager.save``.
+  state_transformation_fns: tuple[Callable[[dict[str, Any]], dict[str, Any]], ...] = ()
 
   def __post_init__(self) -> None:
     if self.dtype not in SAVE_DTYPES:
@@ -131,8 +133,8 @@ def check_shapes(expected: Mapping[str, Any], saved: Mapping[str, Any], where: s
 def flatten_with_names(tree: Any) -> list[tuple[str, Any]]:
   """[('encoder/layers_0/mlp/wi_0/kernel', leaf), ...] in tree order."""
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return [('/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path), leaf)
-          for path, leaf in flat]
+  return [('/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path),
+           leaf) for path, leaf in flat]
 
 
 def find_checkpoints(path: str) -> list[tuple[int, str]]:
@@ -286,22 +288,27 @@ def restore_from_path(path: str, initializer: TrainStateInitializer,
     return _restore_mapped_params(path, initializer, assignment_map,
                                   init_rng if init_rng is not None else jax.random.PRNGKey(0))
   abstract = _abstract(initializer.global_train_state_shape, initializer.train_state_shardings)
-  saved = _checked_saved_tree(path, abstract.params)
-  with_optimizer = 'opt_state' in saved and _same_structure(saved['opt_state'], abstract.opt_state)
-  wanted = {'step': abstract.step, 'params': abstract.params}
-  if with_optimizer:
-    wanted['opt_state'] = abstract.opt_state
-  restored = _restore_partial(path, wanted)
+  restored, with_optimizer = _restore_train_state(path, abstract)
   if with_optimizer:
     return abstract.replace_state_dict(restored)
   logging.info('%s has no matching optimizer state; the optimizer starts fresh.', path)
   return initializer.from_params(restored['params'], restored['step'])
 
 
+def _restore_train_state(path: str, abstract: TrainState) -> tuple[dict[str, Any], bool]:
+  """The step, parameters and (when its structure matches) optimiser state of ``path``."""
+  saved = _checked_saved_tree(path, abstract.params)
+  with_optimizer = 'opt_state' in saved and _same_structure(saved['opt_state'], abstract.opt_state)
+  wanted = {'step': abstract.step, 'params': abstract.params}
+  if with_optimizer:
+    wanted['opt_state'] = abstract.opt_state
+  return _restore_partial(path, wanted), with_optimizer
+
+
 def _same_structure(saved: Any, expected: Any) -> bool:
-  saved_flat, expected_flat = flatten_with_names(saved), flatten_with_names(expected)
-  return [(n, tuple(x.shape)) for n, x in saved_flat] == [
-      (n, tuple(x.shape)) for n, x in expected_flat]
+  """Whether two trees hold the same names with the same shapes (saved trees come key-sorted)."""
+  shapes = lambda tree: {name: tuple(leaf.shape) for name, leaf in flatten_with_names(tree)}
+  return shapes(saved) == shapes(expected)
 
 
 def save_params(directory: str, params: Any, step: int = 0) -> str:
@@ -442,3 +449,70 @@ class CheckpointManager:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def get_fallback_state(restore_cfg: RestoreCheckpointConfig, init_fn: Callable[[jax.Array], Any],
+                       init_rng: jax.Array) -> Any | None:
+  """``init_fn(init_rng)`` when the config may fall back to scratch, else None (T5X's helper)."""
+  return init_fn(init_rng) if restore_cfg.fallback_to_scratch else None
+
+
+class LegacyCheckpointManager:
+  """T5X's notebook-facing checkpoint manager, over ``CheckpointManager``.
+
+  ``train_state_shape`` is ``TrainStateInitializer.global_train_state_shape``, whose
+  leaves carry their shardings. Saves wait until the checkpoint is written.
+  """
+
+  def __init__(self, save_cfg: SaveCheckpointConfig | None, restore_cfg: RestoreCheckpointConfig,
+               train_state_shape: TrainState, partitioner: Any = None, ds_iter: Any = None,
+               model_dir: str | None = None):
+    del partitioner  # the shardings come with train_state_shape
+    if ds_iter is not None:
+      raise UserError('LegacyCheckpointManager saves no data iterator; pass ds_iter=None (the '
+                      'train binary saves iterators itself)')
+    self._restore_cfg = restore_cfg
+    self._shape = train_state_shape
+    shardings = jax.tree_util.tree_map(lambda leaf: leaf.sharding, train_state_shape)
+    self._manager = None
+    if save_cfg is not None and model_dir is not None:
+      self._manager = CheckpointManager(model_dir, dataclasses.replace(save_cfg, save_dataset=False),
+                                        shardings, train_state_shape)
+
+  def restore(self, paths: Sequence[str | None], restore_cfg: RestoreCheckpointConfig,
+              fallback_state: Mapping[str, Any] | None = None) -> TrainState | None:
+    """The state in the first of ``paths`` (by ``restore_cfg.mode``), or None if none is given.
+
+    A checkpoint without a matching optimiser state takes it from ``fallback_state``.
+    """
+    paths = [path for path in paths if path]
+    if not paths:
+      return None
+    try:
+      _, path = select_checkpoints(dataclasses.replace(restore_cfg, path=paths[0]))[-1]
+    except UserError:
+      if restore_cfg.fallback_to_scratch:
+        return None
+      raise
+    abstract = TrainState(step=self._shape.step, params=self._shape.params,
+                          opt_state=self._shape.opt_state)
+    restored, with_optimizer = _restore_train_state(path, abstract)
+    if with_optimizer:
+      return abstract.replace_state_dict(restored)
+    if fallback_state is None:
+      raise UserError(f'{path} has no optimizer state for this optimizer; set '
+                      'RestoreCheckpointConfig.fallback_to_scratch to start the optimizer fresh')
+    return TrainState(step=restored['step'], params=restored['params'],
+                      opt_state=fallback_state['opt_state'])
+
+  def save(self, train_state: TrainState,
+           state_transformation_fns: Sequence[Callable[[dict[str, Any]], dict[str, Any]]] = ()
+           ) -> None:
+    """Writes ``train_state`` (after the transformations) at its step and waits for it."""
+    if self._manager is None:
+      raise UserError('this LegacyCheckpointManager has no save_cfg and model_dir to save to')
+    state_dict = train_state.state_dict()
+    for transform in state_transformation_fns:
+      state_dict = transform(state_dict)
+    self._manager.save(train_state.replace_state_dict(state_dict), force=True)
+    self._manager.wait_until_finished()

@@ -26,11 +26,25 @@ def _rows(shapes: object, logical: object, mesh: object) -> list[tuple[str, tupl
   return rows
 
 
-def model_info_text(state_shape: TrainState, logical_axes: TrainState,
+def _spec_of(leaf: object) -> PartitionSpec:
+  sharding = getattr(leaf, 'sharding', None)
+  return getattr(sharding, 'spec', PartitionSpec())
+
+
+def model_info_text(state_shape: TrainState, logical_axes: TrainState | None,
                     partitioner: PjitPartitioner) -> str:
-  """One line per parameter (then per optimiser slot) and their totals."""
-  mesh_axes = partitioner.logical_to_mesh_axes(logical_axes)
+  """One line per parameter (then per optimiser slot) and their totals.
+
+  Without ``logical_axes`` (T5X's three-argument call) the mesh axes come from the
+  shapes' own shardings and the logical axes show as ().
+  """
   lines = []
+  if logical_axes is None:
+    mesh_axes = jax.tree_util.tree_map(_spec_of, state_shape)
+    logical_axes = jax.tree_util.tree_map(lambda _: PartitionSpec(), state_shape)
+    lines.append('# Logical axes not given; mesh axes from the shardings.')
+  else:
+    mesh_axes = partitioner.logical_to_mesh_axes(logical_axes)
   for title, field in (('Parameters', 'params'), ('Optimizer state', 'opt_state')):
     rows = _rows(getattr(state_shape, field), getattr(logical_axes, field),
                  getattr(mesh_axes, field))
@@ -46,9 +60,6 @@ def model_info_text(state_shape: TrainState, logical_axes: TrainState,
 def log_model_info(log_file: str | None, full_train_state: TrainState,
                    partitioner: PjitPartitioner, logical_axes: TrainState | None = None) -> str:
   """Writes ``model_info_text`` to ``log_file`` (process 0 only) and returns it."""
-  if logical_axes is None:
-    raise ValueError('log_model_info needs the logical axes of the train state '
-                     '(TrainStateInitializer.train_state_logical_axes)')
   text = model_info_text(full_train_state, logical_axes, partitioner)
   if log_file and multihost.is_primary():
     os.makedirs(os.path.dirname(log_file) or '.', exist_ok=True)

@@ -8,6 +8,7 @@ a coordinator address, process count and process id it joins that group.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 from absl import logging
@@ -37,3 +38,10 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 def is_primary() -> bool:
   """Whether this process writes the files that exist once per run (summaries, configs)."""
   return jax.process_index() == 0
+
+
+def get_local_data(x: Any) -> Any:
+  """This process's copy of ``x``: one addressable shard of a global jax.Array, else ``x``."""
+  if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+    return x.addressable_data(0)
+  return x

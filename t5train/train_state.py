@@ -94,6 +94,10 @@ class TrainStateInitializer:
                                       'train state variable')
     self.train_state_shardings: TrainState = self._partitioner.mesh_shardings(
         self.train_state_axes)
+    # The shapes also say where each array lives, so a checkpoint manager needs nothing else.
+    self.global_train_state_shape = jax.tree_util.tree_map(
+        lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding),
+        self.global_train_state_shape, self.train_state_shardings)
     self._initialize = self._partitioner.partition(
         initialize, in_shardings=self._partitioner.sharding(PartitionSpec()),
         out_shardings=self.train_state_shardings)

@@ -73,6 +73,10 @@ def _loss_and_grads(model: models.EncoderDecoderModel, params: Any, batch: Batch
 NONFINITE = 'nonfinite_step_fraction'
 
 
+class PreemptionError(Exception):
+  """Training was asked to stop (T5X's name; callers save an emergency checkpoint on it)."""
+
+
 def train_step(model: models.EncoderDecoderModel, tx: optax.GradientTransformation,
                learning_rate_fn: LearningRateFn, num_microbatches: int | None,
                skip_nonfinite: bool, state: TrainState, batch: Batch, rng: jax.Array
@@ -136,6 +140,8 @@ class Trainer:
     """Runs ``num_steps`` steps, writes one TensorBoard summary, returns the metrics."""
     window = MetricsWindow()
     for _ in range(num_steps):
+      if self.stop_training:
+        raise PreemptionError('training was asked to stop (Trainer.stop_training)')
       window.add(self.train_step(next(batch_iter)))
     summary = window.summary()
     step = start_step + num_steps if start_step is not None else int(self.train_state.step)

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from t5train import checkpoints, partitioning, testing, train_state
+from t5train import checkpoints, optimizers, partitioning, testing, train_state
 from t5train.errors import UserError
 
 
@@ -168,3 +168,20 @@ def test_initial_checkpoint_fallback_and_the_warning_when_model_dir_wins(tmp_pat
   empty.close()
   assert resumed and int(state.step) == 3
   assert 'MODEL_DIR already has checkpoints' in caplog.text and 'IGNORED' in caplog.text
+
+
+def test_an_initial_checkpoint_restores_the_optimizer_state_too(tmp_path):
+  model = testing.tiny_model(optimizer_def=optimizers.Adafactor(min_dim_size_to_factor=8))
+  initializer = train_state.TrainStateInitializer(
+      model.optimizer_def, model.get_initial_variables,
+      testing.input_shapes(testing.random_batch()), partitioner=partitioning.PjitPartitioner())
+  state = initializer.from_scratch(jax.random.PRNGKey(0))
+  # Non-zero moments, so that a fresh optimizer state would differ.
+  state = state.replace(step=jax.numpy.asarray(7, jax.numpy.int32), opt_state=jax.tree_util.tree_map(
+      lambda x: x + 0.5 if jax.numpy.issubdtype(x.dtype, jax.numpy.floating) else x, state.opt_state))
+  manager = _manager(tmp_path, initializer, period=1)
+  manager.save(state, force=True)
+  manager.wait_until_finished()
+  manager.close()
+  restored = checkpoints.restore_from_path(str(tmp_path / 'checkpoint_7'), initializer)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, restored.opt_state, state.opt_state)
