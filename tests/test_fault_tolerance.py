@@ -7,7 +7,6 @@ checkpoint after a SIGKILL, a clear stop on NaN.
 
 import os
 import re
-import resource
 import signal
 import subprocess
 import sys
@@ -177,19 +176,19 @@ def test_truncated_checkpoint_is_a_clear_error_and_earlier_ones_survive(tmp_path
   assert all(np.isfinite(value).all() for value in earlier.values())
 
 
-def _small_files():
-  """In the child: files may not grow past 300 kB, as if the disk were full (EFBIG)."""
-  signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-  resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
+# Files may not grow past 300 kB, as if the disk were full: writes fail with EFBIG (SIGXFSZ is
+# ignored so that they fail rather than kill the process).
+SMALL_FILES = ['bash', '-c', 'trap "" XFSZ; ulimit -f 300; exec "$@"', 'bash']
 
 
 def test_a_full_disk_stops_with_status_1_and_keeps_earlier_checkpoints(tmp_path):
   model_dir = str(tmp_path)
   args = [*RUN, f"--gin.MODEL_DIR='{model_dir}'", '--gin.CHECKPOINT_PERIOD=2']
   assert run_train(*args, '--gin.TRAIN_STEPS=2').returncode == 0
-  full = subprocess.run([sys.executable, '-m', 't5train.train', *args, '--gin.TRAIN_STEPS=4'],
+  full = subprocess.run([*SMALL_FILES, sys.executable, '-m', 't5train.train', *args,
+                         '--gin.TRAIN_STEPS=4'],
                         cwd=REPO, env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, text=True,
-                        capture_output=True, preexec_fn=_small_files, timeout=600)
+                        capture_output=True, timeout=600)
   assert full.returncode == 1, full.stderr[-3000:]
   last = full.stderr.strip().splitlines()[-1]
   assert last.startswith(f't5train.train: error: cannot write {model_dir}/checkpoint_4: the disk '
