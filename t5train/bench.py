@@ -225,18 +225,17 @@ def _measure_t5train_checkpoint(size_name: str, batch: int, input_length: int,
           'device': str(jax.devices()[0].device_kind), 'jax_version': jax.__version__}
 
 
-def _measure_transformers(size_name: str, batch: int, input_length: int, target_length: int,
-                          steps: int, dtype: str) -> dict[str, Any]:
+def _transformers_t5(size: dict[str, Any], dtype: str) -> tuple[Any, str]:
+  """transformers' T5 1.1 of ``size`` (seed 0) on the GPU if there is one, and that device."""
   import torch
   import transformers
-  size = SIZES[size_name]
   torch.manual_seed(0)
   config = transformers.T5Config(
       vocab_size=size['vocab_size'], d_model=size['emb_dim'], d_kv=size['head_dim'],
       d_ff=size['mlp_dim'], num_layers=size['num_encoder_layers'],
       num_decoder_layers=size['num_decoder_layers'], num_heads=size['num_heads'],
       feed_forward_proj='gated-gelu', dropout_rate=0.0, tie_word_embeddings=False,
-      decoder_start_token_id=0)
+      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
   torch_dtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[dtype]
   model = transformers.T5ForConditionalGeneration(config)
@@ -244,7 +243,16 @@ def _measure_transformers(size_name: str, batch: int, input_length: int, target_
   # drives gradients into subnormal floats on CPUs and would make PyTorch look 3x slower.
   model.lm_head.weight = torch.nn.Parameter(torch.randn(size['vocab_size'], size['emb_dim']) *
                                             size['emb_dim']**-0.5)
-  model = model.to(device=device, dtype=torch_dtype).train()
+  return model.to(device=device, dtype=torch_dtype), device
+
+
+def _measure_transformers(size_name: str, batch: int, input_length: int, target_length: int,
+                          steps: int, dtype: str) -> dict[str, Any]:
+  import torch
+  import transformers
+  size = SIZES[size_name]
+  model, device = _transformers_t5(size, dtype)
+  model = model.train()
   optimizer = transformers.optimization.Adafactor(model.parameters(), lr=1e-3,
                                                   relative_step=False, scale_parameter=True,
                                                   warmup_init=False)
@@ -325,19 +333,8 @@ def _measure_transformers_decode(size_name: str, batch: int, input_length: int,
   import torch
   import transformers
   size = SIZES[size_name]
-  torch.manual_seed(0)
-  config = transformers.T5Config(
-      vocab_size=size['vocab_size'], d_model=size['emb_dim'], d_kv=size['head_dim'],
-      d_ff=size['mlp_dim'], num_layers=size['num_encoder_layers'],
-      num_decoder_layers=size['num_decoder_layers'], num_heads=size['num_heads'],
-      feed_forward_proj='gated-gelu', dropout_rate=0.0, tie_word_embeddings=False,
-      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
-  device = 'cuda' if torch.cuda.is_available() else 'cpu'
-  torch_dtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[dtype]
-  model = transformers.T5ForConditionalGeneration(config)
-  model.lm_head.weight = torch.nn.Parameter(torch.randn(size['vocab_size'], size['emb_dim']) *
-                                            size['emb_dim']**-0.5)
-  model = model.to(device=device, dtype=torch_dtype).eval()
+  model, device = _transformers_t5(size, dtype)
+  model = model.eval()
   gen = torch.Generator().manual_seed(0)
   inputs = torch.randint(2, size['vocab_size'], (batch, input_length), generator=gen).to(device)
   beams = _beams(method)

@@ -20,6 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from t5train import hf_interop
 from t5train.errors import TrainingError, UserError
 from t5train.train_state import TrainState, TrainStateInitializer
 
@@ -235,17 +236,6 @@ def _mapped_sources(names: Sequence[str], assignment_map: AssignmentMap) -> dict
   return sources
 
 
-def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
-  tree: dict[str, Any] = {}
-  for name, leaf in flat.items():
-    *parents, last = name.split('/')
-    node = tree
-    for key in parents:
-      node = node.setdefault(key, {})
-    node[last] = leaf
-  return tree
-
-
 def _restore_mapped_params(path: str, initializer: TrainStateInitializer,
                            assignment_map: AssignmentMap, init_rng: jax.Array) -> TrainState:
   """Parameters renamed or left fresh by ``assignment_map``; the optimiser starts fresh."""
@@ -256,7 +246,7 @@ def _restore_mapped_params(path: str, initializer: TrainStateInitializer,
   sources = _mapped_sources(list(expected), assignment_map)
   wanted = {source: expected[name] for name, source in sources.items() if source is not None}
   check_shapes(wanted, {source: saved[source] for source in wanted if source in saved}, path)
-  restored = dict(flatten_with_names(_restore_partial(path, {'params': _nest(wanted)})['params']))
+  restored = dict(flatten_with_names(_restore_partial(path, {'params': hf_interop.nest(wanted)})['params']))
   fresh = initializer.from_scratch(init_rng)
   fresh_flat = dict(flatten_with_names(fresh.params))
   skipped = sorted(name for name, source in sources.items() if source is None)
