@@ -11,6 +11,7 @@ import dataclasses
 import errno
 import os
 import re
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -200,11 +201,36 @@ def _restore_partial(path: str, wanted: dict[str, Any]) -> dict[str, Any]:
   item_dir = os.path.join(os.path.abspath(path), STATE_ITEM)
   args = ocp.args.PyTreeRestore(item=wanted, partial_restore=True,
                                 restore_args=ocp.checkpoint_utils.construct_restore_args(wanted))
+  _ignore_abandoned_reads()
   try:
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
       return checkpointer.restore(item_dir, args=args)
   except Exception as e:  # pylint: disable=broad-except  (Orbax raises bare Exceptions for bad data)
     raise _restore_error(path, e) from e
+
+
+def _is_abandoned_read(report: Any) -> bool:
+  """Whether an unraisable-exception report comes from a read of a restore that already failed:
+  its completion reaching a closed event loop, or its coroutine collected unfinished."""
+  if isinstance(report.exc_value, RuntimeError) and str(report.exc_value) == 'Event loop is closed':
+    return True
+  code = getattr(report.object, 'cr_code', None)
+  return code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename
+
+
+def _ignore_abandoned_reads() -> None:
+  """Silences the reads a failed restore leaves in flight: they finish after Orbax has closed its
+  event loop, and Python would print a traceback for each after the restore error."""
+  previous = sys.unraisablehook
+  if getattr(previous, 'ignores_abandoned_reads', False):
+    return
+
+  def hook(report: Any) -> None:
+    if not _is_abandoned_read(report):
+      previous(report)
+
+  hook.ignores_abandoned_reads = True
+  sys.unraisablehook = hook
 
 
 def _checked_saved_tree(path: str, abstract_params: Any) -> dict[str, Any]:
@@ -419,6 +445,7 @@ class CheckpointManager:
     path = checkpoint_dir(self.directory, step)
     _checked_saved_tree(path, self._abstract_state.params)
     abstract = self._abstract_state.state_dict()
+    _ignore_abandoned_reads()
     try:
       args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract)})
       restored = self._manager.restore(step, args=args)[STATE_ITEM]
