@@ -468,6 +468,37 @@ class CheckpointManager:
     self._manager.close()
 
 
+def restore_or_initialize(manager: CheckpointManager, initializer: TrainStateInitializer,
+                          restore_cfg: RestoreCheckpointConfig | None,
+                          init_rng: jax.Array) -> tuple[TrainState, bool]:
+  """The state to start from, and whether it is the directory's own (a resume).
+
+  The newest checkpoint in the manager's directory wins; then ``restore_cfg``'s
+  path; then a fresh state from ``init_rng``.
+  """
+  state = manager.restore()
+  if state is not None:
+    step = int(state.step)
+    logging.info('Resuming from %s.', checkpoint_dir(manager.directory, step))
+    if restore_cfg is not None and restore_cfg.path:
+      logging.warning('*** %s already has checkpoints, so the run resumes from step %d and '
+                      'the initial checkpoint %s is IGNORED. Use a new directory to start from '
+                      'it. ***', manager.directory, step, restore_cfg.path)
+    return state, True
+  if restore_cfg is not None and restore_cfg.path:
+    try:
+      _, path = select_checkpoints(restore_cfg)[-1]
+    except UserError as e:
+      if not restore_cfg.fallback_to_scratch:
+        raise
+      logging.warning('%s; starting from scratch (fallback_to_scratch).', e)
+      return initializer.from_scratch(init_rng), False
+    logging.info('Initialising from %s.', path)
+    return restore_from_path(path, initializer, restore_cfg.assignment_map, init_rng), False
+  logging.info('Initialising from scratch.')
+  return initializer.from_scratch(init_rng), False
+
+
 def get_fallback_state(restore_cfg: RestoreCheckpointConfig, init_fn: Callable[[jax.Array], Any],
                        init_rng: jax.Array) -> Any | None:
   """``init_fn(init_rng)`` when the config may fall back to scratch, else None (T5X's helper)."""

@@ -42,35 +42,6 @@ def _input_shapes(model: models.EncoderDecoderModel, dataset_cfg: Any) -> dict[s
   return model.input_shapes(dataset_cfg.batch_size, dataset_cfg.task_feature_lengths)
 
 
-def _restore_or_initialize(manager: checkpoints.CheckpointManager,
-                           initializer: train_state_lib.TrainStateInitializer,
-                           restore_cfg: checkpoints.RestoreCheckpointConfig | None,
-                           init_rng: jax.Array) -> tuple[train_state_lib.TrainState, bool]:
-  """The state to start from, and whether it is this run's own (a resume)."""
-  state = manager.restore()
-  if state is not None:
-    step = int(state.step)
-    logging.info('Resuming from %s.', checkpoints.checkpoint_dir(manager.directory, step))
-    if restore_cfg is not None and restore_cfg.path:
-      logging.warning('*** MODEL_DIR already has checkpoints, so the run resumes from step %d and '
-                      'the initial checkpoint %s is IGNORED. Use a new MODEL_DIR to start from '
-                      'it. ***', step, restore_cfg.path)
-    return state, True
-  if restore_cfg is not None and restore_cfg.path:
-    try:
-      _, path = checkpoints.select_checkpoints(restore_cfg)[-1]
-    except UserError as e:
-      if not restore_cfg.fallback_to_scratch:
-        raise
-      logging.warning('%s; starting from scratch (fallback_to_scratch).', e)
-      return initializer.from_scratch(init_rng), False
-    logging.info('Initialising from %s.', path)
-    return checkpoints.restore_from_path(path, initializer, restore_cfg.assignment_map,
-                                         init_rng), False
-  logging.info('Initialising from scratch.')
-  return initializer.from_scratch(init_rng), False
-
-
 def _training_batches(model: models.EncoderDecoderModel, dataset_cfg: Any, random_seed: int,
                       partitioner: partitioning.PjitPartitioner,
                       manager: checkpoints.CheckpointManager, start_step: int,
@@ -204,7 +175,8 @@ def train(*, model: models.EncoderDecoderModel, train_dataset_cfg: Any,
   manager = checkpoints.CheckpointManager(model_dir, checkpoint_cfg,
                                           initializer.train_state_shardings,
                                           initializer.global_train_state_shape)
-  state, resumed = _restore_or_initialize(manager, initializer, restore_checkpoint_cfg, init_rng)
+  state, resumed = checkpoints.restore_or_initialize(
+      manager, initializer, restore_checkpoint_cfg, init_rng)
   start_step = int(jax.device_get(state.step))
 
   learning_rate_fn = learning_rate_fn or optimizers.create_learning_rate_scheduler()

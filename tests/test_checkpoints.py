@@ -151,16 +151,15 @@ def test_assignment_map_renames_and_drops_parameters(tmp_path):
 
 
 def test_initial_checkpoint_fallback_and_the_warning_when_model_dir_wins(tmp_path, caplog):
-  from t5train import train  # noqa: PLC0415  (the binary's restore logic)
   initializer = _initializer()
   rng = jax.random.PRNGKey(0)
   missing = checkpoints.RestoreCheckpointConfig(path=str(tmp_path / 'nope'), mode='specific')
   empty = _manager(tmp_path / 'run', initializer)
   with pytest.raises(UserError, match='does not exist'):
-    train._restore_or_initialize(empty, initializer, missing, rng)
+    checkpoints.restore_or_initialize(empty, initializer, missing, rng)
   fallback = checkpoints.RestoreCheckpointConfig(path=str(tmp_path / 'nope'),
                                                  fallback_to_scratch=True)
-  state, resumed = train._restore_or_initialize(empty, initializer, fallback, rng)
+  state, resumed = checkpoints.restore_or_initialize(empty, initializer, fallback, rng)
   assert not resumed and int(state.step) == 0
   jax.tree_util.tree_map(np.testing.assert_array_equal, state.params,
                          initializer.from_scratch(rng).params)
@@ -168,10 +167,10 @@ def test_initial_checkpoint_fallback_and_the_warning_when_model_dir_wins(tmp_pat
   empty.save(state.replace(step=jax.numpy.asarray(3, jax.numpy.int32)), force=True)
   empty.wait_until_finished()
   with caplog.at_level('WARNING'):
-    state, resumed = train._restore_or_initialize(empty, initializer, missing, rng)
+    state, resumed = checkpoints.restore_or_initialize(empty, initializer, missing, rng)
   empty.close()
   assert resumed and int(state.step) == 3
-  assert 'MODEL_DIR already has checkpoints' in caplog.text and 'IGNORED' in caplog.text
+  assert f'{tmp_path / "run"} already has checkpoints' in caplog.text and 'IGNORED' in caplog.text
 
 
 def test_an_initial_checkpoint_restores_the_optimizer_state_too(tmp_path):
