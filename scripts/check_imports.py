@@ -17,8 +17,9 @@ LAYERS = {
     'tasks': 3, 'metrics': 3, 'model_info': 3, 'multihost': 3, 'preemption': 3, 'rng': 3,
     'trainer': 4, 'inference': 4, 'evaluation': 4, 'testing': 4,
     'train': 5, 'infer': 5, 'eval': 5, 'gin_utils': 5, 'bench': 5, 'utils': 5, 'adafactor': 5,
+    'interactive_model': 5,
 }
-TF_ALLOWED = {'data', 'tasks'}  # others import seqio / tensorflow lazily, inside functions
+TF_ALLOWED = {'data', 'tasks', 'interactive_model'}  # others import seqio / tensorflow lazily
 HEAVY = {'tensorflow', 'seqio'}
 
 

@@ -1,0 +1,163 @@
+"""InteractiveModel: training on a handful of examples, its checkpoints, and agreement with the
+train, infer and eval binaries run on configs generated from it."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from binaries import read_params, read_scalars, run_binary, run_train
+from test_notebook_api import build_model
+
+import gin
+from t5train import gin_utils, partitioning, tasks
+from t5train import interactive_model as im_lib
+
+# The notebook's eight question / answer pairs.
+QA = [
+    {'target': b'Ajay Tyagi',
+     'input': b'nq question: who has been appointed as the new chairman of sebi'},
+    {'target': b'C. S. Lewis',
+     'input': b'nq question: who wrote the book lion the witch and the wardrobe'},
+    {'target': b'29', 'input': b'nq question: how many planes did japan lose at pearl harbor'},
+    {'target': b'Jack Keil', 'input': b'nq question: who does the voice of mcgruff the dog'},
+    {'target': b'Journey', 'input': b'nq question: who sings the wheels in the sky keep on turning'},
+    {'target': b'Kumiko Watanabe',
+     'input': b'nq question: who voices regina in glitter force doki doki'},
+    {'target': b'during World War II',
+     'input': b'nq question: when did the us become allies with britain'},
+    {'target': b'the United States', 'input': b'nq question: who won the rugby 7 in las vegas'},
+]
+
+
+def qa_model(output_dir, **kwargs):
+  return im_lib.InteractiveModel(
+      batch_size=8, task_feature_lengths={'inputs': 64, 'targets': 16}, output_dir=str(output_dir),
+      partitioner=partitioning.PjitPartitioner(num_partitions=1), model=build_model(), **kwargs)
+
+
+def assert_same_params(a, b):
+  jax.tree_util.tree_map(np.testing.assert_array_equal, a.train_state.params, b.train_state.params)
+
+
+def test_loss_falls_and_a_saved_checkpoint_restores_elsewhere(tmp_path):
+  im = qa_model(tmp_path / 'a', checkpoint_period=0)
+  with pytest.raises(ValueError, match='At least one batch of data must be provided'):
+    im.train_step(QA[:7])
+  losses = []
+  for _ in range(50):
+    im.train_step(QA)
+    losses.append(im.train_summary['loss'])
+  assert im.step == 50
+  assert losses[-1] < 0.9 * losses[0] and losses[-1] < min(losses[:10])
+  assert not [name for name in os.listdir(tmp_path / 'a') if name.startswith('checkpoint_')]
+
+  im.save_checkpoint()
+  restored = qa_model(tmp_path / 'b', checkpoint_path=str(tmp_path / 'a' / 'checkpoint_50'))
+  assert restored.step == 50
+  assert_same_params(restored, im)
+  assert restored.predict_with_aux(QA[:2])[0][0][1] == im.predict_with_aux(QA[:2])[0][0][1]
+
+
+def test_each_step_checkpoints_and_a_new_model_resumes_from_the_output_dir(tmp_path):
+  im = qa_model(tmp_path)
+  predictions, scores, metrics = im.train_loop(
+      num_steps=2, train_batches=QA, score_batches=[QA[:3]], eval_batches=[QA],
+      metrics_fns=[tasks.exact_match, tasks.mean_log_likelihood])
+  assert predictions is None
+  assert [len(scores), set(metrics)] == [3, {'exact_match', 'log_likelihood'}]
+  assert sorted(name for name in os.listdir(tmp_path) if name.startswith('checkpoint_')) == [
+      'checkpoint_1', 'checkpoint_2']
+  again = qa_model(tmp_path)
+  assert again.step == 2
+  assert_same_params(again, im)
+
+
+def test_predictions_scores_and_metric_signatures(tmp_path):
+  im = qa_model(tmp_path, checkpoint_period=0)
+  predicted, aux = im.predict_with_aux(['nq question: who wrote hamlet'] + QA[:2])
+  assert len(predicted) == 3 and all(isinstance(text, bytes) for _, text in predicted)
+  assert predicted[0][0]['inputs_pretokenized'] == b'nq question: who wrote hamlet'
+  assert len(aux['scores']) == 3 and all(score < 0 for score in aux['scores'])
+  scores = [score for _, score in im.score(QA[:3])]
+  assert len(scores) == 3 and all(score < 0 for score in scores)
+
+  def with_aux(targets, predictions, aux_values):
+    return {'examples': len(targets), 'mean_score': float(np.mean(aux_values['scores']))}
+
+  metrics = im.evaluate(QA[:3], [tasks.mean_log_likelihood, with_aux])
+  assert metrics['examples'] == 3
+  np.testing.assert_allclose(metrics['log_likelihood'], np.mean(scores), rtol=1e-6)
+  with pytest.raises(ValueError, match="must take \\('targets', 'predictions'\\)"):
+    im.evaluate(QA[:3], [lambda x, y: {}])
+
+
+def _tiny_model():
+  gin.clear_config()
+  gin_utils.parse_gin(['gin/models/t5_1_1/tiny.gin'], [], search_paths=[gin_utils.REPO_ROOT])
+  model = gin.query_parameter('%MODEL').scoped_configurable_fn()
+  gin.clear_config()
+  return model
+
+
+def _write_config(im, script_type, path, **kwargs):
+  text = im_lib.get_gin_config_from_interactive_model(
+      im, script_type, task_name='sort_digits',
+      partitioner_config_str='partitioning.PjitPartitioner.num_partitions = 1',
+      model_config_str='', imports_str="include 'models/t5_1_1/tiny.gin'", **kwargs)
+  path.write_text(text)
+  return f'--gin_file={path}'
+
+
+def test_generated_configs_reproduce_it_in_the_binaries(tmp_path):
+  im = im_lib.InteractiveModel(
+      batch_size=8, task_feature_lengths={'inputs': 16, 'targets': 16},
+      output_dir=str(tmp_path / 'im'), partitioner=partitioning.PjitPartitioner(num_partitions=1),
+      model=_tiny_model(), checkpoint_period=0)
+  # The train binary reads the task unshuffled with the seed of RANDOM_SEED (the model's seed).
+  batches = im_lib.get_batches_from_seqio('sort_digits', 'train', batch_size=8, num_batches=3,
+                                          shuffle=False, seed=42)
+  losses = []
+  for batch in batches:
+    im.train_step(batch)
+    losses.append(im.train_summary['loss'])
+  im.save_checkpoint()
+
+  train_config = _write_config(im, im_lib.ScriptType.PRETRAINING, tmp_path / 'pretrain.gin',
+                               train_steps=3)
+  binary_dir = tmp_path / 'binary'
+  trained = run_train(train_config, f"--gin.MODEL_DIR='{binary_dir}'", '--gin.SUMMARY_PERIOD=1',
+                      '--gin.EVAL_PERIOD=0')
+  assert trained.returncode == 0, trained.stderr[-3000:]
+  np.testing.assert_allclose([loss for _, loss in read_scalars(binary_dir / 'train')['loss']],
+                             losses, rtol=1e-5)
+  ours, theirs = read_params(tmp_path / 'im' / 'checkpoint_3'), read_params(binary_dir / 'checkpoint_3')
+  for name in ours:
+    np.testing.assert_allclose(theirs[name], ours[name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+  validation = im_lib.get_batches_from_seqio('sort_digits', 'validation', batch_size=8,
+                                             num_batches=2, shuffle=False)
+  inferred = run_binary('t5train.infer', _write_config(im, im_lib.ScriptType.INFERENCE,
+                                                       tmp_path / 'infer.gin'),
+                        "--gin.infer_script.infer.mode='predict_with_aux'",
+                        '--gin.infer_script.infer.num_examples=8')
+  assert inferred.returncode == 0, inferred.stderr[-3000:]
+  with open(tmp_path / 'im' / 'inference' / 'sort_digits-predict_with_aux.jsonl') as f:
+    records = [json.loads(line) for line in f]
+  predicted, aux = im.predict_with_aux(validation[0])
+  assert [r['inputs'] for r in records] == [ex['input'].decode() for ex in validation[0]]
+  assert [r['prediction'] for r in records] == [text.decode() for _, text in predicted]
+  np.testing.assert_allclose([r['aux']['scores'] for r in records], aux['scores'], rtol=1e-5)
+
+  evaluated = run_binary('t5train.eval', _write_config(im, im_lib.ScriptType.EVALUATION,
+                                                       tmp_path / 'eval.gin'),
+                         '--gin.eval_script.evaluate.num_examples=16')
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  with open(tmp_path / 'im' / 'eval' / 'metrics.json') as f:
+    binary_metrics = json.load(f)['3']['sort_digits']
+  metrics = im.evaluate([ex for batch in validation for ex in batch],
+                        [tasks.exact_match, tasks.mean_log_likelihood])
+  assert binary_metrics['exact_match'] == metrics['exact_match']
+  np.testing.assert_allclose(binary_metrics['log_likelihood'], metrics['log_likelihood'],
+                             rtol=1e-5)
