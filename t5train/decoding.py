@@ -77,14 +77,13 @@ def temperature_sample(tokens_to_logits: TokensToLogits, cache: Cache, batch_siz
   As in T5X, the default ``topk=1`` is greedy decoding, and so is ``temperature=0``.
   ``topk=0`` samples from the whole vocabulary; ``0 < topp < 1`` samples from the
   nucleus. Scores are under the model's own distribution, not the filtered one.
+  Without ``decode_rng`` it samples with ``PRNGKey(0)``.
   """
   rows = batch_size * num_decodes
   cache = _expand_rows(cache, batch_size, num_decodes)
   greedy = temperature == 0.0
   if decode_rng is None:
-    if not (greedy or topk == 1):
-      raise ValueError('temperature_sample needs decode_rng unless it is greedy')
-    decode_rng = jax.random.PRNGKey(0)  # top-1 sampling does not depend on it
+    decode_rng = jax.random.PRNGKey(0)  # as T5X: the same samples on every call without one
 
   def cond(state: tuple) -> Array:
     index, _, _, done, _, _, _ = state

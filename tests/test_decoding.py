@@ -198,6 +198,12 @@ def test_decoding_stops_at_eos_and_pads_after_it():
     np.testing.assert_array_equal(best[1], [2, 2, 2, 2, 2, 2])
 
 
-def test_sampling_needs_an_rng():
-  with pytest.raises(ValueError, match='decode_rng'):
-    decoding.temperature_sample(fixed_step(np.log(PROBS)), None, 1, 2, EOS, topk=0)
+def test_sampling_without_an_rng_uses_key_zero():
+  step = fixed_step(np.log(PROBS))
+  default, _ = decoding.temperature_sample(step, None, 4, 8, EOS, topk=0)
+  zero, _ = decoding.temperature_sample(step, None, 4, 8, EOS, topk=0,
+                                        decode_rng=jax.random.PRNGKey(0))
+  other, _ = decoding.temperature_sample(step, None, 4, 8, EOS, topk=0,
+                                         decode_rng=jax.random.PRNGKey(1))
+  np.testing.assert_array_equal(default, zero)
+  assert not np.array_equal(default, other)
