@@ -96,8 +96,9 @@ def get_dataset_from_natural_text_examples(
   if not rows:
     raise ValueError('no examples were given')
   inputs, targets = [row['input'] for row in rows], [row['target'] for row in rows]
-  signature = {'inputs': _tensor_spec(inputs), 'targets': _tensor_spec(targets),
-               'answers': tf.TensorSpec([1], _tensor_spec(targets).dtype)}
+  target_spec = _tensor_spec(targets)
+  signature = {'inputs': _tensor_spec(inputs), 'targets': target_spec,
+               'answers': tf.TensorSpec([1, *target_spec.shape], target_spec.dtype)}
 
   def generate() -> Iterator[dict[str, Any]]:
     for source, target in zip(inputs, targets):
