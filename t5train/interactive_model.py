@@ -41,6 +41,7 @@ from t5train import (  # noqa: E402
   partitioning,
 )
 from t5train import trainer as trainer_lib  # noqa: E402
+from t5train.errors import UserError  # noqa: E402
 from t5train.train_state import TrainState, TrainStateInitializer  # noqa: E402
 
 Example = str | bytes | Mapping[str, Any]
@@ -479,15 +480,17 @@ def _scheduler_bindings() -> str:
 
 
 def _checkpoint_to_use(interactive_model: InteractiveModel) -> str:
-  """Where the binaries should read the model from: its own checkpoints, else the one it loaded."""
-  model_dir = interactive_model._output_dir  # pylint: disable=protected-access
-  if checkpoints.find_checkpoints(model_dir):
-    return model_dir
+  """The checkpoint the binaries should start from: the newest one the InteractiveModel saved,
+  else the one it was loaded from."""
+  try:
+    return checkpoints.find_checkpoints(interactive_model._output_dir)[-1][1]  # pylint: disable=protected-access
+  except UserError:
+    pass  # it saved none
   restore = interactive_model._restore_checkpoint_cfg  # pylint: disable=protected-access
   if restore is None:
-    raise ValueError('the InteractiveModel has no checkpoint to infer or evaluate with: call '
-                     'save_checkpoint() first or give it a checkpoint_path')
-  return restore.path
+    raise ValueError('the InteractiveModel has no checkpoint for the binaries to start from: '
+                     'call save_checkpoint() first or give it a checkpoint_path')
+  return checkpoints.select_checkpoints(restore)[-1][1]
 
 
 def get_gin_config_from_interactive_model(interactive_model: InteractiveModel,

@@ -74,7 +74,7 @@ def test_each_step_checkpoints_and_a_new_model_resumes_from_the_output_dir(tmp_p
   assert_same_params(again, im)
 
 
-def test_predictions_scores_and_metric_signatures(tmp_path):
+def test_predictions_scores_metrics_and_a_config_for_each_binary(tmp_path):
   im = qa_model(tmp_path, checkpoint_period=0)
   predicted, aux = im.predict_with_aux(['nq question: who wrote hamlet'] + QA[:2])
   assert len(predicted) == 3 and all(isinstance(text, bytes) for _, text in predicted)
@@ -91,6 +91,28 @@ def test_predictions_scores_and_metric_signatures(tmp_path):
   np.testing.assert_allclose(metrics['log_likelihood'], np.mean(scores), rtol=1e-6)
   with pytest.raises(ValueError, match="must take \\('targets', 'predictions'\\)"):
     im.evaluate(QA[:3], [lambda x, y: {}])
+
+  # A config for each binary.
+  with pytest.raises(ValueError, match='call save_checkpoint'):
+    _write_config(im, im_lib.ScriptType.INFERENCE, tmp_path / 'infer.gin')
+  im.save_checkpoint()
+  checkpoint = str(tmp_path / 'checkpoint_0')
+  expected = {im_lib.ScriptType.PRETRAINING: {'%TRAIN_STEPS': 7},
+              im_lib.ScriptType.FINETUNING: {'%INITIAL_CHECKPOINT_PATH': checkpoint},
+              im_lib.ScriptType.INFERENCE: {'%CHECKPOINT_PATH': checkpoint},
+              im_lib.ScriptType.EVALUATION: {'%CHECKPOINT_PATH': checkpoint}}
+  try:
+    for script_type, macros in expected.items():
+      path = tmp_path / f'{script_type.name}.gin'
+      _write_config(im, script_type, path, train_steps=7)
+      gin.clear_config()
+      gin_utils.parse_gin([str(path)], [])
+      assert gin.query_parameter('%BATCH_SIZE') == 8
+      assert gin.query_parameter('%TASK_FEATURE_LENGTHS') == {'inputs': 64, 'targets': 16}
+      for name, value in macros.items():
+        assert gin.query_parameter(name) == value, (script_type, name)
+  finally:
+    gin.clear_config()
 
 
 def _tiny_model():
