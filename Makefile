@@ -4,6 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= /tmp/t5train_demo
 PYTEST_ARGS ?=
+# pytest-xdist processes (0: none); each test file runs in one of them.
+PYTEST_WORKERS ?= 2
 
 .PHONY: install install-test demo test bench lint smoke clean
 
@@ -37,7 +39,7 @@ smoke: install
 	  --gin_file=gin/tasks/demo.gin --gin.MODEL_DIR="'/tmp/t5train_smoke'" --gin.TRAIN_STEPS=20
 
 test: install-test
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: install
 	$(PY) -m t5train.bench
