@@ -87,6 +87,35 @@ class LayerNorm(nn.Module):
     return (y * scale).astype(self.dtype)
 
 
+@jax.custom_vjp
+def _matmul(x: Array, kernel: Array) -> Array:
+  """``x @ kernel``, whose kernel gradient contracts a materialised transpose of ``x``.
+
+  Left to itself, XLA:CPU computes the kernel gradient by writing the output
+  gradient out transposed, fused into the elementwise backward of the layer
+  above; that strided write cost 0.3 s of a 1.65 s T5-small step on 2 cores.
+  Transposing the (narrower) input instead is cheap. The values are the same;
+  other backends keep their own choice (GPU matmuls take transposes for free).
+  """
+  return jnp.dot(x, kernel)
+
+
+def _matmul_fwd(x: Array, kernel: Array) -> tuple[Array, tuple[Array, Array]]:
+  return jnp.dot(x, kernel), (x, kernel)
+
+
+def _matmul_bwd(residuals: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
+  x, kernel = residuals
+  rows, g_rows = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+  grad_kernel = jax.lax.platform_dependent(
+      rows, g_rows, cpu=lambda r, g: jnp.dot(jax.lax.optimization_barrier(r.T), g),
+      default=lambda r, g: jnp.dot(r.T, g))
+  return jnp.dot(g, kernel.T), grad_kernel
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
 class Dense(nn.Module):
   """A bias-free projection whose 2-D float32 kernel is cast to ``dtype`` for the matmul."""
 
@@ -99,7 +128,7 @@ class Dense(nn.Module):
   def __call__(self, x: Array) -> Array:
     kernel = self.param('kernel', nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
                         (x.shape[-1], self.features), jnp.float32)
-    return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+    return _matmul(x.astype(self.dtype), kernel.astype(self.dtype))
 
 
 class Embed(nn.Module):

@@ -126,3 +126,14 @@ def test_dropout_is_active_only_with_an_rng_and_reproducible():
   assert np.abs(drop(0) - plain).max() > 1e-3
   np.testing.assert_array_equal(drop(0), drop(0))
   assert np.abs(drop(0) - drop(1)).max() > 1e-3
+
+
+def test_dense_gradients_equal_plain_matmul_gradients():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 5, 6)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)
+  loss = lambda matmul: lambda x, k: jnp.sum(jnp.sin(matmul(x, k)))
+  ours = jax.grad(loss(network._matmul), argnums=(0, 1))(x, kernel)
+  plain = jax.grad(loss(jnp.dot), argnums=(0, 1))(x, kernel)
+  for a, b in zip(ours, plain):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
