@@ -31,6 +31,8 @@ _SIZES = flags.DEFINE_list('sizes', ['tiny', 'small'], 'Model sizes to measure.'
 _BATCH = flags.DEFINE_integer('batch_size', 8, 'Global batch size.')
 _LENGTHS = flags.DEFINE_list('lengths', ['128', '32'], 'Input and target lengths.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Warm steps to time (after 2 untimed ones).')
+_TRAIN_ROUNDS = flags.DEFINE_integer('train_rounds', 2, 'Training rows per size and system; '
+                                     't5train and the peer alternate (A B A B).')
 _DTYPE = flags.DEFINE_string('dtype', 'float32', 'Activation dtype: float32 or bfloat16.')
 _PEER = flags.DEFINE_enum('peer', 'auto', ['auto', 'none', 'transformers'],
                           'Also measure transformers\' PyTorch T5 (auto: if installed).')
@@ -403,17 +405,19 @@ def _machine() -> str:
 
 def _table(rows: list[dict[str, Any]]) -> str:
   header = (f'{"system":<30} {"size":<6} {"s/step":>8} {"spread":>15} {"tokens/s":>10} '
-            f'{"compile+1st":>11} {"TFLOP/s":>8} {"MFU":>6} {"peak mem":>9}')
+            f'{"compile+1st":>11} {"TFLOP/s":>8} {"MFU":>6} {"peak mem":>9} {"vs peer":>8}')
   lines = [header, '-' * len(header)]
   for r in rows:
     if 'error' in r:
       lines.append(f'{r["system"]:<30} {r["size"]:<6} failed: {r["error"]}')
       continue
     spread = f'{r["sec_per_step_min"]:.3f}-{r["sec_per_step_max"]:.3f}'
+    ratio = f'{r["speedup_vs_peer"]:.2f}x' if 'speedup_vs_peer' in r else ''
     lines.append(
         f'{r["system"]:<30} {r["size"]:<6} {r["sec_per_step_median"]:>8.3f} {spread:>15} '
         f'{r["tokens_per_sec"]:>10,.0f} {r["compile_and_first_step_secs"]:>10.1f}s '
-        f'{r["achieved_tflops"]:>8.3f} {100 * r["mfu"]:>5.1f}% {r["peak_memory_gib"]:>7.2f}GiB')
+        f'{r["achieved_tflops"]:>8.3f} {100 * r["mfu"]:>5.1f}% {r["peak_memory_gib"]:>7.2f}GiB '
+        f'{ratio:>8}')
   return '\n'.join(lines)
 
 
@@ -435,14 +439,26 @@ def _decode_table(rows: list[dict[str, Any]]) -> str:
   return '\n'.join(lines)
 
 
+def _paired(pair: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """The t5train row of an A B pair gets its tokens/s over the peer's as ``speedup_vs_peer``."""
+  if len(pair) == 2 and 'error' not in pair[0] and 'error' not in pair[1]:
+    pair[0]['speedup_vs_peer'] = pair[0]['tokens_per_sec'] / pair[1]['tokens_per_sec']
+  return pair
+
+
 def _train_rows(peer: bool, lengths: list[int]) -> list[dict[str, Any]]:
+  """t5train and the peer alternate (A B A B), so that drift in the machine hits both."""
   rows = []
   for size in _SIZES.value:
-    for worker in ['t5train'] + (['transformers'] if peer else []):
-      row = _run_row(worker, size, _BATCH.value, lengths, _STEPS.value, _DTYPE.value)
-      row.update(size=size)
-      rows.append(row)
-      print(_table(rows[-1:]).splitlines()[-1], flush=True)
+    for _ in range(_TRAIN_ROUNDS.value):
+      pair = []
+      for worker in ['t5train'] + (['transformers'] if peer else []):
+        row = _run_row(worker, size, _BATCH.value, lengths, _STEPS.value, _DTYPE.value)
+        row.update(size=size)
+        pair.append(row)
+      for row in _paired(pair):
+        print(_table([row]).splitlines()[-1], flush=True)
+      rows.extend(pair)
   return rows
 
 
@@ -458,9 +474,7 @@ def _decode_rows(peer: bool, lengths: list[int]) -> list[dict[str, Any]]:
                          method)
           row.update(size=size, method=method, batch=batch)
           pair.append(row)
-        if len(pair) == 2 and 'error' not in pair[0] and 'error' not in pair[1]:
-          pair[0]['speedup_vs_peer'] = pair[0]['tokens_per_sec'] / pair[1]['tokens_per_sec']
-        for row in pair:
+        for row in _paired(pair):
           print(_decode_table([row]).splitlines()[-1], flush=True)
         rows.extend(pair)
   return rows

@@ -52,3 +52,24 @@ def test_checkpoint_rows_are_measured(tmp_path):
   assert row['checkpoint_mb'] > 1  # tiny's 32,128 x 8 embedding and logits alone are 2 MB
   assert row['save_mb_per_sec'] == pytest.approx(row['checkpoint_mb'] / row['save_secs'])
   assert 0 < row['async_blocking_secs'] <= row['async_total_secs']
+
+
+def test_train_rows_alternate_with_the_peer_and_print_every_column(tmp_path):
+  out = tmp_path / 'bench.json'
+  result = subprocess.run(
+      [sys.executable, '-m', 't5train.bench', '--workloads=train', '--sizes=tiny', '--steps=1',
+       '--train_rounds=2', '--peer=transformers', f'--out={out}', '--lengths=16,8'],
+      capture_output=True, text=True, timeout=600, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = json.loads(out.read_text())['rows']
+  assert [r['system'].split()[0] for r in rows] == ['t5train', 'transformers'] * 2
+  for row in rows:
+    assert 'error' not in row, row
+    assert row['tokens_per_sec'] == pytest.approx(8 * (16 + 8) / row['sec_per_step_median'])
+    assert 0 < row['mfu'] and row['peak_memory_gib'] > 0
+  for ours, peer in (rows[0:2], rows[2:4]):
+    assert ours['speedup_vs_peer'] == pytest.approx(ours['tokens_per_sec'] / peer['tokens_per_sec'])
+  header = next(line for line in result.stdout.splitlines() if line.startswith('system'))
+  for column in ('s/step', 'spread', 'tokens/s', 'compile+1st', 'TFLOP/s', 'MFU', 'peak mem',
+                 'vs peer'):
+    assert column in header
