@@ -6,7 +6,9 @@ which runs one decoder step and returns the updated cache, and loop with
 tokens. The cache comes with one row per example; each leaf with that leading
 dimension is repeated ``num_decodes`` times, example-major (row
 ``i * num_decodes + j`` is decode ``j`` of example ``i``), and reordered with the
-beams; other leaves (a step counter) are left as they are. ``tokens_to_logits``
+beams; other leaves (a step counter) are left as they are. Leaves under a key that
+starts with ``cross`` (the projected encoder outputs) are the same for every
+decode of an example, so beam search never reorders them. ``tokens_to_logits``
 therefore sees ``batch_size * num_decodes`` rows. Outputs are
 ``[batch, num_decodes, length]`` token ids, 0 after EOS, and ``[batch, num_decodes]``
 scores, best first.
@@ -120,15 +122,24 @@ def brevity_penalty(alpha: float, length: Array) -> Array:
   return jnp.power((5.0 + length.astype(jnp.float32)) / 6.0, alpha)
 
 
+def _same_for_every_beam(path: tuple) -> bool:
+  """Whether a cache leaf holds per-example values, such as cross-attention keys and values."""
+  return any(str(getattr(key, 'key', '')).startswith('cross') for key in path)
+
+
 def _gather_beams(tree: Any, beam_indices: Array, batch_size: int, old_beams: int) -> Any:
-  """Reorders every leaf with ``batch_size * old_beams`` rows by ``beam_indices`` [batch, new]."""
+  """Reorders every leaf with ``batch_size * old_beams`` rows by ``beam_indices`` [batch, new].
+
+  Beams are only ever picked from their own example, so per-example leaves stay as they are.
+  """
   flat = (beam_indices + old_beams * jnp.arange(batch_size)[:, None]).reshape(-1)
 
-  def gather(x: Any) -> Any:
-    if getattr(x, 'ndim', 0) >= 1 and x.shape[0] == batch_size * old_beams:
+  def gather(path: tuple, x: Any) -> Any:
+    if (getattr(x, 'ndim', 0) >= 1 and x.shape[0] == batch_size * old_beams
+        and not _same_for_every_beam(path)):
       return jnp.take(x, flat, axis=0)
     return x
-  return jax.tree_util.tree_map(gather, tree)
+  return jax.tree_util.tree_map_with_path(gather, tree)
 
 
 def beam_search(tokens_to_logits: TokensToLogits, cache: Cache, batch_size: int,

@@ -201,13 +201,20 @@ class RelativePositionBiases(nn.Module):
     return bias[None].astype(self.dtype)
 
 
+def _heads_major(x: Array) -> Array:
+  """[batch, length, heads, kv] -> [batch, heads, length, kv], the layout the attention
+  matmuls read, so that cached keys and values are not transposed again at every step."""
+  return jnp.swapaxes(x, 1, 2)
+
+
 class MultiHeadAttention(nn.Module):
   """T5 attention: no 1/sqrt(head_dim) on the logits (it is folded into the query init).
 
   For cached decoding, ``cache`` is ``'self'`` (keys and values of past positions
   are kept in the ``cache`` collection and this call adds position
   ``cache_index``) or ``'cross'`` (the projected encoder outputs are computed
-  once and reused). The first call with a cache creates it: zeros for ``'self'``,
+  once and reused). Cached keys and values are stored heads-major
+  ``[batch, heads, length, kv]``. The first call with a cache creates it: zeros for ``'self'``,
   sized by that call's length, which is the maximum decode length.
   """
 
@@ -233,14 +240,14 @@ class MultiHeadAttention(nn.Module):
     elif cache == 'self':
       k, v = self._self_cache(*key_value(), cache_index)
     else:
-      k, v = key_value()
+      k, v = (_heads_major(x) for x in key_value())
     if self.float32_logits:
       q, k = q.astype(jnp.float32), k.astype(jnp.float32)
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) + bias.astype(q.dtype)
+    logits = jnp.einsum('bqhd,bhkd->bhqk', q, k) + bias.astype(q.dtype)
     weights = jax.nn.softmax(logits.astype(jnp.float32)).astype(self.dtype)
     if not deterministic and self.dropout_rate > 0.0:
       weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
-    out = jnp.einsum('bhqk,bkhd->bqhd', weights, v.astype(self.dtype))
+    out = jnp.einsum('bhqk,bhkd->bqhd', weights, v.astype(self.dtype))
     out = nn.with_logical_constraint(out, ('batch', 'length', 'heads', 'kv'))
     out = out.reshape(out.shape[:2] + (inner,))
     return Dense(inputs_q.shape[-1], ('joined_kv', 'embed'), _fan_in_normal(), self.dtype,
@@ -249,17 +256,18 @@ class MultiHeadAttention(nn.Module):
   def _cross_cache(self, key_value: Callable[[], tuple[Array, Array]]) -> tuple[Array, Array]:
     if self.has_variable('cache', 'cross_key'):
       return self.get_variable('cache', 'cross_key'), self.get_variable('cache', 'cross_value')
-    k, v = key_value()
+    k, v = (_heads_major(x) for x in key_value())
     self.put_variable('cache', 'cross_key', k)
     self.put_variable('cache', 'cross_value', v)
     return k, v
 
   def _self_cache(self, k: Array, v: Array, cache_index: Array | None) -> tuple[Array, Array]:
+    k, v = _heads_major(k), _heads_major(v)
     if not self.has_variable('cache', 'cached_key'):  # creating the cache: max length = k's
       self.put_variable('cache', 'cached_key', jnp.zeros_like(k))
       self.put_variable('cache', 'cached_value', jnp.zeros_like(v))
       return k, v
-    start = (0, cache_index, 0, 0)
+    start = (0, 0, cache_index, 0)
     k = jax.lax.dynamic_update_slice(self.get_variable('cache', 'cached_key'), k.astype(
         self.dtype), start)
     v = jax.lax.dynamic_update_slice(self.get_variable('cache', 'cached_value'), v.astype(
