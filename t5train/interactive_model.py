@@ -282,7 +282,8 @@ class InteractiveModel:
     """One step on the next batch of ``iterator`` (model features), then a checkpoint
     (every ``checkpoint_period`` steps).
 
-    If the trainer was asked to stop, it saves a checkpoint and raises PreemptionError.
+    With ``trainer.stop_training`` set it does nothing, as in T5X; a PreemptionError from
+    the trainer is raised after an emergency checkpoint.
     """
     if self._trainer.stop_training:
       logging.info('Not training: stop_training is set.')
