@@ -403,6 +403,10 @@ def _machine() -> str:
   return f'{model}, {os.cpu_count()} CPUs'
 
 
+def _ratio(row: dict[str, Any]) -> str:
+  return f'{row["speedup_vs_peer"]:.2f}x' if 'speedup_vs_peer' in row else ''
+
+
 def _table(rows: list[dict[str, Any]]) -> str:
   header = (f'{"system":<30} {"size":<6} {"s/step":>8} {"spread":>15} {"tokens/s":>10} '
             f'{"compile+1st":>11} {"TFLOP/s":>8} {"MFU":>6} {"peak mem":>9} {"vs peer":>8}')
@@ -412,12 +416,11 @@ def _table(rows: list[dict[str, Any]]) -> str:
       lines.append(f'{r["system"]:<30} {r["size"]:<6} failed: {r["error"]}')
       continue
     spread = f'{r["sec_per_step_min"]:.3f}-{r["sec_per_step_max"]:.3f}'
-    ratio = f'{r["speedup_vs_peer"]:.2f}x' if 'speedup_vs_peer' in r else ''
     lines.append(
         f'{r["system"]:<30} {r["size"]:<6} {r["sec_per_step_median"]:>8.3f} {spread:>15} '
         f'{r["tokens_per_sec"]:>10,.0f} {r["compile_and_first_step_secs"]:>10.1f}s '
         f'{r["achieved_tflops"]:>8.3f} {100 * r["mfu"]:>5.1f}% {r["peak_memory_gib"]:>7.2f}GiB '
-        f'{ratio:>8}')
+        f'{_ratio(r):>8}')
   return '\n'.join(lines)
 
 
@@ -431,11 +434,10 @@ def _decode_table(rows: list[dict[str, Any]]) -> str:
                    f'failed: {r["error"]}')
       continue
     spread = f'{r["sec_per_decode_min"]:.3f}-{r["sec_per_decode_max"]:.3f}'
-    ratio = f'{r["speedup_vs_peer"]:.2f}x' if 'speedup_vs_peer' in r else ''
     lines.append(
         f'{r["system"]:<30} {r["size"]:<6} {r["method"]:<7} {r["batch"]:>5} '
         f'{r["sec_per_decode_median"]:>9.3f} {spread:>15} {r["tokens_per_sec"]:>10,.1f} '
-        f'{r["compile_and_first_decode_secs"]:>10.1f}s {ratio:>8}')
+        f'{r["compile_and_first_decode_secs"]:>10.1f}s {_ratio(r):>8}')
   return '\n'.join(lines)
 
 

@@ -8,27 +8,12 @@ import jax
 import numpy as np
 import pytest
 from binaries import read_params, read_scalars, run_binary, run_train
+from test_notebook_api import QA_PAIRS as QA
 from test_notebook_api import build_model
 
 import gin
 from t5train import gin_utils, partitioning, tasks
 from t5train import interactive_model as im_lib
-
-# The notebook's eight question / answer pairs.
-QA = [
-    {'target': b'Ajay Tyagi',
-     'input': b'nq question: who has been appointed as the new chairman of sebi'},
-    {'target': b'C. S. Lewis',
-     'input': b'nq question: who wrote the book lion the witch and the wardrobe'},
-    {'target': b'29', 'input': b'nq question: how many planes did japan lose at pearl harbor'},
-    {'target': b'Jack Keil', 'input': b'nq question: who does the voice of mcgruff the dog'},
-    {'target': b'Journey', 'input': b'nq question: who sings the wheels in the sky keep on turning'},
-    {'target': b'Kumiko Watanabe',
-     'input': b'nq question: who voices regina in glitter force doki doki'},
-    {'target': b'during World War II',
-     'input': b'nq question: when did the us become allies with britain'},
-    {'target': b'the United States', 'input': b'nq question: who won the rugby 7 in las vegas'},
-]
 
 
 def qa_model(output_dir, **kwargs):

@@ -20,14 +20,22 @@ from jax.experimental import multihost_utils
 from t5train import adafactor, decoding, models, network, partitioning, utils
 from t5train import trainer as trainer_lib
 
-EXAMPLES = [
+# The notebook's eight question / answer pairs; the replay below trains on the first four.
+QA_PAIRS = [
     {'target': b'Ajay Tyagi',
      'input': b'nq question: who has been appointed as the new chairman of sebi'},
     {'target': b'C. S. Lewis',
      'input': b'nq question: who wrote the book lion the witch and the wardrobe'},
     {'target': b'29', 'input': b'nq question: how many planes did japan lose at pearl harbor'},
     {'target': b'Jack Keil', 'input': b'nq question: who does the voice of mcgruff the dog'},
+    {'target': b'Journey', 'input': b'nq question: who sings the wheels in the sky keep on turning'},
+    {'target': b'Kumiko Watanabe',
+     'input': b'nq question: who voices regina in glitter force doki doki'},
+    {'target': b'during World War II',
+     'input': b'nq question: when did the us become allies with britain'},
+    {'target': b'the United States', 'input': b'nq question: who won the rugby 7 in las vegas'},
 ]
+EXAMPLES = QA_PAIRS[:4]
 TASK_FEATURE_LENGTHS = {'inputs': 64, 'targets': 16}
 BATCH_SIZE = 4
 
