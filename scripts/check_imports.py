@@ -9,7 +9,7 @@ import pathlib
 import sys
 
 LAYERS = {
-    'errors': 0,
+    'errors': 0, 'host_memory': 0,
     'network': 1, 'losses': 1, 'decoding': 1, 'hf_interop': 1,
     'models': 2,
     't5x_checkpoint': 3, 'convert': 5,

@@ -20,7 +20,7 @@ import optax
 from absl import logging
 from jax.sharding import PartitionSpec
 
-from t5train import models
+from t5train import host_memory, models
 from t5train.checkpoints import CheckpointManager
 from t5train.errors import TrainingError
 from t5train.metrics import MetricsWindow, SummaryWriter
@@ -106,7 +106,11 @@ def train_step(model: models.EncoderDecoderModel, tx: optax.GradientTransformati
 
 
 class Trainer:
-  """Holds the train state and the compiled train step (T5X's constructor names)."""
+  """Holds the train state and the compiled train step (T5X's constructor names).
+
+  The step is compiled ahead of its first call, and the memory the compiler
+  freed is handed back to the system before the step allocates its own.
+  """
 
   def __init__(self, model: models.EncoderDecoderModel, train_state: TrainState,
                partitioner: PjitPartitioner, train_state_axes: TrainState, rng: jax.Array,
@@ -124,15 +128,23 @@ class Trainer:
     state_shardings = partitioner.mesh_shardings(train_state_axes)
     batch_sharding = partitioner.sharding(partitioner.data_partition_spec)
     replicated = partitioner.sharding(PartitionSpec())
+    self._partitioner = partitioner
     self._step_fn = partitioner.partition(
         functools.partial(train_step, model, tx, learning_rate_fn, num_microbatches,
                           skip_nonfinite),
         in_shardings=(state_shardings, batch_sharding, replicated),
         out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+    self._compiled: dict[tuple, jax.stages.Compiled] = {}
 
   def train_step(self, batch: Batch) -> models.Metrics:
     """Runs one step on ``batch``; returns its metrics without waiting for them."""
-    self.train_state, metrics = self._step_fn(self.train_state, batch, self._rng)
+    key = tuple((name, jnp.shape(x), jnp.result_type(x)) for name, x in sorted(batch.items()))
+    step_fn = self._compiled.get(key)
+    if step_fn is None:
+      step_fn = self._partitioner.compile(self._step_fn, self.train_state, batch, self._rng)
+      self._compiled[key] = step_fn
+      host_memory.release_freed_memory()
+    self.train_state, metrics = step_fn(self.train_state, batch, self._rng)
     return metrics
 
   def train(self, batch_iter: Iterator[Batch], num_steps: int, start_step: int | None = None
