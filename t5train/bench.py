@@ -150,6 +150,40 @@ def _t5train_setup(size_name: str, batch: int, input_length: int, target_length:
   return t, device_batch, initializer
 
 
+def _loop_breakdown(t: Any, device_batch: Any, initializer: Any, steps: int) -> dict[str, float]:
+  """Seconds per step that ``run_training`` spends waiting for data, computing and checkpointing.
+
+  The loop is the train binary's, fed host batches through the same host-to-device
+  path as ``data.BatchIterator`` (without tf.data), and saving an asynchronous
+  checkpoint halfway and at the end.
+  """
+  import tempfile
+
+  import jax
+
+  from t5train import checkpoints, trainer
+  host_batch = jax.device_get(device_batch)
+  shardings = {name: x.sharding for name, x in device_batch.items()}
+
+  def batches() -> Any:
+    while True:
+      yield {name: jax.make_array_from_process_local_data(shardings[name], x, x.shape)
+             for name, x in host_batch.items()}
+
+  first = int(jax.device_get(t.train_state.step))
+  last = first + steps
+  with tempfile.TemporaryDirectory() as directory:
+    config = checkpoints.SaveCheckpointConfig(period=max(steps // 2, 1), save_dataset=False,
+                                              use_async=True)
+    manager = checkpoints.CheckpointManager(directory, config, initializer.train_state_shardings,
+                                            initializer.global_train_state_shape)
+    result = trainer.run_training(t, batches(), first, last, manager, summary_period=last,
+                                  log_every_secs=float('inf'), log_fn=lambda _: None)
+    manager.close()
+  return {f'loop_{phase}_secs_per_step': result.summary[f'timing/{phase}_secs_per_step']
+          for phase in ('data', 'compute', 'checkpoint')}
+
+
 def _timed_step(t: Any, device_batch: Any) -> float:
   import jax
   start = time.perf_counter()
@@ -160,7 +194,8 @@ def _timed_step(t: Any, device_batch: Any) -> float:
 def _measure_t5train(size_name: str, batch: int, input_length: int, target_length: int,
                      steps: int, dtype: str) -> dict[str, Any]:
   import jax
-  t, device_batch, _ = _t5train_setup(size_name, batch, input_length, target_length, dtype)
+  t, device_batch, initializer = _t5train_setup(size_name, batch, input_length, target_length,
+                                                dtype)
   first = _timed_step(t, device_batch)
   _timed_step(t, device_batch)
   step_secs = [_timed_step(t, device_batch) for _ in range(steps)]
@@ -170,6 +205,7 @@ def _measure_t5train(size_name: str, batch: int, input_length: int, target_lengt
   flops = train_flops_per_step(SIZES[size_name], batch, input_length, target_length)
   row = _summarise(step_secs, first, flops, batch * (input_length + target_length),
                    _jax_matmul_flops(dtype), memory)
+  row.update(_loop_breakdown(t, device_batch, initializer, steps))
   row.update(system='t5train (JAX)', device=str(device.device_kind), jax_version=jax.__version__)
   return row
 
@@ -407,9 +443,16 @@ def _ratio(row: dict[str, Any]) -> str:
   return f'{row["speedup_vs_peer"]:.2f}x' if 'speedup_vs_peer' in row else ''
 
 
+def _breakdown(row: dict[str, Any]) -> str:
+  """The training loop's seconds per step: waiting for data / computing / checkpointing."""
+  phases = [row.get(f'loop_{phase}_secs_per_step') for phase in ('data', 'compute', 'checkpoint')]
+  return '' if None in phases else '/'.join(f'{secs:.3f}' for secs in phases)
+
+
 def _table(rows: list[dict[str, Any]]) -> str:
   header = (f'{"system":<30} {"size":<6} {"s/step":>8} {"spread":>15} {"tokens/s":>10} '
-            f'{"compile+1st":>11} {"TFLOP/s":>8} {"MFU":>6} {"peak mem":>9} {"vs peer":>8}')
+            f'{"compile+1st":>11} {"TFLOP/s":>8} {"MFU":>6} {"peak mem":>9} {"vs peer":>8} '
+            f'{"loop data/compute/ckpt s":>24}')
   lines = [header, '-' * len(header)]
   for r in rows:
     if 'error' in r:
@@ -420,7 +463,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
         f'{r["system"]:<30} {r["size"]:<6} {r["sec_per_step_median"]:>8.3f} {spread:>15} '
         f'{r["tokens_per_sec"]:>10,.0f} {r["compile_and_first_step_secs"]:>10.1f}s '
         f'{r["achieved_tflops"]:>8.3f} {100 * r["mfu"]:>5.1f}% {r["peak_memory_gib"]:>7.2f}GiB '
-        f'{_ratio(r):>8}')
+        f'{_ratio(r):>8} {_breakdown(r):>24}')
   return '\n'.join(lines)
 
 

@@ -20,8 +20,18 @@ from t5train import multihost
 StepMetrics = Mapping[str, Any]  # name -> clu metric (device arrays)
 
 
+# Where a training loop's wall time goes, besides running steps (see ``MetricsWindow.add_seconds``).
+LOOP_PHASES = ('data', 'checkpoint', 'evaluation')
+
+
 class MetricsWindow:
-  """Collects the metrics of consecutive steps and summarises them with timings."""
+  """Collects the metrics of consecutive steps and summarises them with timings.
+
+  The loop reports the seconds it spends waiting for data, saving checkpoints and
+  evaluating; the summary gives each per step (``timing/<phase>_secs_per_step``)
+  and the rest, dispatching and waiting for the steps themselves, as
+  ``timing/compute_secs_per_step``.
+  """
 
   def __init__(self, tokens_per_step: int = 0, seqs_per_step: int = 0,
                target_tokens_per_step: int = 0):
@@ -32,6 +42,7 @@ class MetricsWindow:
 
   def reset(self) -> None:
     self._steps: list[StepMetrics] = []
+    self._seconds = dict.fromkeys(LOOP_PHASES, 0.0)
     self._start = time.perf_counter()
 
   @property
@@ -40,6 +51,10 @@ class MetricsWindow:
 
   def add(self, step_metrics: StepMetrics) -> None:
     self._steps.append(step_metrics)
+
+  def add_seconds(self, phase: str, seconds: float) -> None:
+    """Counts ``seconds`` of the window's wall time as spent in ``phase`` (one of LOOP_PHASES)."""
+    self._seconds[phase] += seconds
 
   def elapsed_secs(self) -> float:
     return time.perf_counter() - self._start
@@ -52,12 +67,17 @@ class MetricsWindow:
     merged = {name: functools.reduce(lambda a, b: a.merge(b), [m[name] for m in host])
               for name in host[0]}
     result = {name: float(np.asarray(metric.compute())) for name, metric in merged.items()}
-    elapsed = max(self.elapsed_secs(), 1e-9)
-    steps_per_second = len(self._steps) / elapsed
+    elapsed = self.elapsed_secs()
+    # Evaluation is not training throughput; waiting for data and saving checkpoints are.
+    steps_per_second = len(self._steps) / max(elapsed - self._seconds['evaluation'], 1e-9)
     result['timing/steps_per_second'] = steps_per_second
     result['timing/seqs_per_second'] = steps_per_second * self._seqs_per_step
     result['timing/target_tokens_per_second'] = steps_per_second * self._target_tokens_per_step
     result['timing/tokens_per_second'] = steps_per_second * self._tokens_per_step
+    for phase, seconds in self._seconds.items():
+      result[f'timing/{phase}_secs_per_step'] = seconds / len(self._steps)
+    result['timing/compute_secs_per_step'] = (elapsed - sum(self._seconds.values())) / len(
+        self._steps)
     return result
 
 

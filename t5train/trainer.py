@@ -7,11 +7,12 @@ actions (progress line, TensorBoard summaries, checkpoints).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -189,7 +190,15 @@ def _progress_line(step: int, last_step: int, summary: Mapping[str, float],
           f'  accuracy {summary.get("accuracy", 0):.4f}'
           f'  steps/s {summary.get("timing/steps_per_second", 0):.2f}'
           f'  tokens/s {summary.get("timing/tokens_per_second", 0):,.0f}'
+          f'  waiting for data {_share(summary, "data"):.0%}'
           f'  eta {time.strftime("%H:%M:%S", time.gmtime(min(eta, 359999)))}')
+
+
+def _share(summary: Mapping[str, float], phase: str) -> float:
+  """The fraction of the loop's time that went to ``phase`` (see MetricsWindow)."""
+  total = sum(v for k, v in summary.items() if k.startswith('timing/') and
+              k.endswith('_secs_per_step'))
+  return summary.get(f'timing/{phase}_secs_per_step', 0.0) / total if total > 0 else 0.0
 
 
 def _check_finite(trainer: Trainer, step: int, metrics: models.Metrics) -> None:
@@ -199,6 +208,17 @@ def _check_finite(trainer: Trainer, step: int, metrics: models.Metrics) -> None:
         f'the loss or gradients became NaN or infinite at step {step}; stopping. Checkpoints '
         'before this step are kept. Lower the learning rate, or set '
         'train_script.train.skip_nonfinite_steps = True to skip such steps')
+
+
+@contextlib.contextmanager
+def _timed(windows: Sequence[MetricsWindow], phase: str) -> Iterator[None]:
+  """Counts the time spent in the block as ``phase`` in each window."""
+  start = time.perf_counter()
+  try:
+    yield
+  finally:
+    for window in windows:
+      window.add_seconds(phase, time.perf_counter() - start)
 
 
 @dataclasses.dataclass
@@ -237,13 +257,26 @@ def run_training(trainer: Trainer, batches: Iterator[Batch], first_step: int, la
   summary: dict[str, float] = {}
   previous: tuple[int, models.Metrics] | None = None
   step, stopped_by = first_step, None
+  windows = (summary_window, log_window)
   for step in range(first_step + 1, last_step + 1):
-    metrics = trainer.train_step(next(batches))
+    with _timed(windows, 'data'):
+      batch = next(batches)
+    metrics = trainer.train_step(batch)
     if previous is not None:
       _check_finite(trainer, *previous)
     previous = (step, metrics)
     summary_window.add(metrics)
     log_window.add(metrics)
+    evaluating = evaluate is not None and eval_period and (step % eval_period == 0 or
+                                                           step == last_step)
+    if evaluating:
+      with _timed(windows, 'evaluation'):
+        evaluate(step)
+    stop = stop_request is not None and stop_request.requested()
+    if checkpoints is not None and (checkpoints.should_save(step) or step == last_step or stop):
+      _check_finite(trainer, step, metrics)
+      with _timed(windows, 'checkpoint'):
+        checkpoints.save(trainer.train_state, force=True)
     if step % summary_period == 0 or step == last_step:
       summary = summary_window.summary()
       trainer.write_summary(step, summary)
@@ -252,13 +285,6 @@ def run_training(trainer: Trainer, batches: Iterator[Batch], first_step: int, la
       log_fn(_progress_line(step, last_step, log_window.summary(), loop_start, first_step))
       log_window.reset()
       last_log = time.perf_counter()
-    if evaluate is not None and eval_period and (step % eval_period == 0 or step == last_step):
-      evaluate(step)
-      log_window.reset()  # the evaluation's time is not training throughput
-    stop = stop_request is not None and stop_request.requested()
-    if checkpoints is not None and (checkpoints.should_save(step) or step == last_step or stop):
-      _check_finite(trainer, step, metrics)
-      checkpoints.save(trainer.train_state, force=True)
     if stop:
       stopped_by = stop_request.signal_name or 'a signal on another process'
       break

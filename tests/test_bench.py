@@ -69,7 +69,10 @@ def test_train_rows_alternate_with_the_peer_and_print_every_column(tmp_path):
     assert 0 < row['mfu'] and row['peak_memory_gib'] > 0
   for ours, peer in (rows[0:2], rows[2:4]):
     assert ours['speedup_vs_peer'] == pytest.approx(ours['tokens_per_sec'] / peer['tokens_per_sec'])
+    # The training loop's own account of a step: all compute, some checkpointing, little data.
+    assert ours['loop_compute_secs_per_step'] > 0 and ours['loop_checkpoint_secs_per_step'] > 0
+    assert ours['loop_data_secs_per_step'] >= 0
   header = next(line for line in result.stdout.splitlines() if line.startswith('system'))
   for column in ('s/step', 'spread', 'tokens/s', 'compile+1st', 'TFLOP/s', 'MFU', 'peak mem',
-                 'vs peer'):
+                 'vs peer', 'loop data/compute/ckpt s'):
     assert column in header

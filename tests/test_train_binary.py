@@ -8,7 +8,9 @@ from binaries import SMOKE, read_scalars, run_train
 EXPECTED_SCALARS = {
     'loss', 'accuracy', 'cross_ent_loss', 'z_loss', 'learning_rate', 'timing/steps_per_second',
     'timing/seqs_per_second', 'timing/target_tokens_per_second',
-    'non_padding_fraction/loss_weights'}
+    'non_padding_fraction/loss_weights', 'timing/data_secs_per_step',
+    'timing/checkpoint_secs_per_step', 'timing/evaluation_secs_per_step',
+    'timing/compute_secs_per_step'}
 
 
 @pytest.fixture(scope='module')

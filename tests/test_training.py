@@ -1,5 +1,7 @@
 """The train step: learning, microbatching, schedules, optimiser state sharding axes."""
 
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -97,3 +99,47 @@ def test_optax_adafactor_defaults_are_t5x():
   # RMS-normalised update of size 1, times parameter scale max(rms(w), 1e-3) = 1, negated.
   np.testing.assert_allclose(np.asarray(updates['w']), -np.ones(4), rtol=1e-4)
   assert isinstance(tx, optax.GradientTransformation)
+
+
+class _SlowSaves:
+  """A checkpoint manager stand-in whose saves take ``seconds``, every ``period`` steps."""
+
+  def __init__(self, seconds, period):
+    self.seconds, self.period, self.saved = seconds, period, []
+
+  def should_save(self, step):
+    return step % self.period == 0
+
+  def save(self, state, force=False):
+    time.sleep(self.seconds)
+    self.saved.append(int(state.step))
+
+  def wait_until_finished(self):
+    pass
+
+
+def test_loop_reports_where_its_time_goes():
+  model = testing.tiny_model()
+  batch = testing.random_batch()
+  t = _setup(model, batch, optimizers.create_learning_rate_scheduler('constant', 1e-3))
+  t.train_step(batch)  # compiled before the timed loop
+
+  def slow_batches():
+    while True:
+      time.sleep(0.1)
+      yield batch
+
+  saves, lines = _SlowSaves(0.3, period=2), []
+  result = trainer.run_training(t, slow_batches(), 1, 5, saves, summary_period=4,
+                                log_every_secs=1e9, log_fn=lines.append,
+                                evaluate=lambda step: time.sleep(0.4), eval_period=2)
+  assert saves.saved == [2, 4, 5]  # the period and the last step
+  summary = result.summary  # the window of step 5 alone: one batch, one save, one evaluation
+  # Each wait counted once, under its own phase (the bounds leave room for a busy machine).
+  assert 0.1 <= summary['timing/data_secs_per_step'] < 0.3
+  assert 0.3 <= summary['timing/checkpoint_secs_per_step'] < 0.6
+  assert 0.4 <= summary['timing/evaluation_secs_per_step'] < 0.7
+  assert 0.0 <= summary['timing/compute_secs_per_step'] < 0.3
+  # Throughput leaves evaluation out, but counts the waits for data and checkpoints.
+  assert 1 / summary['timing/steps_per_second'] >= 0.4
+  assert 'waiting for data' in lines[-1] and 'step 5/5' in lines[-1]
