@@ -36,6 +36,10 @@ def compute_weighted_cross_entropy(
 ) -> tuple[Array, Array, Array]:
   """Returns (total loss, total z-loss, total weight), all summed over tokens.
 
+  Equal to ``cross_entropy_with_logits`` on one-hot (smoothed) targets, without
+  building them: a large vocabulary costs one pass over the logits, not a
+  one-hot array of their size and its gradient.
+
   With label smoothing, the target distribution puts ``1 - label_smoothing`` on
   the true class and spreads the rest evenly; the entropy of that distribution
   is subtracted so that a perfect prediction has zero loss.
@@ -45,9 +49,16 @@ def compute_weighted_cross_entropy(
   low_confidence = label_smoothing / (vocab_size - 1)
   normalizing_constant = -(confidence * jnp.log(confidence) +
                            (vocab_size - 1) * low_confidence * jnp.log(low_confidence + 1e-20))
-  soft_targets = jax.nn.one_hot(targets, vocab_size) * (confidence - low_confidence) + low_confidence
-  loss, z_term = cross_entropy_with_logits(logits.astype(jnp.float32), soft_targets, z_loss)
-  loss = loss - normalizing_constant
+  # -sum(soft_targets * log_softmax) without the [..., vocab] soft targets: the targets put
+  # low_confidence everywhere plus (confidence - low_confidence) on the true class, and sum to 1.
+  logits = logits.astype(jnp.float32)
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  true_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  loss = log_z - (confidence - low_confidence) * true_logit
+  if low_confidence:
+    loss -= low_confidence * jnp.sum(logits, axis=-1)
+  z_term = z_loss * jnp.square(log_z)
+  loss = loss + z_term - normalizing_constant
   if weights is None:
     weights = jnp.ones_like(targets, jnp.float32)
   weights = weights.astype(jnp.float32)
