@@ -47,6 +47,9 @@ _DECODE_BATCHES = flags.DEFINE_list('decode_batch_sizes', ['1', '32'],
 _DECODE_METHODS = flags.DEFINE_list('decode_methods', ['greedy', 'beam4'],
                                     'greedy and/or beam<N>.')
 _DECODE_REPEATS = flags.DEFINE_integer('decode_repeats', 3, 'Timed decodes per row (median).')
+_SCAN_LAYERS = flags.DEFINE_boolean('scan_layers', False, 't5train rows: nn.scan over layers.')
+_REMAT_POLICY = flags.DEFINE_enum('remat_policy', 'none', ['none', 'full', 'dots_saveable'],
+                                  't5train rows: what the backward pass recomputes.')
 _WORKER = flags.DEFINE_string('worker', None, 'Internal: measure one row and print JSON.')
 _METHOD = flags.DEFINE_string('method', 'greedy', 'Internal: the decoding method of a worker.')
 
@@ -126,7 +129,8 @@ def _t5train_setup(size_name: str, batch: int, input_length: int, target_length:
 
   from t5train import models, network, optimizers, partitioning, train_state, trainer
   config = network.T5Config(**SIZES[size_name], dtype=dtype, mlp_activations=('gelu', 'linear'),
-                            dropout_rate=0.0)
+                            dropout_rate=0.0, scan_layers=_SCAN_LAYERS.value,
+                            remat_policy=_REMAT_POLICY.value)
   model = models.EncoderDecoderModel(network.Transformer(config), None, None,
                                      optimizers.Adafactor(), z_loss=1e-4)
   rng = np.random.default_rng(0)
@@ -206,6 +210,7 @@ def _measure_t5train(size_name: str, batch: int, input_length: int, target_lengt
   row = _summarise(step_secs, first, flops, batch * (input_length + target_length),
                    _jax_matmul_flops(dtype), memory)
   row.update(_loop_breakdown(t, device_batch, initializer, steps))
+  row.update(scan_layers=_SCAN_LAYERS.value, remat_policy=_REMAT_POLICY.value)
   row.update(system='t5train (JAX)', device=str(device.device_kind), jax_version=jax.__version__)
   return row
 
@@ -334,7 +339,7 @@ def _measure_t5train_decode(size_name: str, batch: int, input_length: int, targe
 
   from t5train import decoding, models, network, partitioning
   config = network.T5Config(**SIZES[size_name], dtype=dtype, mlp_activations=('gelu', 'linear'),
-                            dropout_rate=0.0)
+                            dropout_rate=0.0, scan_layers=_SCAN_LAYERS.value)
   beams = _beams(method)
   decode_fn = (functools.partial(decoding.temperature_sample, temperature=0.0) if beams == 1
                else functools.partial(decoding.beam_search, num_decodes=beams, alpha=0.6))
@@ -422,7 +427,8 @@ def _run_row(worker: str, size: str, batch: int, lengths: Sequence[int], steps: 
              dtype: str, method: str = 'greedy') -> dict[str, Any]:
   command = [sys.executable, '-m', 't5train.bench', f'--worker={worker}', f'--sizes={size}',
              f'--batch_size={batch}', f'--lengths={lengths[0]},{lengths[1]}',
-             f'--steps={steps}', f'--dtype={dtype}', f'--method={method}']
+             f'--steps={steps}', f'--dtype={dtype}', f'--method={method}',
+             f'--scan_layers={_SCAN_LAYERS.value}', f'--remat_policy={_REMAT_POLICY.value}']
   result = subprocess.run(command, capture_output=True, text=True, check=False)
   if result.returncode:
     return {'system': worker, 'error': result.stderr.strip().splitlines()[-1:]}
@@ -569,6 +575,7 @@ def main(argv: Sequence[str]) -> None:
   checkpoint_rows = _checkpoint_rows(lengths) if 'checkpoint' in _WORKLOADS.value else []
   report = {'machine': _machine(),
             'batch_size': _BATCH.value, 'lengths': lengths, 'dtype': _DTYPE.value,
+            'scan_layers': _SCAN_LAYERS.value, 'remat_policy': _REMAT_POLICY.value,
             'timed_steps': _STEPS.value, 'rows': rows,
             'decode_repeats': _DECODE_REPEATS.value, 'decode_rows': decode_rows,
             'checkpoint_rows': checkpoint_rows}
@@ -576,7 +583,8 @@ def main(argv: Sequence[str]) -> None:
     print()
     print(f'train: batch {_BATCH.value}, lengths {lengths[0]}/{lengths[1]}, {_DTYPE.value}, '
           f'Adafactor, median of {_STEPS.value} warm steps; MFU against a matmul measured in the '
-          'same process')
+          f'same process; t5train scan_layers={_SCAN_LAYERS.value}, '
+          f'remat_policy={_REMAT_POLICY.value}')
     print(_table(rows))
   if decode_rows:
     print()

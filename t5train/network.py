@@ -46,10 +46,31 @@ class T5Config:
   relative_attention_num_buckets: int = 32
   relative_attention_max_distance: int = 128
   layer_norm_epsilon: float = 1e-6
+  # One ``nn.scan`` over each stack's layers: compile time stops growing with depth, and each
+  # layer parameter is stored once for the stack, stacked on a leading ``layers`` axis
+  # (``encoder/layers/...``; see ``stack_layers``).
+  scan_layers: bool = False
+  # What the backward pass keeps of each layer's forward activations (see REMAT_POLICIES).
+  remat_policy: str = 'none'
+
+  def __post_init__(self) -> None:
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f'unknown remat_policy {self.remat_policy!r}; choose one of '
+                       f'{sorted(REMAT_POLICIES)}')
 
   @property
   def activation_dtype(self) -> jnp.dtype:
     return jnp.dtype(self.dtype)
+
+
+# Rematerialisation: 'none' keeps every activation the backward pass needs; 'full' keeps only
+# each layer's input and recomputes the rest (least memory, about one more forward pass);
+# 'dots_saveable' keeps the matmul outputs and recomputes the cheap elementwise work between them.
+REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots_saveable': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 def _fan_in_normal(scale: float = 1.0) -> Initializer:
@@ -330,7 +351,8 @@ class EncoderLayer(nn.Module):
     h = MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.activation_dtype, cfg.dropout_rate,
                  name='mlp')(h, deterministic)
     x = x + dropout(h, deterministic=deterministic)
-    return nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
+    x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
+    return (x, None) if cfg.scan_layers else x
 
 
 class DecoderLayer(nn.Module):
@@ -358,7 +380,30 @@ class DecoderLayer(nn.Module):
     h = MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.activation_dtype, cfg.dropout_rate,
                  name='mlp')(h, deterministic)
     y = y + dropout(h, deterministic=deterministic)
-    return nn.with_logical_constraint(y, ('batch', 'length', 'embed'))
+    y = nn.with_logical_constraint(y, ('batch', 'length', 'embed'))
+    return (y, None) if cfg.scan_layers else y
+
+
+def _run_layers(layer: type[nn.Module], config: T5Config, num_layers: int,
+                static_argnums: tuple[int, ...], x: Array, *args: Any) -> Array:
+  """Runs a stack's ``num_layers`` layers on ``x``; called inside the stack's compact method.
+
+  ``static_argnums`` are the layer's Python-valued arguments (``self`` is 0). With
+  remat each layer recomputes its activations as the policy says; with
+  ``scan_layers`` one scanned layer named ``layers`` holds every layer's
+  parameters stacked on axis 0, and its decoding cache on axis 1 (after batch).
+  """
+  if config.remat_policy != 'none':
+    layer = nn.remat(layer, policy=REMAT_POLICIES[config.remat_policy],
+                     prevent_cse=not config.scan_layers, static_argnums=static_argnums)
+  if not config.scan_layers:
+    for i in range(num_layers):
+      x = layer(config, name=f'layers_{i}')(x, *args)
+    return x
+  scanned = nn.scan(layer, variable_axes={'params': 0, 'cache': 1},
+                    split_rngs={'params': True, 'dropout': True}, in_axes=nn.broadcast,
+                    length=num_layers, metadata_params={nn.PARTITION_NAME: 'layers'})
+  return scanned(config, name='layers')(x, *args)[0]
 
 
 class Encoder(nn.Module):
@@ -378,8 +423,7 @@ class Encoder(nn.Module):
     dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
     x = dropout(self.shared_embedding(tokens), deterministic=deterministic)
     x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
-    for i in range(cfg.num_encoder_layers):
-      x = EncoderLayer(cfg, name=f'layers_{i}')(x, bias, deterministic)
+    x = _run_layers(EncoderLayer, cfg, cfg.num_encoder_layers, (3,), x, bias, deterministic)
     x = LayerNorm(cfg.layer_norm_epsilon, cfg.activation_dtype, name='encoder_norm')(x)
     return dropout(x, deterministic=deterministic)
 
@@ -427,9 +471,8 @@ class Decoder(nn.Module):
     dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
     y = dropout(self.shared_embedding(decoder_input_tokens), deterministic=deterministic)
     y = nn.with_logical_constraint(y, ('batch', 'length', 'embed'))
-    for i in range(cfg.num_decoder_layers):
-      y = DecoderLayer(cfg, name=f'layers_{i}')(y, encoded, self_bias, cross_bias, deterministic,
-                                                decode, cache_index)
+    y = _run_layers(DecoderLayer, cfg, cfg.num_decoder_layers, (5, 6), y, encoded, self_bias,
+                    cross_bias, deterministic, decode, cache_index)
     y = LayerNorm(cfg.layer_norm_epsilon, cfg.activation_dtype, name='decoder_norm')(y)
     y = dropout(y, deterministic=deterministic)
     if cfg.logits_via_embedding:
@@ -492,3 +535,35 @@ class Transformer(nn.Module):
     encoded = self.encode(encoder_input_tokens, encoder_segment_ids, enable_dropout=enable_dropout)
     return self.decode(encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
                        encoder_segment_ids, decoder_segment_ids, enable_dropout=enable_dropout)
+
+
+def stack_layers(params: Any, num_layers: dict[str, int] | None = None) -> dict[str, Any]:
+  """Per-layer parameters (``encoder/layers_0/...``) -> the ``scan_layers`` layout.
+
+  Each stack's ``layers_i`` subtrees become one ``layers`` subtree whose leaves
+  hold the layers on a new leading axis. ``num_layers`` (stack -> count) checks
+  the counts; by default they are read off the tree.
+  """
+  params = dict(params)
+  for stack in ('encoder', 'decoder'):
+    tree = dict(params[stack])
+    count = sum(1 for name in tree if name.startswith('layers_'))
+    if num_layers is not None and num_layers[stack] != count:
+      raise ValueError(f'{stack} has {count} layers, expected {num_layers[stack]}')
+    layers = [tree.pop(f'layers_{i}') for i in range(count)]
+    tree['layers'] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers)
+    params[stack] = tree
+  return params
+
+
+def unstack_layers(params: Any) -> dict[str, Any]:
+  """The ``scan_layers`` layout -> per-layer parameters; the inverse of ``stack_layers``."""
+  params = dict(params)
+  for stack in ('encoder', 'decoder'):
+    tree = dict(params[stack])
+    stacked = tree.pop('layers')
+    count = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+    for i in range(count):
+      tree[f'layers_{i}'] = jax.tree_util.tree_map(lambda x, i=i: x[i], stacked)
+    params[stack] = tree
+  return params

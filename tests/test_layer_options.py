@@ -1,0 +1,109 @@
+"""scan_layers and remat_policy: the same model, laid out or recomputed differently."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from t5train import decoding, network, optimizers, partitioning, testing, train_state, trainer
+
+OPTIONS = [(False, 'full'), (False, 'dots_saveable'), (True, 'none'), (True, 'full'),
+           (True, 'dots_saveable')]
+
+
+@pytest.fixture(scope='module')
+def reference():
+  """Per-layer parameters of the tiny model, a batch, and the loss and gradients there."""
+  model = testing.tiny_model()
+  batch = testing.random_batch(seed=5)
+  params = nn.unbox(model.get_initial_variables(jax.random.PRNGKey(0),
+                                                testing.input_shapes(batch))['params'])
+  (loss, _), grads = jax.value_and_grad(model.loss_fn, has_aux=True)(params, batch, None)
+  return params, batch, float(loss), grads
+
+
+def _close(a, b, rtol=1e-5, atol=1e-6):
+  jax.tree_util.tree_map(
+      lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol),
+      a, b)
+
+
+@pytest.mark.parametrize('scan,remat', OPTIONS)
+def test_loss_and_gradients_do_not_depend_on_the_layer_options(reference, scan, remat):
+  params, batch, loss, grads = reference
+  model = testing.tiny_model(testing.tiny_config(scan_layers=scan, remat_policy=remat))
+  if scan:
+    params = network.stack_layers(params)
+  (got_loss, _), got_grads = jax.jit(jax.value_and_grad(model.loss_fn, has_aux=True))(
+      params, batch, None)
+  assert float(got_loss) == pytest.approx(loss, rel=1e-6)
+  _close(network.unstack_layers(got_grads) if scan else got_grads, grads)
+
+
+def test_scanned_parameters_are_stacked_with_a_layers_axis():
+  model = testing.tiny_model(testing.tiny_config(scan_layers=True))
+  variables = model.get_initial_variables(jax.random.PRNGKey(0),
+                                          testing.input_shapes(testing.random_batch()))
+  query = variables['params']['encoder']['layers']['attention']['query']['kernel']
+  assert query.value.shape == (2, 16, 16)  # [layers, embed, heads x head_dim]
+  assert query.names == ('layers', 'embed', 'joined_kv')
+  assert 'layers_0' not in variables['params']['decoder']
+  # The layers were initialised independently.
+  assert not np.allclose(query.value[0], query.value[1])
+
+
+def test_stack_and_unstack_are_inverse(reference):
+  params = reference[0]
+  stacked = network.stack_layers(params, {'encoder': 2, 'decoder': 2})
+  assert stacked['decoder']['layers']['mlp']['wo']['kernel'].shape == (2, 32, 16)
+  _close(network.unstack_layers(stacked), params, rtol=0, atol=0)
+  with pytest.raises(ValueError, match='encoder has 2 layers, expected 3'):
+    network.stack_layers(params, {'encoder': 3, 'decoder': 2})
+
+
+def test_unknown_remat_policy_is_an_error():
+  with pytest.raises(ValueError, match="unknown remat_policy 'some'"):
+    testing.tiny_config(remat_policy='some')
+
+
+@pytest.mark.parametrize('method', ['greedy', 'beam'])
+def test_scanned_decoding_equals_per_layer_decoding(reference, method):
+  params, batch = reference[0], reference[1]
+  decode_fn = (functools.partial(decoding.temperature_sample, temperature=0.0)
+               if method == 'greedy' else functools.partial(decoding.beam_search, alpha=0.6))
+  outputs = []
+  for scan, layer_params in ((False, params), (True, network.stack_layers(params))):
+    model = testing.tiny_model(testing.tiny_config(scan_layers=scan, remat_policy='full'),
+                               decode_fn=decode_fn)
+    tokens, aux = jax.jit(lambda p, b, m=model: m.predict_batch_with_aux(
+        p, b, num_decodes=1 if method == 'greedy' else 3, max_decode_length=8))(
+            layer_params, batch)
+    outputs.append((np.asarray(tokens), np.asarray(aux['scores'])))
+  np.testing.assert_array_equal(outputs[0][0], outputs[1][0])
+  np.testing.assert_allclose(outputs[0][1], outputs[1][1], rtol=1e-5)
+
+
+def test_training_steps_agree_scanned_and_per_layer():
+  # The trainer builds shardings from the scanned layout's logical axes ('layers' first).
+  batch = testing.random_batch(seed=7)
+  losses = []
+  for scan, remat in ((False, 'none'), (True, 'dots_saveable')):
+    model = testing.tiny_model(testing.tiny_config(scan_layers=scan, remat_policy=remat))
+    partitioner = partitioning.PjitPartitioner()
+    initializer = train_state.TrainStateInitializer(
+        model.optimizer_def, model.get_initial_variables, testing.input_shapes(batch),
+        partitioner=partitioner)
+    state = initializer.from_scratch(jax.random.PRNGKey(0))
+    if scan:  # start from the per-layer model's initial parameters
+      state = state.replace(params=network.stack_layers(first_params))
+      state = state.replace(opt_state=model.optimizer_def.make(
+          optimizers.create_learning_rate_scheduler('constant', 1e-2)).init(state.params))
+    else:
+      first_params = jax.device_get(state.params)  # the step donates the state
+    t = trainer.Trainer(model, state, partitioner, initializer.train_state_axes,
+                        jax.random.PRNGKey(1),
+                        optimizers.create_learning_rate_scheduler('constant', 1e-2))
+    losses.append([float(t.train_step(batch)['loss'].compute()) for _ in range(3)])
+  np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
