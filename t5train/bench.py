@@ -122,15 +122,14 @@ def _jax_matmul_flops(dtype: str) -> float:
 
 
 def _t5train_setup(size_name: str, batch: int, input_length: int, target_length: int,
-                   dtype: str) -> tuple[Any, Any, Any]:
+                   dtype: str, **layer_options: Any) -> tuple[Any, Any, Any]:
   """(trainer, device batch, state initializer) for T5 1.1 of ``size_name`` on random tokens."""
   import jax
   import numpy as np
 
   from t5train import models, network, optimizers, partitioning, train_state, trainer
   config = network.T5Config(**SIZES[size_name], dtype=dtype, mlp_activations=('gelu', 'linear'),
-                            dropout_rate=0.0, scan_layers=_SCAN_LAYERS.value,
-                            remat_policy=_REMAT_POLICY.value)
+                            dropout_rate=0.0, **layer_options)
   model = models.EncoderDecoderModel(network.Transformer(config), None, None,
                                      optimizers.Adafactor(), z_loss=1e-4)
   rng = np.random.default_rng(0)
@@ -196,10 +195,10 @@ def _timed_step(t: Any, device_batch: Any) -> float:
 
 
 def _measure_t5train(size_name: str, batch: int, input_length: int, target_length: int,
-                     steps: int, dtype: str) -> dict[str, Any]:
+                     steps: int, dtype: str, **layer_options: Any) -> dict[str, Any]:
   import jax
   t, device_batch, initializer = _t5train_setup(size_name, batch, input_length, target_length,
-                                                dtype)
+                                                dtype, **layer_options)
   first = _timed_step(t, device_batch)
   _timed_step(t, device_batch)
   step_secs = [_timed_step(t, device_batch) for _ in range(steps)]
@@ -210,7 +209,7 @@ def _measure_t5train(size_name: str, batch: int, input_length: int, target_lengt
   row = _summarise(step_secs, first, flops, batch * (input_length + target_length),
                    _jax_matmul_flops(dtype), memory)
   row.update(_loop_breakdown(t, device_batch, initializer, steps))
-  row.update(scan_layers=_SCAN_LAYERS.value, remat_policy=_REMAT_POLICY.value)
+  row.update(layer_options)
   row.update(system='t5train (JAX)', device=str(device.device_kind), jax_version=jax.__version__)
   return row
 
@@ -221,7 +220,8 @@ def _directory_bytes(path: str) -> int:
 
 
 def _measure_t5train_checkpoint(size_name: str, batch: int, input_length: int,
-                                target_length: int, steps: int, dtype: str) -> dict[str, Any]:
+                                target_length: int, steps: int, dtype: str,
+                                **layer_options: Any) -> dict[str, Any]:
   """Save and restore times of the whole train state, and the step time while an async save runs."""
   import tempfile
 
@@ -229,7 +229,7 @@ def _measure_t5train_checkpoint(size_name: str, batch: int, input_length: int,
 
   from t5train import checkpoints
   t, device_batch, initializer = _t5train_setup(size_name, batch, input_length, target_length,
-                                                dtype)
+                                                dtype, **layer_options)
   for _ in range(2):
     _timed_step(t, device_batch)
   baseline = statistics.median(_timed_step(t, device_batch) for _ in range(steps))
@@ -329,7 +329,8 @@ def _beams(method: str) -> int:
 
 
 def _measure_t5train_decode(size_name: str, batch: int, input_length: int, target_length: int,
-                            repeats: int, dtype: str, method: str) -> dict[str, Any]:
+                            repeats: int, dtype: str, method: str,
+                            **layer_options: Any) -> dict[str, Any]:
   import functools
   import types
 
@@ -339,7 +340,7 @@ def _measure_t5train_decode(size_name: str, batch: int, input_length: int, targe
 
   from t5train import decoding, models, network, partitioning
   config = network.T5Config(**SIZES[size_name], dtype=dtype, mlp_activations=('gelu', 'linear'),
-                            dropout_rate=0.0, scan_layers=_SCAN_LAYERS.value)
+                            dropout_rate=0.0, **layer_options)
   beams = _beams(method)
   decode_fn = (functools.partial(decoding.temperature_sample, temperature=0.0) if beams == 1
                else functools.partial(decoding.beam_search, num_decodes=beams, alpha=0.6))
@@ -563,7 +564,11 @@ def main(argv: Sequence[str]) -> None:
   if _WORKER.value:
     measure = _WORKERS[_WORKER.value]
     args = (_SIZES.value[0], _BATCH.value, lengths[0], lengths[1], _STEPS.value, _DTYPE.value)
-    row = measure(*args, _METHOD.value) if _WORKER.value.endswith('_decode') else measure(*args)
+    if _WORKER.value.endswith('_decode'):
+      args += (_METHOD.value,)
+    layer_options = (dict(scan_layers=_SCAN_LAYERS.value, remat_policy=_REMAT_POLICY.value)
+                     if _WORKER.value.startswith('t5train') else {})
+    row = measure(*args, **layer_options)
     print(json.dumps(row))
     return
   unknown = (set(_SIZES.value) | set(_DECODE_SIZES.value) | set(_CHECKPOINT_SIZES.value)) - set(SIZES)

@@ -21,7 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from t5train import hf_interop
+from t5train import hf_interop, network
 from t5train.errors import TrainingError, UserError
 from t5train.train_state import TrainState, TrainStateInitializer
 
@@ -233,20 +233,72 @@ def _ignore_abandoned_reads() -> None:
   sys.unraisablehook = hook
 
 
-def _checked_saved_tree(path: str, abstract_params: Any) -> dict[str, Any]:
-  """The saved tree of checkpoint ``path``, after checking its parameters against the model's."""
+def _saved_state_tree(path: str) -> dict[str, Any]:
+  """The metadata tree of the train state saved in checkpoint ``path``."""
   if not os.path.isdir(path):
     raise UserError(f'checkpoint {path!r} does not exist or is not a directory')
-  saved = saved_tree(os.path.join(os.path.abspath(path), STATE_ITEM))
-  check_shapes(dict(flatten_with_names(abstract_params)),
+  return saved_tree(os.path.join(os.path.abspath(path), STATE_ITEM))
+
+
+def _check_params(path: str, model_params: Any, saved: dict[str, Any]) -> None:
+  """UserError unless checkpoint ``path`` (its ``saved`` tree) holds the model's parameters."""
+  check_shapes(dict(flatten_with_names(model_params)),
                dict(flatten_with_names(saved.get('params', {}))), path)
-  return saved
+
+
+_SCANNED_NAME = re.compile(r'(?:en|de)coder/layers/')
+
+
+def _is_scanned(params: Any) -> bool:
+  return any(_SCANNED_NAME.match(name) for name, _ in flatten_with_names(params))
+
+
+def _layout_conversion(saved_params: Any, model_params: Any) -> Callable[[Any], Any] | None:
+  """The function taking the checkpoint's parameters to the model's layer layout, if they differ
+  (one was saved with ``scan_layers`` and the other is not)."""
+  saved, model = _is_scanned(saved_params), _is_scanned(model_params)
+  if saved == model:
+    return None
+  return network.stack_layers if model else network.unstack_layers
+
+
+def _restore_converted(path: str, saved: dict[str, Any], abstract: TrainState,
+                       convert: Callable[[Any], Any]) -> tuple[Any, Any]:
+  """(step, parameters) of ``path`` in the model's layer layout and shardings.
+
+  The saved arrays are read replicated and re-laid out on the devices, so a
+  conversion needs each device to hold the whole model once.
+  """
+  mesh = jax.tree_util.tree_leaves(abstract.params)[0].sharding.mesh
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  wanted = jax.tree_util.tree_map(
+      lambda leaf: jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype, sharding=replicated),
+      hf_interop.nest(dict(flatten_with_names(saved['params']))))
+  restored = _restore_partial(path, {'step': abstract.step, 'params': wanted})
+  try:
+    converted = jax.eval_shape(convert, restored['params'])
+  except (KeyError, ValueError, IndexError) as e:
+    raise UserError(f'{path}: its parameters cannot be converted to the model\'s layer layout '
+                    f'({e!r})') from e
+  check_shapes(dict(flatten_with_names(abstract.params)), dict(flatten_with_names(converted)),
+               path)
+  shardings = jax.tree_util.tree_map(lambda leaf: leaf.sharding, abstract.params)
+  params = jax.jit(convert, out_shardings=shardings)(restored['params'])
+  logging.warning('%s was saved %s scanned layers and the model %s them: its parameters were '
+                  'converted, and the optimizer starts fresh.', path,
+                  'with' if convert is network.unstack_layers else 'without',
+                  'does not scan' if convert is network.unstack_layers else 'scans')
+  return restored['step'], params
 
 
 def restore_params(path: str, initializer: TrainStateInitializer) -> Any:
   """Only the parameters of checkpoint ``path``, in the initializer's shardings (for inference)."""
   abstract = _abstract(initializer.global_train_state_shape, initializer.train_state_shardings)
-  _checked_saved_tree(path, abstract.params)
+  saved = _saved_state_tree(path)
+  convert = _layout_conversion(saved.get('params', {}), abstract.params)
+  if convert is not None:
+    return _restore_converted(path, saved, abstract, convert)[1]
+  _check_params(path, abstract.params, saved)
   return _restore_partial(path, {'params': abstract.params})['params']
 
 
@@ -296,7 +348,9 @@ def restore_from_path(path: str, initializer: TrainStateInitializer,
   each model parameter whose name fully matches a regex is read from the
   checkpoint's parameter named by the replacement (``re.sub``), or, for None, is
   freshly initialised; checkpoint parameters nobody reads are dropped, and the
-  step and optimiser start from zero.
+  step and optimiser start from zero. A checkpoint saved with the other layer
+  layout (``scan_layers``) has its parameters converted, and the optimiser
+  starts fresh.
   """
   if not os.path.isdir(path):
     raise UserError(f'checkpoint {path!r} does not exist or is not a directory')
@@ -304,16 +358,21 @@ def restore_from_path(path: str, initializer: TrainStateInitializer,
     return _restore_mapped_params(path, initializer, assignment_map,
                                   init_rng if init_rng is not None else jax.random.PRNGKey(0))
   abstract = _abstract(initializer.global_train_state_shape, initializer.train_state_shardings)
-  restored, with_optimizer = _restore_train_state(path, abstract)
+  saved = _saved_state_tree(path)
+  convert = _layout_conversion(saved.get('params', {}), abstract.params)
+  if convert is not None:
+    return initializer.from_params(*reversed(_restore_converted(path, saved, abstract, convert)))
+  _check_params(path, abstract.params, saved)
+  restored, with_optimizer = _restore_train_state(path, abstract, saved)
   if with_optimizer:
     return abstract.replace_state_dict(restored)
   logging.info('%s has no matching optimizer state; the optimizer starts fresh.', path)
   return initializer.from_params(restored['params'], restored['step'])
 
 
-def _restore_train_state(path: str, abstract: TrainState) -> tuple[dict[str, Any], bool]:
+def _restore_train_state(path: str, abstract: TrainState, saved: dict[str, Any]
+                         ) -> tuple[dict[str, Any], bool]:
   """The step, parameters and (when its structure matches) optimiser state of ``path``."""
-  saved = _checked_saved_tree(path, abstract.params)
   with_optimizer = 'opt_state' in saved and _same_structure(saved['opt_state'], abstract.opt_state)
   wanted = {'step': abstract.step, 'params': abstract.params}
   if with_optimizer:
@@ -443,7 +502,14 @@ class CheckpointManager:
     if step is None:
       return None
     path = checkpoint_dir(self.directory, step)
-    _checked_saved_tree(path, self._abstract_state.params)
+    saved = _saved_state_tree(path)
+    if _layout_conversion(saved.get('params', {}), self._abstract_state.params) is not None:
+      scanned = _is_scanned(saved.get('params', {}))
+      raise UserError(f'{path} was saved {"with" if scanned else "without"} scan_layers and this '
+                      'model differs: resume with the same network.T5Config.scan_layers, or start '
+                      'a new MODEL_DIR from this checkpoint (INITIAL_CHECKPOINT_PATH), which '
+                      'converts its parameters')
+    _check_params(path, self._abstract_state.params, saved)
     abstract = self._abstract_state.state_dict()
     _ignore_abandoned_reads()
     try:
@@ -544,7 +610,9 @@ class LegacyCheckpointManager:
       raise
     abstract = TrainState(step=self._shape.step, params=self._shape.params,
                           opt_state=self._shape.opt_state)
-    restored, with_optimizer = _restore_train_state(path, abstract)
+    saved = _saved_state_tree(path)
+    _check_params(path, abstract.params, saved)
+    restored, with_optimizer = _restore_train_state(path, abstract, saved)
     if with_optimizer:
       return abstract.replace_state_dict(restored)
     if fallback_state is None:

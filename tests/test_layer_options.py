@@ -7,7 +7,17 @@ import jax
 import numpy as np
 import pytest
 
-from t5train import decoding, network, optimizers, partitioning, testing, train_state, trainer
+from t5train import (
+  checkpoints,
+  decoding,
+  network,
+  optimizers,
+  partitioning,
+  testing,
+  train_state,
+  trainer,
+)
+from t5train.errors import UserError
 
 OPTIONS = [(False, 'full'), (False, 'dots_saveable'), (True, 'none'), (True, 'full'),
            (True, 'dots_saveable')]
@@ -85,25 +95,68 @@ def test_scanned_decoding_equals_per_layer_decoding(reference, method):
   np.testing.assert_allclose(outputs[0][1], outputs[1][1], rtol=1e-5)
 
 
+def _initializer(model, batch):
+  return train_state.TrainStateInitializer(
+      model.optimizer_def, model.get_initial_variables, testing.input_shapes(batch),
+      partitioner=partitioning.PjitPartitioner())
+
+
+def _scanned_model(remat='none'):
+  return testing.tiny_model(testing.tiny_config(scan_layers=True, remat_policy=remat))
+
+
 def test_training_steps_agree_scanned_and_per_layer():
   # The trainer builds shardings from the scanned layout's logical axes ('layers' first).
   batch = testing.random_batch(seed=7)
+  schedule = optimizers.create_learning_rate_scheduler('constant', 1e-2)
+  per_layer = testing.tiny_model()
+  initializer = _initializer(per_layer, batch)
+  state = initializer.from_scratch(jax.random.PRNGKey(0))
+  stacked = network.stack_layers(jax.device_get(state.params))  # before the step donates them
+  scanned = _scanned_model('dots_saveable')
+  scanned_initializer = _initializer(scanned, batch)
   losses = []
-  for scan, remat in ((False, 'none'), (True, 'dots_saveable')):
-    model = testing.tiny_model(testing.tiny_config(scan_layers=scan, remat_policy=remat))
-    partitioner = partitioning.PjitPartitioner()
-    initializer = train_state.TrainStateInitializer(
-        model.optimizer_def, model.get_initial_variables, testing.input_shapes(batch),
-        partitioner=partitioner)
-    state = initializer.from_scratch(jax.random.PRNGKey(0))
-    if scan:  # start from the per-layer model's initial parameters
-      state = state.replace(params=network.stack_layers(first_params))
-      state = state.replace(opt_state=model.optimizer_def.make(
-          optimizers.create_learning_rate_scheduler('constant', 1e-2)).init(state.params))
-    else:
-      first_params = jax.device_get(state.params)  # the step donates the state
-    t = trainer.Trainer(model, state, partitioner, initializer.train_state_axes,
-                        jax.random.PRNGKey(1),
-                        optimizers.create_learning_rate_scheduler('constant', 1e-2))
+  for model, init, start in ((per_layer, initializer, state),
+                             (scanned, scanned_initializer,
+                              scanned_initializer.from_params(stacked, np.int32(0)))):
+    t = trainer.Trainer(model, start, partitioning.PjitPartitioner(), init.train_state_axes,
+                        jax.random.PRNGKey(1), schedule)
     losses.append([float(t.train_step(batch)['loss'].compute()) for _ in range(3)])
   np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+
+
+def test_checkpoints_convert_between_layouts(tmp_path):
+  batch = testing.random_batch()
+  per_layer, scanned = testing.tiny_model(), _scanned_model()
+  per_layer_init, scanned_init = _initializer(per_layer, batch), _initializer(scanned, batch)
+  params = jax.device_get(per_layer_init.from_scratch(jax.random.PRNGKey(0)).params)
+  path = checkpoints.save_params(str(tmp_path / 'per_layer'), params, step=3)
+
+  state = checkpoints.restore_from_path(path, scanned_init)
+  assert int(state.step) == 3
+  _close(jax.device_get(state.params), network.stack_layers(params), rtol=0, atol=0)
+  _close(jax.device_get(checkpoints.restore_params(path, scanned_init)),
+         network.stack_layers(params), rtol=0, atol=0)
+
+  # And back: a scanned checkpoint restores into the per-layer model.
+  back = checkpoints.save_params(str(tmp_path / 'scanned'), jax.device_get(state.params), step=4)
+  _close(jax.device_get(checkpoints.restore_from_path(back, per_layer_init).params), params,
+         rtol=0, atol=0)
+
+
+def test_resuming_with_the_other_layout_says_how_to_convert(tmp_path):
+  batch = testing.random_batch()
+  per_layer_init = _initializer(testing.tiny_model(), batch)
+  scanned_init = _initializer(_scanned_model(), batch)
+  config = checkpoints.SaveCheckpointConfig(period=1, save_dataset=False, use_async=False)
+  manager = checkpoints.CheckpointManager(str(tmp_path), config,
+                                          per_layer_init.train_state_shardings,
+                                          per_layer_init.global_train_state_shape)
+  manager.save(per_layer_init.from_scratch(jax.random.PRNGKey(0)), force=True)
+  manager.close()
+  manager = checkpoints.CheckpointManager(str(tmp_path), config,
+                                          scanned_init.train_state_shardings,
+                                          scanned_init.global_train_state_shape)
+  with pytest.raises(UserError, match='saved without scan_layers.*INITIAL_CHECKPOINT_PATH'):
+    manager.restore()
+  manager.close()
