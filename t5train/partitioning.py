@@ -25,10 +25,10 @@ LogicalAxisRules = Sequence[tuple[str, str | None]]
 PyTree = Any
 CompilerOptions = Mapping[str, str | bool | int | float]
 
-# XLA options used unless the partitioner is given its own, by device platform. On CPU the
-# memory-minimising scheduler orders a T5-small train step's ops so that its scratch space
-# shrinks from 812 to 689 MB, at the same speed (docs/benchmarks.md).
-DEFAULT_COMPILER_OPTIONS: dict[str, CompilerOptions] = {
+# XLA options for train steps, by device platform. On CPU the memory-minimising scheduler
+# orders a T5-small train step's ops so that its scratch space shrinks from 812 to 689 MB at
+# the same speed (docs/benchmarks.md); decoding loops run slower with it, so it is not global.
+TRAIN_STEP_COMPILER_OPTIONS: dict[str, CompilerOptions] = {
     'cpu': {'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'},
 }
 
@@ -93,8 +93,7 @@ class PjitPartitioner:
   ``num_partitions`` is the size of the ``model`` axis; ``model_parallel_submesh``
   (T5X's TPU form, e.g. ``(2, 2, 1, 1)``) gives it as a product instead. The
   ``data`` axis takes the remaining devices. ``compiler_options`` are XLA options
-  for every function it compiles; None takes ``DEFAULT_COMPILER_OPTIONS`` for the
-  devices' platform.
+  for every function it compiles, over any the caller of ``partition`` gives.
   """
 
   def __init__(self, num_partitions: int | None = None,
@@ -135,11 +134,9 @@ class PjitPartitioner:
   def logical_axis_rules(self) -> LogicalAxisRules:
     return self._logical_axis_rules
 
-  @property
-  def compiler_options(self) -> dict[str, Any]:
-    if self._compiler_options is not None:
-      return dict(self._compiler_options)
-    return dict(DEFAULT_COMPILER_OPTIONS.get(self.devices[0].platform, {}))
+  def train_step_compiler_options(self) -> dict[str, Any]:
+    """The XLA options for a train step on these devices (``TRAIN_STEP_COMPILER_OPTIONS``)."""
+    return dict(TRAIN_STEP_COMPILER_OPTIONS.get(self.devices[0].platform, {}))
 
   def validate(self) -> None:
     """Fails with a UserError when the devices cannot be split into the partitions."""
@@ -240,12 +237,13 @@ class PjitPartitioner:
       yield
 
   def partition(self, fn: Callable[..., Any], in_shardings: Any, out_shardings: Any,
-                static_argnums: Sequence[int] = (), donate_argnums: Sequence[int] = ()
-                ) -> 'PartitionedFunction':
+                static_argnums: Sequence[int] = (), donate_argnums: Sequence[int] = (),
+                compiler_options: CompilerOptions | None = None) -> 'PartitionedFunction':
     """``jax.jit`` with shardings, traced under this mesh and its logical rules."""
+    options = {**(compiler_options or {}), **(self._compiler_options or {})}
     jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
                      static_argnums=tuple(static_argnums), donate_argnums=tuple(donate_argnums),
-                     compiler_options=self.compiler_options or None)
+                     compiler_options=options or None)
     return PartitionedFunction(jitted, self.activation_rules)
 
   def compile(self, partitioned_fn: 'PartitionedFunction', *args: Any) -> jax.stages.Compiled:

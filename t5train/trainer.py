@@ -134,7 +134,8 @@ class Trainer:
         functools.partial(train_step, model, tx, learning_rate_fn, num_microbatches,
                           skip_nonfinite),
         in_shardings=(state_shardings, batch_sharding, replicated),
-        out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+        out_shardings=(state_shardings, replicated), donate_argnums=(0,),
+        compiler_options=partitioner.train_step_compiler_options())
     self._compiled: dict[tuple, jax.stages.Compiled] = {}
 
   def train_step(self, batch: Batch) -> models.Metrics:

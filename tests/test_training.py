@@ -143,3 +143,18 @@ def test_loop_reports_where_its_time_goes():
   # Throughput leaves evaluation out, but counts the waits for data and checkpoints.
   assert 1 / summary['timing/steps_per_second'] >= 0.4
   assert 'waiting for data' in lines[-1] and 'step 5/5' in lines[-1]
+
+
+def test_compiler_options_reach_xla_and_the_partitioners_own_win():
+  from jax.sharding import PartitionSpec
+  bad = {'xla_cpu_scheduler_type': 'NO_SUCH_SCHEDULER'}
+  partitioner = partitioning.PjitPartitioner()
+  replicated = partitioner.sharding(PartitionSpec())
+  double = partitioner.partition(lambda x: x * 2, replicated, replicated, compiler_options=bad)
+  with pytest.raises(Exception, match='NO_SUCH_SCHEDULER'):
+    double(jnp.ones(3))
+  options = partitioner.train_step_compiler_options()
+  assert options == partitioning.TRAIN_STEP_COMPILER_OPTIONS['cpu']  # these tests run on CPU
+  partitioner = partitioning.PjitPartitioner(compiler_options=options)
+  double = partitioner.partition(lambda x: x * 2, replicated, replicated, compiler_options=bad)
+  np.testing.assert_array_equal(double(jnp.ones(3)), [2.0, 2.0, 2.0])
