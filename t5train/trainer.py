@@ -109,8 +109,8 @@ def train_step(model: models.EncoderDecoderModel, tx: optax.GradientTransformati
 class Trainer:
   """Holds the train state and the compiled train step (T5X's constructor names).
 
-  The step is compiled ahead of its first call, and the memory the compiler
-  freed is handed back to the system before the step allocates its own.
+  The step is compiled for each new batch shape before it runs, and the memory
+  the compiler freed is handed back to the system before the step allocates its own.
   """
 
   def __init__(self, model: models.EncoderDecoderModel, train_state: TrainState,
