@@ -29,7 +29,7 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false
 python -c "import clu.metrics, pytest; print('clu and pytest import')"
 
 echo "== correctness (float32, full-precision matmuls)"
-JAX_DEFAULT_MATMUL_PRECISION=highest timeout 200 python -m pytest -q -p no:cacheprovider \
+JAX_DEFAULT_MATMUL_PRECISION=highest timeout 150 python -m pytest -q -p no:cacheprovider \
   tests/test_network_vs_transformers.py tests/test_decoding.py tests/test_layer_options.py \
   tests/test_losses.py 2>&1 | tail -15
 
@@ -39,6 +39,10 @@ QUIET="^I0000\|^W0000\|^E0000\|WARNING: All"
 echo "== benchmark: bfloat16, batch 64, lengths 512/128, next to transformers"
 timeout 180 "${BENCH[@]}" --sizes=small,base --peer=transformers \
   --out="$OUT/bench_gpu_bf16.json" 2>&1 | grep -v "$QUIET"
-echo "== the same, base with scanned layers and dots_saveable rematerialisation"
-timeout 90 "${BENCH[@]}" --sizes=base --peer=none --scan_layers --remat_policy=dots_saveable \
-  --out="$OUT/bench_gpu_bf16_scan.json" 2>&1 | grep -v "$QUIET"
+echo "== base with cuDNN fused attention"
+timeout 75 "${BENCH[@]}" --sizes=base --peer=none --attention_implementation=cudnn \
+  --out="$OUT/bench_gpu_bf16_cudnn.json" 2>&1 | grep -v "$QUIET"
+echo "== base with cuDNN attention, scanned layers and dots_saveable rematerialisation"
+timeout 75 "${BENCH[@]}" --sizes=base --peer=none --attention_implementation=cudnn \
+  --scan_layers --remat_policy=dots_saveable --out="$OUT/bench_gpu_bf16_scan.json" 2>&1 | \
+  grep -v "$QUIET"

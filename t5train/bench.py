@@ -50,6 +50,9 @@ _DECODE_REPEATS = flags.DEFINE_integer('decode_repeats', 3, 'Timed decodes per r
 _SCAN_LAYERS = flags.DEFINE_boolean('scan_layers', False, 't5train rows: nn.scan over layers.')
 _REMAT_POLICY = flags.DEFINE_enum('remat_policy', 'none', ['none', 'full', 'dots_saveable'],
                                   't5train rows: what the backward pass recomputes.')
+_ATTENTION = flags.DEFINE_enum('attention_implementation', None, ['xla', 'cudnn'],
+                               't5train rows: jax.nn.dot_product_attention with this '
+                               'implementation instead of t5train\'s own attention.')
 _WORKER = flags.DEFINE_string('worker', None, 'Internal: measure one row and print JSON.')
 _METHOD = flags.DEFINE_string('method', 'greedy', 'Internal: the decoding method of a worker.')
 
@@ -122,14 +125,14 @@ def _jax_matmul_flops(dtype: str) -> float:
 
 
 def _t5train_setup(size_name: str, batch: int, input_length: int, target_length: int,
-                   dtype: str, **layer_options: Any) -> tuple[Any, Any, Any]:
+                   dtype: str, **model_options: Any) -> tuple[Any, Any, Any]:
   """(trainer, device batch, state initializer) for T5 1.1 of ``size_name`` on random tokens."""
   import jax
   import numpy as np
 
   from t5train import models, network, optimizers, partitioning, train_state, trainer
   config = network.T5Config(**SIZES[size_name], dtype=dtype, mlp_activations=('gelu', 'linear'),
-                            dropout_rate=0.0, **layer_options)
+                            dropout_rate=0.0, **model_options)
   model = models.EncoderDecoderModel(network.Transformer(config), None, None,
                                      optimizers.Adafactor(), z_loss=1e-4)
   rng = np.random.default_rng(0)
@@ -195,10 +198,10 @@ def _timed_step(t: Any, device_batch: Any) -> float:
 
 
 def _measure_t5train(size_name: str, batch: int, input_length: int, target_length: int,
-                     steps: int, dtype: str, **layer_options: Any) -> dict[str, Any]:
+                     steps: int, dtype: str, **model_options: Any) -> dict[str, Any]:
   import jax
   t, device_batch, initializer = _t5train_setup(size_name, batch, input_length, target_length,
-                                                dtype, **layer_options)
+                                                dtype, **model_options)
   first = _timed_step(t, device_batch)
   _timed_step(t, device_batch)
   step_secs = [_timed_step(t, device_batch) for _ in range(steps)]
@@ -209,7 +212,7 @@ def _measure_t5train(size_name: str, batch: int, input_length: int, target_lengt
   row = _summarise(step_secs, first, flops, batch * (input_length + target_length),
                    _jax_matmul_flops(dtype), memory)
   row.update(_loop_breakdown(t, device_batch, initializer, steps))
-  row.update(layer_options)
+  row.update(model_options)
   row.update(system='t5train (JAX)', device=str(device.device_kind), jax_version=jax.__version__)
   return row
 
@@ -221,7 +224,7 @@ def _directory_bytes(path: str) -> int:
 
 def _measure_t5train_checkpoint(size_name: str, batch: int, input_length: int,
                                 target_length: int, steps: int, dtype: str,
-                                **layer_options: Any) -> dict[str, Any]:
+                                **model_options: Any) -> dict[str, Any]:
   """Save and restore times of the whole train state, and the step time while an async save runs."""
   import tempfile
 
@@ -229,7 +232,7 @@ def _measure_t5train_checkpoint(size_name: str, batch: int, input_length: int,
 
   from t5train import checkpoints
   t, device_batch, initializer = _t5train_setup(size_name, batch, input_length, target_length,
-                                                dtype, **layer_options)
+                                                dtype, **model_options)
   for _ in range(2):
     _timed_step(t, device_batch)
   baseline = statistics.median(_timed_step(t, device_batch) for _ in range(steps))
@@ -330,7 +333,7 @@ def _beams(method: str) -> int:
 
 def _measure_t5train_decode(size_name: str, batch: int, input_length: int, target_length: int,
                             repeats: int, dtype: str, method: str,
-                            **layer_options: Any) -> dict[str, Any]:
+                            **model_options: Any) -> dict[str, Any]:
   import functools
   import types
 
@@ -340,7 +343,7 @@ def _measure_t5train_decode(size_name: str, batch: int, input_length: int, targe
 
   from t5train import decoding, models, network, partitioning
   config = network.T5Config(**SIZES[size_name], dtype=dtype, mlp_activations=('gelu', 'linear'),
-                            dropout_rate=0.0, **layer_options)
+                            dropout_rate=0.0, **model_options)
   beams = _beams(method)
   decode_fn = (functools.partial(decoding.temperature_sample, temperature=0.0) if beams == 1
                else functools.partial(decoding.beam_search, num_decodes=beams, alpha=0.6))
@@ -424,12 +427,19 @@ def _peer_available() -> bool:
   return True
 
 
+def _model_options() -> dict[str, Any]:
+  """The T5Config options of the t5train rows, from the flags."""
+  return dict(scan_layers=_SCAN_LAYERS.value, remat_policy=_REMAT_POLICY.value,
+              attention_implementation=_ATTENTION.value)
+
+
 def _run_row(worker: str, size: str, batch: int, lengths: Sequence[int], steps: int,
              dtype: str, method: str = 'greedy') -> dict[str, Any]:
   command = [sys.executable, '-m', 't5train.bench', f'--worker={worker}', f'--sizes={size}',
              f'--batch_size={batch}', f'--lengths={lengths[0]},{lengths[1]}',
              f'--steps={steps}', f'--dtype={dtype}', f'--method={method}',
-             f'--scan_layers={_SCAN_LAYERS.value}', f'--remat_policy={_REMAT_POLICY.value}']
+             *(f'--{name}={value}' for name, value in _model_options().items()
+               if value is not None)]
   result = subprocess.run(command, capture_output=True, text=True, check=False)
   if result.returncode:
     return {'system': worker, 'error': result.stderr.strip().splitlines()[-1:]}
@@ -566,9 +576,8 @@ def main(argv: Sequence[str]) -> None:
     args = (_SIZES.value[0], _BATCH.value, lengths[0], lengths[1], _STEPS.value, _DTYPE.value)
     if _WORKER.value.endswith('_decode'):
       args += (_METHOD.value,)
-    layer_options = (dict(scan_layers=_SCAN_LAYERS.value, remat_policy=_REMAT_POLICY.value)
-                     if _WORKER.value.startswith('t5train') else {})
-    row = measure(*args, **layer_options)
+    model_options = (_model_options() if _WORKER.value.startswith('t5train') else {})
+    row = measure(*args, **model_options)
     print(json.dumps(row))
     return
   unknown = (set(_SIZES.value) | set(_DECODE_SIZES.value) | set(_CHECKPOINT_SIZES.value)) - set(SIZES)
@@ -580,7 +589,7 @@ def main(argv: Sequence[str]) -> None:
   checkpoint_rows = _checkpoint_rows(lengths) if 'checkpoint' in _WORKLOADS.value else []
   report = {'machine': _machine(),
             'batch_size': _BATCH.value, 'lengths': lengths, 'dtype': _DTYPE.value,
-            'scan_layers': _SCAN_LAYERS.value, 'remat_policy': _REMAT_POLICY.value,
+            **_model_options(),
             'timed_steps': _STEPS.value, 'rows': rows,
             'decode_repeats': _DECODE_REPEATS.value, 'decode_rows': decode_rows,
             'checkpoint_rows': checkpoint_rows}
@@ -588,8 +597,8 @@ def main(argv: Sequence[str]) -> None:
     print()
     print(f'train: batch {_BATCH.value}, lengths {lengths[0]}/{lengths[1]}, {_DTYPE.value}, '
           f'Adafactor, median of {_STEPS.value} warm steps; MFU against a matmul measured in the '
-          f'same process; t5train scan_layers={_SCAN_LAYERS.value}, '
-          f'remat_policy={_REMAT_POLICY.value}')
+          'same process; t5train ' +
+          ', '.join(f'{name}={value}' for name, value in _model_options().items()))
     print(_table(rows))
   if decode_rows:
     print()

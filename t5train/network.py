@@ -52,11 +52,18 @@ class T5Config:
   scan_layers: bool = False
   # What the backward pass keeps of each layer's forward activations (see REMAT_POLICIES).
   remat_policy: str = 'none'
+  # None: t5train's own attention (einsums, softmax in float32). 'xla' or 'cudnn':
+  # jax.nn.dot_product_attention with that implementation (cuDNN's fused attention on NVIDIA
+  # GPUs, bfloat16 or float16) for every call without attention dropout or a decoding cache.
+  attention_implementation: str | None = None
 
   def __post_init__(self) -> None:
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f'unknown remat_policy {self.remat_policy!r}; choose one of '
                        f'{sorted(REMAT_POLICIES)}')
+    if self.attention_implementation not in (None, 'xla', 'cudnn'):
+      raise ValueError(f'unknown attention_implementation {self.attention_implementation!r}; '
+                       "choose None, 'xla' or 'cudnn'")
 
   @property
   def activation_dtype(self) -> jnp.dtype:
@@ -244,6 +251,7 @@ class MultiHeadAttention(nn.Module):
   dtype: Any = jnp.float32
   dropout_rate: float = 0.0
   float32_logits: bool = False
+  implementation: str | None = None  # T5Config.attention_implementation
 
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_kv: Array, bias: Array, deterministic: bool,
@@ -256,19 +264,26 @@ class MultiHeadAttention(nn.Module):
     q = constrain(split(projection('query', query_init)(inputs_q)))  # [batch, length, heads, kv]
     key_value = lambda: (constrain(split(projection('key', _fan_in_normal())(inputs_kv))),
                          constrain(split(projection('value', _fan_in_normal())(inputs_kv))))
-    if cache == 'cross':
-      k, v = self._cross_cache(key_value)
-    elif cache == 'self':
-      k, v = self._self_cache(*key_value(), cache_index)
+    dropout = not deterministic and self.dropout_rate > 0.0
+    if self.implementation is not None and cache is None and not dropout:
+      # No 1/sqrt(head_dim) scale, as everywhere in T5; the softmax runs in float32.
+      k, v = key_value()
+      out = jax.nn.dot_product_attention(q, k, v.astype(self.dtype), bias=bias.astype(q.dtype),
+                                         scale=1.0, implementation=self.implementation)
     else:
-      k, v = (_heads_major(x) for x in key_value())
-    if self.float32_logits:
-      q, k = q.astype(jnp.float32), k.astype(jnp.float32)
-    logits = jnp.einsum('bqhd,bhkd->bhqk', q, k) + bias.astype(q.dtype)
-    weights = jax.nn.softmax(logits.astype(jnp.float32)).astype(self.dtype)
-    if not deterministic and self.dropout_rate > 0.0:
-      weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
-    out = jnp.einsum('bhqk,bhkd->bqhd', weights, v.astype(self.dtype))
+      if cache == 'cross':
+        k, v = self._cross_cache(key_value)
+      elif cache == 'self':
+        k, v = self._self_cache(*key_value(), cache_index)
+      else:
+        k, v = (_heads_major(x) for x in key_value())
+      if self.float32_logits:
+        q, k = q.astype(jnp.float32), k.astype(jnp.float32)
+      logits = jnp.einsum('bqhd,bhkd->bhqk', q, k) + bias.astype(q.dtype)
+      weights = jax.nn.softmax(logits.astype(jnp.float32)).astype(self.dtype)
+      if dropout:
+        weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
+      out = jnp.einsum('bhqk,bhkd->bqhd', weights, v.astype(self.dtype))
     out = nn.with_logical_constraint(out, ('batch', 'length', 'heads', 'kv'))
     out = out.reshape(out.shape[:2] + (inner,))
     return Dense(inputs_q.shape[-1], ('joined_kv', 'embed'), _fan_in_normal(), self.dtype,
@@ -345,7 +360,8 @@ class EncoderLayer(nn.Module):
     norm = lambda name: LayerNorm(cfg.layer_norm_epsilon, cfg.activation_dtype, name=name)
     h = norm('pre_attention_layer_norm')(x)
     h = MultiHeadAttention(cfg.num_heads, cfg.head_dim, cfg.activation_dtype, cfg.dropout_rate,
-                           cfg.float32_attention_logits, name='attention')(h, h, bias, deterministic)
+                           cfg.float32_attention_logits, cfg.attention_implementation,
+                           name='attention')(h, h, bias, deterministic)
     x = x + dropout(h, deterministic=deterministic)
     h = norm('pre_mlp_layer_norm')(x)
     h = MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.activation_dtype, cfg.dropout_rate,
@@ -367,7 +383,7 @@ class DecoderLayer(nn.Module):
     norm = lambda name: LayerNorm(cfg.layer_norm_epsilon, cfg.activation_dtype, name=name)
     attention = lambda name: MultiHeadAttention(cfg.num_heads, cfg.head_dim, cfg.activation_dtype,
                                                 cfg.dropout_rate, cfg.float32_attention_logits,
-                                                name=name)
+                                                cfg.attention_implementation, name=name)
     h = norm('pre_self_attention_layer_norm')(y)
     h = attention('self_attention')(h, h, self_bias, deterministic,
                                     'self' if decode else None, cache_index)

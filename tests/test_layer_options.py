@@ -160,3 +160,54 @@ def test_resuming_with_the_other_layout_says_how_to_convert(tmp_path):
   with pytest.raises(UserError, match='saved without scan_layers.*INITIAL_CHECKPOINT_PATH'):
     manager.restore()
   manager.close()
+
+
+def _count_fused_calls(monkeypatch):
+  """The implementations jax.nn.dot_product_attention is called with, as the model traces."""
+  calls, fused = [], jax.nn.dot_product_attention
+
+  def counted(*args, **kwargs):
+    calls.append(kwargs['implementation'])
+    return fused(*args, **kwargs)
+  monkeypatch.setattr(jax.nn, 'dot_product_attention', counted)
+  return calls
+
+
+@pytest.mark.parametrize('implementation', ['xla', 'cudnn'])
+def test_fused_attention_equals_the_einsum_attention(reference, implementation, monkeypatch):
+  # jax.nn.dot_product_attention with T5's bias and no scaling: the same loss and gradients.
+  if implementation == 'cudnn' and jax.default_backend() != 'gpu':
+    pytest.skip('cuDNN attention needs an NVIDIA GPU')
+  params, batch, loss, grads = reference
+  dtype = 'bfloat16' if implementation == 'cudnn' else 'float32'  # cuDNN: 16-bit floats only
+  tolerance = dict(rtol=5e-2, atol=5e-3) if dtype == 'bfloat16' else {}
+  if dtype == 'bfloat16':  # the einsum reference in the same dtype
+    einsum = testing.tiny_model(testing.tiny_config(dtype=dtype))
+    (loss, _), grads = jax.jit(jax.value_and_grad(einsum.loss_fn, has_aux=True))(
+        params, batch, None)
+  model = testing.tiny_model(testing.tiny_config(dtype=dtype,
+                                                 attention_implementation=implementation))
+  calls = _count_fused_calls(monkeypatch)
+  (got_loss, _), got_grads = jax.jit(jax.value_and_grad(model.loss_fn, has_aux=True))(
+      params, batch, None)
+  # Encoder self-attention, decoder self- and cross-attention, in each of the 2 + 2 layers.
+  assert calls == [implementation] * 6
+  assert float(got_loss) == pytest.approx(float(loss), rel=tolerance.get('rtol', 1e-6))
+  _close(got_grads, grads, **tolerance)
+
+
+def test_fused_attention_keeps_dropout_and_decoding_on_the_einsum_path(reference, monkeypatch):
+  params, batch = reference[0], reference[1]
+  calls = _count_fused_calls(monkeypatch)
+  outputs = []
+  for implementation in (None, 'xla'):
+    config = testing.tiny_config(dropout_rate=0.3, attention_implementation=implementation)
+    model = testing.tiny_model(config, decode_fn=functools.partial(decoding.temperature_sample,
+                                                                   temperature=0.0))
+    loss, _ = model.loss_fn(params, batch, jax.random.PRNGKey(3))
+    assert not calls  # attention dropout is t5train's own
+    tokens = model.predict_batch(params, batch, max_decode_length=8)
+    outputs.append((float(loss), np.asarray(tokens)))
+  assert calls == ['xla'] * 2  # the encoder while decoding; cached decoder steps are not fused
+  assert outputs[0][0] == pytest.approx(outputs[1][0], rel=1e-6)  # same dropout masks
+  np.testing.assert_array_equal(outputs[0][1], outputs[1][1])
