@@ -8,8 +8,8 @@ dimension is repeated ``num_decodes`` times, example-major (row
 ``i * num_decodes + j`` is decode ``j`` of example ``i``), and reordered with the
 beams; other leaves (a step counter) are left as they are. Leaves under a key that
 starts with ``cross`` (the projected encoder outputs) are the same for every
-decode of an example, so beam search never reorders them. ``tokens_to_logits``
-therefore sees ``batch_size * num_decodes`` rows. Outputs are
+decode of an example, so they keep one row per example and are never repeated
+or reordered. ``tokens_to_logits`` sees ``batch_size * num_decodes`` token rows. Outputs are
 ``[batch, num_decodes, length]`` token ids, 0 after EOS, and ``[batch, num_decodes]``
 scores, best first.
 """
@@ -33,13 +33,20 @@ def shift_right(tokens: Array) -> Array:
   return jnp.pad(tokens, ((0, 0), (1, 0)))[:, :-1]
 
 
+def _same_for_every_beam(path: tuple) -> bool:
+  """Whether a cache leaf holds per-example values, such as cross-attention keys and values."""
+  return any(str(getattr(key, 'key', '')).startswith('cross') for key in path)
+
+
 def _expand_rows(cache: Cache, batch_size: int, num_decodes: int) -> Cache:
-  """Repeats every leaf with ``batch_size`` leading rows ``num_decodes`` times, example-major."""
-  def expand(x: Any) -> Any:
-    if num_decodes > 1 and getattr(x, 'ndim', 0) >= 1 and x.shape[0] == batch_size:
+  """Repeats every per-decode leaf with ``batch_size`` leading rows ``num_decodes`` times,
+  example-major; per-example leaves keep one row per example."""
+  def expand(path: tuple, x: Any) -> Any:
+    if (num_decodes > 1 and getattr(x, 'ndim', 0) >= 1 and x.shape[0] == batch_size
+        and not _same_for_every_beam(path)):
       return jnp.repeat(x, num_decodes, axis=0)
     return x
-  return jax.tree_util.tree_map(expand, cache)
+  return jax.tree_util.tree_map_with_path(expand, cache)
 
 
 def _filter_top_k(logits: Array, top_k: int) -> Array:
@@ -122,15 +129,10 @@ def brevity_penalty(alpha: float, length: Array) -> Array:
   return jnp.power((5.0 + length.astype(jnp.float32)) / 6.0, alpha)
 
 
-def _same_for_every_beam(path: tuple) -> bool:
-  """Whether a cache leaf holds per-example values, such as cross-attention keys and values."""
-  return any(str(getattr(key, 'key', '')).startswith('cross') for key in path)
-
-
 def _gather_beams(tree: Any, beam_indices: Array, batch_size: int, old_beams: int) -> Any:
   """Reorders every leaf with ``batch_size * old_beams`` rows by ``beam_indices`` [batch, new].
 
-  Beams are only ever picked from their own example, so per-example leaves stay as they are.
+  Beams are only ever picked from their own example, so per-example leaves are not touched.
   """
   flat = (beam_indices + old_beams * jnp.arange(batch_size)[:, None]).reshape(-1)
 

@@ -180,13 +180,11 @@ class EncoderDecoderModel:
                    tokens: Array, cache: Any) -> tuple[Array, Any]:
     """Logits [rows, vocab] for the next position after ``tokens`` [rows, 1], and the new cache.
 
-    A decode function may run several decodes per example (rows = examples x decodes);
-    the encoder outputs are repeated to match. They are read only for their padding:
-    the projected keys and values are in the cache, so the repeat is compiled away.
+    A decode function may run several decodes per example (rows = examples x decodes).
+    The encoder side keeps one row per example: the cached cross-attention keys and
+    values are shared by the example's decodes, and ``encoder_tokens`` only gives
+    their padding.
     """
-    repeats = tokens.shape[0] // encoder_tokens.shape[0]
-    encoded = jnp.repeat(encoded, repeats, axis=0)
-    encoder_tokens = jnp.repeat(encoder_tokens, repeats, axis=0)
     logits, variables = self.module.apply(
         {'params': params, 'cache': cache}, encoded, encoder_tokens, tokens,
         enable_dropout=False, decode=True, max_decode_length=length, method=self.module.decode,

@@ -243,7 +243,9 @@ class MultiHeadAttention(nn.Module):
   ``cache_index``) or ``'cross'`` (the projected encoder outputs are computed
   once and reused). Cached keys and values are stored heads-major
   ``[batch, heads, length, kv]``. The first call with a cache creates it: zeros for ``'self'``,
-  sized by that call's length, which is the maximum decode length.
+  sized by that call's length, which is the maximum decode length. The cross cache keeps one
+  row per example; a decoding step may bring several consecutive query rows per example
+  (beams or samples), each with one query position and a cross bias of one row per example.
   """
 
   num_heads: int
@@ -277,6 +279,10 @@ class MultiHeadAttention(nn.Module):
         k, v = self._self_cache(*key_value(), cache_index)
       else:
         k, v = (_heads_major(x) for x in key_value())
+      # Several decodes of an example (beams, samples: consecutive rows) share its one copy of
+      # the cross-attention keys and values: their query rows become query positions.
+      rows, decodes = q.shape[0], q.shape[0] // k.shape[0]
+      q = q.reshape((k.shape[0], decodes * q.shape[1]) + q.shape[2:])
       if self.float32_logits:
         q, k = q.astype(jnp.float32), k.astype(jnp.float32)
       logits = jnp.einsum('bqhd,bhkd->bhqk', q, k) + bias.astype(q.dtype)
@@ -284,6 +290,7 @@ class MultiHeadAttention(nn.Module):
       if dropout:
         weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
       out = jnp.einsum('bhqk,bhkd->bqhd', weights, v.astype(self.dtype))
+      out = out.reshape((rows, out.shape[1] // decodes) + out.shape[2:])
     out = nn.with_logical_constraint(out, ('batch', 'length', 'heads', 'kv'))
     out = out.reshape(out.shape[:2] + (inner,))
     return Dense(inputs_q.shape[-1], ('joined_kv', 'embed'), _fan_in_normal(), self.dtype,
