@@ -274,14 +274,14 @@ def _restore_converted(path: str, saved: dict[str, Any], abstract: TrainState,
   wanted = jax.tree_util.tree_map(
       lambda leaf: jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype, sharding=replicated),
       hf_interop.nest(dict(flatten_with_names(saved['params']))))
-  restored = _restore_partial(path, {'step': abstract.step, 'params': wanted})
   try:
-    converted = jax.eval_shape(convert, restored['params'])
+    converted = jax.eval_shape(convert, wanted)
   except (KeyError, ValueError, IndexError) as e:
     raise UserError(f'{path}: its parameters cannot be converted to the model\'s layer layout '
                     f'({e!r})') from e
   check_shapes(dict(flatten_with_names(abstract.params)), dict(flatten_with_names(converted)),
                path)
+  restored = _restore_partial(path, {'step': abstract.step, 'params': wanted})
   shardings = jax.tree_util.tree_map(lambda leaf: leaf.sharding, abstract.params)
   params = jax.jit(convert, out_shardings=shardings)(restored['params'])
   logging.warning('%s was saved %s scanned layers and the model %s them: its parameters were '
@@ -361,7 +361,8 @@ def restore_from_path(path: str, initializer: TrainStateInitializer,
   saved = _saved_state_tree(path)
   convert = _layout_conversion(saved.get('params', {}), abstract.params)
   if convert is not None:
-    return initializer.from_params(*reversed(_restore_converted(path, saved, abstract, convert)))
+    step, params = _restore_converted(path, saved, abstract, convert)
+    return initializer.from_params(params, step)
   _check_params(path, abstract.params, saved)
   restored, with_optimizer = _restore_train_state(path, abstract, saved)
   if with_optimizer:
