@@ -6,7 +6,10 @@ images without them. Rows: t5train at each size and, where PyTorch and
 transformers are installed, transformers' T5 in eager PyTorch on the same
 shapes. Training: model FLOPs are counted analytically (see
 ``train_flops_per_step``) and divided by a matrix-multiply rate measured in the
-same run on the same device. Decoding: generated tokens per second for greedy
+same run on the same device; each t5train row also runs the train binary's loop
+and reports where its time goes (waiting for data, computing, checkpointing).
+Flags choose the model options of the t5train rows (scanned layers,
+rematerialisation, attention kernel). Decoding: generated tokens per second for greedy
 and 4-beam search, always to the full length (EOS is never emitted).
 Checkpoints: save and restore seconds and MB/s of the train state, and the step
 time while an asynchronous save is in flight.
