@@ -64,6 +64,9 @@ class T5Config:
     if self.attention_implementation not in (None, 'xla', 'cudnn'):
       raise ValueError(f'unknown attention_implementation {self.attention_implementation!r}; '
                        "choose None, 'xla' or 'cudnn'")
+    if self.attention_implementation == 'cudnn' and jax.default_backend() != 'gpu':
+      raise ValueError("attention_implementation='cudnn' needs an NVIDIA GPU, and JAX's devices "
+                       f"here are {jax.default_backend()}; use None or 'xla'")
 
   @property
   def activation_dtype(self) -> jnp.dtype:

@@ -140,7 +140,7 @@ class Trainer:
 
   def train_step(self, batch: Batch) -> models.Metrics:
     """Runs one step on ``batch``; returns its metrics without waiting for them."""
-    key = tuple((name, jnp.shape(x), jnp.result_type(x)) for name, x in sorted(batch.items()))
+    key = tuple((name, x.shape, x.dtype) for name, x in sorted(batch.items()))
     step_fn = self._compiled.get(key)
     if step_fn is None:
       step_fn = self._partitioner.compile(self._step_fn, self.train_state, batch, self._rng)

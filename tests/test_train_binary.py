@@ -2,6 +2,7 @@
 
 import os
 
+import jax
 import pytest
 from binaries import SMOKE, read_scalars, run_train
 
@@ -105,7 +106,12 @@ def test_finetune_starts_from_an_initial_checkpoint(smoke_run, tmp_path):
      ["--gin.MODEL_DIR='/tmp/t5train_bad'"], 'no_such_model.gin'),
     (SMOKE + ["--gin.MODEL_DIR='/tmp/t5train_bad'", '--gin.TRAIN_STEPS=2',
               "--gin.MIXTURE_OR_TASK_NAME='no_such_task'"], 'no_such_task'),
-], ids=['unknown_configurable', 'missing_required_macro', 'missing_gin_file', 'unknown_task'])
+    pytest.param(SMOKE + ["--gin.MODEL_DIR='/tmp/t5train_bad'", '--gin.TRAIN_STEPS=2',
+                          "--gin.network.T5Config.attention_implementation='cudnn'"],
+                 'needs an NVIDIA GPU',
+                 marks=pytest.mark.skipif(jax.default_backend() == 'gpu', reason='has a GPU')),
+], ids=['unknown_configurable', 'missing_required_macro', 'missing_gin_file', 'unknown_task',
+        'cudnn_attention_without_a_gpu'])
 def test_bad_input_exits_2_with_a_short_message(args, message):
   result = run_train(*args)
   assert result.returncode == 2, result.stderr[-3000:]
