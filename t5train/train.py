@@ -143,7 +143,8 @@ def train(*, model: models.EncoderDecoderModel, train_dataset_cfg: Any,
           summary_period: int = 100, log_every_secs: float = 5.0, eval_period: int | None = None,
           eval_steps: int = 20, train_eval_dataset_cfg: Any = None,
           infer_eval_dataset_cfg: Any = None, infer_eval_num_examples: int | None = None,
-          skip_nonfinite_steps: bool = False) -> dict[str, float]:
+          skip_nonfinite_steps: bool = False, finite_check_period: int = 10
+          ) -> dict[str, float]:
   """Trains ``model`` to ``total_steps`` in ``model_dir``; returns the last metrics.
 
   Every ``eval_period`` steps (and at the last) it evaluates: teacher-forced on
@@ -151,12 +152,15 @@ def train(*, model: models.EncoderDecoderModel, train_dataset_cfg: Any,
   metrics on ``infer_eval_dataset_cfg`` (the first ``infer_eval_num_examples``).
   SIGTERM or SIGINT stops after the current step with a checkpoint. A NaN or
   infinite step stops the run (TrainingError), or is skipped and counted with
-  ``skip_nonfinite_steps``.
+  ``skip_nonfinite_steps``; the check reads the steps' flags every
+  ``finite_check_period`` steps and before each save.
   """
   _GUARD.enter()
   from t5train import data  # pylint: disable=g-import-not-at-top  (TensorFlow is slow to import)
   if total_steps < 0:
     raise UserError(f'TRAIN_STEPS must be >= 0, got {total_steps}')
+  if finite_check_period < 1:
+    raise UserError(f'finite_check_period must be at least 1, got {finite_check_period}')
   data.task_for(train_dataset_cfg)  # fail fast on a bad name, before any compilation
   partitioner.validate()
   partitioner.get_data_layout(train_dataset_cfg.batch_size)  # a UserError if it does not split
@@ -204,7 +208,8 @@ def train(*, model: models.EncoderDecoderModel, train_dataset_cfg: Any,
         result = trainer_lib.run_training(
             trainer, batches, start_step, total_steps, manager, summary_period, log_every_secs,
             batch_shapes=_input_shapes(model, train_dataset_cfg),
-            evaluate=evaluations or None, eval_period=eval_period, stop_request=stop_request)
+            evaluate=evaluations or None, eval_period=eval_period, stop_request=stop_request,
+            finite_check_period=finite_check_period)
       summary = result.summary
     finally:  # on an error too: let the checkpoints already started finish
       _finish_saves(manager)

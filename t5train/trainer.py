@@ -202,13 +202,40 @@ def _share(summary: Mapping[str, float], phase: str) -> float:
   return summary.get(f'timing/{phase}_secs_per_step', 0.0) / total if total > 0 else 0.0
 
 
-def _check_finite(trainer: Trainer, step: int, metrics: models.Metrics) -> None:
-  """TrainingError if step ``step`` was not finite and the trainer does not skip such steps."""
-  if not trainer.skip_nonfinite and float(jax.device_get(metrics[NONFINITE].total)) > 0:
-    raise TrainingError(
-        f'the loss or gradients became NaN or infinite at step {step}; stopping. Checkpoints '
-        'before this step are kept. Lower the learning rate, or set '
-        'train_script.train.skip_nonfinite_steps = True to skip such steps')
+class _FiniteChecks:
+  """Reads the steps' non-finite flags in groups, so that the host rarely waits on the device.
+
+  Flags are read every ``period`` steps, leaving the newest step running, and in
+  full by ``check()`` before anything is saved. The error names the first bad step.
+  """
+
+  def __init__(self, trainer: Trainer, period: int):
+    if period < 1:
+      raise ValueError(f'finite_check_period must be at least 1, got {period}')
+    self._enabled = not trainer.skip_nonfinite
+    self._period = period
+    self._pending: list[tuple[int, jax.Array]] = []
+
+  def add(self, step: int, metrics: models.Metrics) -> None:
+    if not self._enabled:
+      return
+    self._pending.append((step, metrics[NONFINITE].total))
+    if len(self._pending) > self._period:
+      self._read(len(self._pending) - 1)
+
+  def check(self) -> None:
+    """TrainingError if any step added so far was not finite."""
+    self._read(len(self._pending))
+
+  def _read(self, count: int) -> None:
+    ready, self._pending = self._pending[:count], self._pending[count:]
+    flags = jax.device_get([flag for _, flag in ready])
+    bad = [step for (step, _), flag in zip(ready, flags) if float(flag) > 0]
+    if bad:
+      raise TrainingError(
+          f'the loss or gradients became NaN or infinite at step {bad[0]}; stopping. '
+          'Checkpoints before this step are kept. Lower the learning rate, or set '
+          'train_script.train.skip_nonfinite_steps = True to skip such steps')
 
 
 @contextlib.contextmanager
@@ -236,17 +263,18 @@ def run_training(trainer: Trainer, batches: Iterator[Batch], first_step: int, la
                  log_every_secs: float = 5.0, batch_shapes: Mapping[str, tuple] | None = None,
                  log_fn: Callable[[str], None] = logging.info,
                  evaluate: Callable[[int], None] | None = None,
-                 eval_period: int | None = None, stop_request: StopRequest | None = None
-                 ) -> LoopResult:
+                 eval_period: int | None = None, stop_request: StopRequest | None = None,
+                 finite_check_period: int = 10) -> LoopResult:
   """Trains from ``first_step`` to ``last_step``.
 
   Every ``summary_period`` steps the window's metrics go to TensorBoard; every
   ``log_every_secs`` a progress line is logged; ``evaluate(step)`` runs every
   ``eval_period`` steps; the checkpoint manager saves as its policy says. All of
   them also act at the last step, and no period needs to divide another. A
-  non-finite step raises TrainingError (checked one step late, so the device
-  never waits, and before any save). When ``stop_request`` says so, the loop
-  saves a checkpoint at the current step and returns.
+  non-finite step raises TrainingError: the steps' flags are read every
+  ``finite_check_period`` steps (so the host does not wait on each step) and
+  always before a save. When ``stop_request`` says so, the loop saves a
+  checkpoint at the current step and returns.
   """
   shapes = batch_shapes or {}
   seqs = shapes.get('decoder_target_tokens', (0,))[0]
@@ -256,16 +284,14 @@ def run_training(trainer: Trainer, batches: Iterator[Batch], first_step: int, la
   summary_window, log_window = new_window(), new_window()
   loop_start, last_log = time.perf_counter(), time.perf_counter()
   summary: dict[str, float] = {}
-  previous: tuple[int, models.Metrics] | None = None
+  finite_checks = _FiniteChecks(trainer, finite_check_period)
   step, stopped_by = first_step, None
   windows = (summary_window, log_window)
   for step in range(first_step + 1, last_step + 1):
     with _timed(windows, 'data'):
       batch = next(batches)
     metrics = trainer.train_step(batch)
-    if previous is not None:
-      _check_finite(trainer, *previous)
-    previous = (step, metrics)
+    finite_checks.add(step, metrics)
     summary_window.add(metrics)
     log_window.add(metrics)
     evaluating = evaluate is not None and eval_period and (step % eval_period == 0 or
@@ -275,7 +301,7 @@ def run_training(trainer: Trainer, batches: Iterator[Batch], first_step: int, la
         evaluate(step)
     stop = stop_request is not None and stop_request.requested()
     if checkpoints is not None and (checkpoints.should_save(step) or step == last_step or stop):
-      _check_finite(trainer, step, metrics)
+      finite_checks.check()
       with _timed(windows, 'checkpoint'):
         checkpoints.save(trainer.train_state, force=True)
     if step % summary_period == 0 or step == last_step:
@@ -289,8 +315,7 @@ def run_training(trainer: Trainer, batches: Iterator[Batch], first_step: int, la
     if stop:
       stopped_by = stop_request.signal_name or 'a signal on another process'
       break
-  if previous is not None:
-    _check_finite(trainer, *previous)
+  finite_checks.check()
   if checkpoints is not None:
     checkpoints.wait_until_finished()
   if stopped_by is not None:

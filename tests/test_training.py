@@ -9,6 +9,7 @@ import optax
 import pytest
 
 from t5train import optimizers, partitioning, testing, train_state, trainer
+from t5train.errors import TrainingError
 
 
 def _setup(model, batch, learning_rate_fn, num_microbatches=None):
@@ -143,6 +144,37 @@ def test_loop_reports_where_its_time_goes():
   # Throughput leaves evaluation out, but counts the waits for data and checkpoints.
   assert 1 / summary['timing/steps_per_second'] >= 0.4
   assert 'waiting for data' in lines[-1] and 'step 5/5' in lines[-1]
+
+
+@pytest.mark.parametrize('period', [1, 4])
+def test_nonfinite_steps_are_read_in_groups_and_always_before_a_save(monkeypatch, period):
+  model = testing.tiny_model()
+  batch = testing.random_batch()
+  t = _setup(model, batch, testing.nan_learning_rate(from_step=6))  # step 7 is the first NaN
+  reads = []
+  real_device_get = jax.device_get
+  monkeypatch.setattr(jax, 'device_get', lambda x: reads.append(x) or real_device_get(x))
+
+  def batches():
+    while True:
+      yield batch
+
+  saves = _SlowSaves(0.0, period=5)
+  with pytest.raises(TrainingError, match='NaN or infinite at step 7;'):
+    trainer.run_training(t, batches(), 0, 12, saves, summary_period=100, log_every_secs=1e9,
+                         finite_check_period=period)
+  assert saves.saved == [5]  # step 7 is found before step 10 is saved
+  # Flags are read in groups, leaving the newest step running; the save at step 5 reads step 5.
+  flag_reads = [len(x) for x in reads if isinstance(x, list)]
+  assert flag_reads == ([1] * 7 if period == 1 else [4, 1, 4])
+
+
+def test_finite_check_period_must_be_positive():
+  model = testing.tiny_model()
+  batch = testing.random_batch()
+  t = _setup(model, batch, optimizers.create_learning_rate_scheduler('constant', 1e-3))
+  with pytest.raises(ValueError, match='finite_check_period'):
+    trainer.run_training(t, iter([batch]), 0, 1, None, summary_period=1, finite_check_period=0)
 
 
 def test_compiler_options_reach_xla_and_the_partitioners_own_win():
