@@ -30,8 +30,6 @@ from typing import Any
 
 from absl import app, flags
 
-from t5train import host_memory
-
 _SIZES = flags.DEFINE_list('sizes', ['tiny', 'small'], 'Model sizes to measure.')
 _BATCH = flags.DEFINE_integer('batch_size', 8, 'Global batch size.')
 _LENGTHS = flags.DEFINE_list('lengths', ['128', '32'], 'Input and target lengths.')
@@ -58,9 +56,6 @@ _REMAT_POLICY = flags.DEFINE_enum('remat_policy', 'none', ['none', 'full', 'dots
 _ATTENTION = flags.DEFINE_enum('attention_implementation', None, ['xla', 'cudnn'],
                                't5train rows: jax.nn.dot_product_attention with this '
                                'implementation instead of t5train\'s own attention.')
-_PEER_HUGE_PAGES = flags.DEFINE_boolean(
-    'peer_huge_pages', False, 'Also give the peer the transparent huge pages for large host '
-    'blocks that the t5train binaries use on CPU (see t5train.host_memory): like for like.')
 _WORKER = flags.DEFINE_string('worker', None, 'Internal: measure one row and print JSON.')
 _METHOD = flags.DEFINE_string('method', 'greedy', 'Internal: the decoding method of a worker.')
 
@@ -448,11 +443,7 @@ def _run_row(worker: str, size: str, batch: int, lengths: Sequence[int], steps: 
              f'--steps={steps}', f'--dtype={dtype}', f'--method={method}',
              *(f'--{name}={value}' for name, value in _model_options().items()
                if value is not None)]
-  # The t5train rows run as the binaries do (host_memory.restart_with_huge_pages).
-  huge_pages = worker.startswith('t5train') or _PEER_HUGE_PAGES.value
-  environ = (host_memory.environment_with_huge_pages() if huge_pages and
-             host_memory.jax_will_run_on_cpu() else None)
-  result = subprocess.run(command, capture_output=True, text=True, check=False, env=environ)
+  result = subprocess.run(command, capture_output=True, text=True, check=False)
   if result.returncode:
     return {'system': worker, 'error': result.stderr.strip().splitlines()[-1:]}
   return json.loads(result.stdout.strip().splitlines()[-1])
@@ -476,11 +467,6 @@ def _breakdown(row: dict[str, Any]) -> str:
   """The training loop's seconds per step: waiting for data / computing / checkpointing."""
   phases = [row.get(f'loop_{phase}_secs_per_step') for phase in ('data', 'compute', 'checkpoint')]
   return '' if None in phases else '/'.join(f'{secs:.3f}' for secs in phases)
-
-
-def _huge_pages_note(rows: list[dict[str, Any]]) -> str:
-  systems = sorted({r['system'].split(' ')[0] for r in rows if r.get('host_huge_pages')})
-  return ' and '.join(systems) or 'none'
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
@@ -595,7 +581,6 @@ def main(argv: Sequence[str]) -> None:
       args += (_METHOD.value,)
     model_options = (_model_options() if _WORKER.value.startswith('t5train') else {})
     row = measure(*args, **model_options)
-    row['host_huge_pages'] = host_memory.HUGE_PAGES_TUNABLE in os.environ.get('GLIBC_TUNABLES', '')
     print(json.dumps(row))
     return
   unknown = (set(_SIZES.value) | set(_DECODE_SIZES.value) | set(_CHECKPOINT_SIZES.value)) - set(SIZES)
@@ -616,8 +601,7 @@ def main(argv: Sequence[str]) -> None:
     print(f'train: batch {_BATCH.value}, lengths {lengths[0]}/{lengths[1]}, {_DTYPE.value}, '
           f'Adafactor, median of {_STEPS.value} warm steps; MFU against a matmul measured in the '
           'same process; t5train ' +
-          ', '.join(f'{name}={value}' for name, value in _model_options().items()) +
-          '; huge pages for large host blocks: ' + _huge_pages_note(rows))
+          ', '.join(f'{name}={value}' for name, value in _model_options().items()))
     print(_table(rows))
   if decode_rows:
     print()

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from absl import app, flags, logging
 
 import gin
-from t5train import host_memory, multihost
+from t5train import multihost
 from t5train.errors import TrainingError, UserError
 
 # TensorFlow's C++ start-up chatter (CUDA probes, oneDNN notes) says nothing useful to users.
@@ -156,17 +156,11 @@ def initialize_multiprocess_from_flags() -> None:
     logging.set_verbosity(logging.WARNING)
 
 
-_HELP_FLAGS = {'-?', '-h', '--help', '--helpfull', '--helpshort', '--helpxml'}
-
-
 def run(main: Callable[[Sequence[str]], None], program: str) -> None:
   """``app.run`` with T5X-style gin flags; a UserError (status 2) or TrainingError (status 1)
   is printed as one line."""
   def main_with_exit_codes(argv: Sequence[str]) -> None:
     logging.get_absl_handler().addFilter(_LibraryChatterFilter())
-    if host_memory.HUGE_PAGES_TUNABLE in os.environ.get('GLIBC_TUNABLES', ''):
-      logging.info('Large host memory blocks use transparent huge pages (GLIBC_TUNABLES=%s).',
-                   os.environ['GLIBC_TUNABLES'])
     try:
       initialize_multiprocess_from_flags()
       main(argv)
@@ -183,6 +177,4 @@ def run(main: Callable[[Sequence[str]], None], program: str) -> None:
       # print shutdown noise after the message. Nothing is left to write at this point.
       os._exit(2 if isinstance(e, UserError) else 1)
 
-  if not set(arg.split('=')[0] for arg in sys.argv[1:]) & _HELP_FLAGS:
-    host_memory.restart_with_huge_pages()  # on CPU, before any work: see host_memory
   app.run(main_with_exit_codes, flags_parser=parse_flags)

@@ -9,16 +9,3 @@ import os
 MULTIDEVICE_ENV = 'T5TRAIN_MULTIDEVICE_RUN'
 
 collect_ignore_glob = [] if os.environ.get(MULTIDEVICE_ENV) else ['multidevice/*']
-
-# The binaries restart themselves on CPU to get glibc's huge-page tunable
-# (t5train.host_memory); tests start their subprocesses with it already set, so that
-# each of them runs as a restarted binary does without paying for the restart.
-# tests/test_host_memory.py checks the restart itself.
-_ENV_WITH_HUGE_PAGES = None
-try:
-  from t5train import host_memory as _host_memory
-  _ENV_WITH_HUGE_PAGES = _host_memory.environment_with_huge_pages()
-except ImportError:
-  pass
-if _ENV_WITH_HUGE_PAGES is not None:
-  os.environ.update(_ENV_WITH_HUGE_PAGES)
