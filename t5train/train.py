@@ -159,8 +159,7 @@ def train(*, model: models.EncoderDecoderModel, train_dataset_cfg: Any,
   from t5train import data  # pylint: disable=g-import-not-at-top  (TensorFlow is slow to import)
   if total_steps < 0:
     raise UserError(f'TRAIN_STEPS must be >= 0, got {total_steps}')
-  if finite_check_period < 1:
-    raise UserError(f'finite_check_period must be at least 1, got {finite_check_period}')
+  trainer_lib.check_finite_check_period(finite_check_period)
   data.task_for(train_dataset_cfg)  # fail fast on a bad name, before any compilation
   partitioner.validate()
   partitioner.get_data_layout(train_dataset_cfg.batch_size)  # a UserError if it does not split

@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec
 
 from t5train import host_memory, models
 from t5train.checkpoints import CheckpointManager
-from t5train.errors import TrainingError
+from t5train.errors import TrainingError, UserError
 from t5train.metrics import MetricsWindow, SummaryWriter
 from t5train.optimizers import LearningRateFn
 from t5train.partitioning import PjitPartitioner
@@ -202,6 +202,12 @@ def _share(summary: Mapping[str, float], phase: str) -> float:
   return summary.get(f'timing/{phase}_secs_per_step', 0.0) / total if total > 0 else 0.0
 
 
+def check_finite_check_period(period: int) -> None:
+  """UserError unless ``period`` (steps between reads of the non-finite flags) is at least 1."""
+  if period < 1:
+    raise UserError(f'finite_check_period must be at least 1, got {period}')
+
+
 class _FiniteChecks:
   """Reads the steps' non-finite flags in groups, so that the host rarely waits on the device.
 
@@ -210,8 +216,7 @@ class _FiniteChecks:
   """
 
   def __init__(self, trainer: Trainer, period: int):
-    if period < 1:
-      raise ValueError(f'finite_check_period must be at least 1, got {period}')
+    check_finite_check_period(period)
     self._enabled = not trainer.skip_nonfinite
     self._period = period
     self._pending: list[tuple[int, jax.Array]] = []

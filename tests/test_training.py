@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from t5train import optimizers, partitioning, testing, train_state, trainer
-from t5train.errors import TrainingError
+from t5train.errors import TrainingError, UserError
 
 
 def _setup(model, batch, learning_rate_fn, num_microbatches=None):
@@ -173,7 +173,7 @@ def test_finite_check_period_must_be_positive():
   model = testing.tiny_model()
   batch = testing.random_batch()
   t = _setup(model, batch, optimizers.create_learning_rate_scheduler('constant', 1e-3))
-  with pytest.raises(ValueError, match='finite_check_period'):
+  with pytest.raises(UserError, match='finite_check_period must be at least 1'):
     trainer.run_training(t, iter([batch]), 0, 1, None, summary_period=1, finite_check_period=0)
 
 
