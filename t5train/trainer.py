@@ -85,19 +85,24 @@ def train_step(model: models.EncoderDecoderModel, tx: optax.GradientTransformati
   """One optimiser update; dropout randomness is derived from ``rng`` and the step.
 
   A step whose loss, gradient norm or update norm is not finite is flagged in the
-  ``nonfinite_step_fraction`` metric; with ``skip_nonfinite`` it also leaves the
-  parameters and optimiser state as they were (the step count still advances).
+  ``nonfinite_step_fraction`` metric. With ``skip_nonfinite`` it leaves the
+  parameters and optimiser state as they were (the step count still advances);
+  without it the loop stops on it, and a step whose loss or gradients are not
+  finite leaves the parameters as they were. That condition on the gradient norm
+  also orders each parameter's update after every read of its old value, so XLA
+  writes the new value in place instead of copying all parameters first.
   """
   dropout_rng = jax.random.fold_in(rng, state.step)
   grads, sums = _loss_and_grads(model, state.params, batch, dropout_rng, num_microbatches)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  finite = (jnp.isfinite(sums['loss']) & jnp.isfinite(optax.global_norm(grads)) &
-            jnp.isfinite(optax.global_norm(updates)))
-  if skip_nonfinite:
-    keep_if_bad = lambda new, old: jnp.where(finite, new, old)
-    params = jax.tree_util.tree_map(keep_if_bad, params, state.params)
-    opt_state = jax.tree_util.tree_map(keep_if_bad, opt_state, state.opt_state)
+  grads_finite = jnp.isfinite(sums['loss']) & jnp.isfinite(optax.global_norm(grads))
+  finite = grads_finite & jnp.isfinite(optax.global_norm(updates))
+  keep = finite if skip_nonfinite else grads_finite
+  new_if_kept = lambda new, old: jnp.where(keep, new, old)
+  params = jax.tree_util.tree_map(new_if_kept, params, state.params)
+  if skip_nonfinite:  # conditioning it always would make XLA copy its old values instead
+    opt_state = jax.tree_util.tree_map(new_if_kept, opt_state, state.opt_state)
   metrics = model.metrics(sums)
   average = type(metrics['loss'])
   one = jnp.ones((), jnp.int32)

@@ -1,5 +1,6 @@
 """The train step: learning, microbatching, schedules, optimiser state sharding axes."""
 
+import re
 import time
 
 import jax
@@ -167,6 +168,47 @@ def test_nonfinite_steps_are_read_in_groups_and_always_before_a_save(monkeypatch
   # Flags are read in groups, leaving the newest step running; the save at step 5 reads step 5.
   flag_reads = [len(x) for x in reads if isinstance(x, list)]
   assert flag_reads == ([1] * 7 if period == 1 else [4, 1, 4])
+
+
+@pytest.mark.parametrize('skip_nonfinite', [False, True])
+def test_a_step_with_nan_gradients_leaves_the_parameters_unchanged(skip_nonfinite):
+  model = testing.tiny_model(optimizer_def=optimizers.Adafactor())
+  batch = testing.random_batch()
+  partitioner = partitioning.PjitPartitioner()
+  initializer = train_state.TrainStateInitializer(
+      model.optimizer_def, model.get_initial_variables, testing.input_shapes(batch),
+      partitioner=partitioner)
+  t = trainer.Trainer(model, initializer.from_scratch(jax.random.PRNGKey(0)), partitioner,
+                      initializer.train_state_axes, jax.random.PRNGKey(1),
+                      optimizers.create_learning_rate_scheduler('constant', 1e-2),
+                      skip_nonfinite=skip_nonfinite)
+  t.train_step(batch)
+  before = jax.device_get(t.train_state)
+  weights = np.array(batch['decoder_loss_weights'], np.float32)
+  weights[0, 0] = np.nan
+  metrics = t.train_step(dict(batch, decoder_loss_weights=weights))
+  assert float(metrics[trainer.NONFINITE].compute()) == 1.0
+  after = jax.device_get(t.train_state)
+  assert int(after.step) == int(before.step) + 1
+  kept = (before.params, before.opt_state) if skip_nonfinite else before.params
+  now = (after.params, after.opt_state) if skip_nonfinite else after.params
+  for old, new in zip(jax.tree_util.tree_leaves(kept), jax.tree_util.tree_leaves(now)):
+    np.testing.assert_array_equal(old, new)
+  t.train_step(batch)  # the next finite step updates them again
+  kernel = lambda params: params['decoder']['logits_dense']['kernel']
+  assert not np.array_equal(kernel(jax.device_get(t.train_state.params)), kernel(after.params))
+
+
+@pytest.mark.parametrize('optimizer_def', [optimizers.Adafactor(), optimizers.AdamW()])
+def test_the_step_writes_parameters_in_place_without_copying_them_first(optimizer_def):
+  model = testing.tiny_model(optimizer_def=optimizer_def)
+  batch = testing.random_batch()
+  t = _setup(model, batch, optimizers.create_learning_rate_scheduler('constant', 1e-2))
+  hlo = t._partitioner.compile(t._step_fn, t.train_state, batch, t._rng).as_text()
+  parameters = re.findall(r'%(state_params\S+) = \S+ parameter\(', hlo)
+  copied = [name for name in re.findall(r' copy\(%([^)]+)\)', hlo) if name in parameters]
+  assert len(parameters) > 10
+  assert not copied, copied[:5]
 
 
 def test_finite_check_period_must_be_positive():
