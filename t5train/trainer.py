@@ -98,11 +98,11 @@ def train_step(model: models.EncoderDecoderModel, tx: optax.GradientTransformati
   params = optax.apply_updates(state.params, updates)
   grads_finite = jnp.isfinite(sums['loss']) & jnp.isfinite(optax.global_norm(grads))
   finite = grads_finite & jnp.isfinite(optax.global_norm(updates))
-  keep = finite if skip_nonfinite else grads_finite
-  new_if_kept = lambda new, old: jnp.where(keep, new, old)
-  params = jax.tree_util.tree_map(new_if_kept, params, state.params)
-  if skip_nonfinite:  # conditioning it always would make XLA copy its old values instead
-    opt_state = jax.tree_util.tree_map(new_if_kept, opt_state, state.opt_state)
+  use_new = finite if skip_nonfinite else grads_finite
+  pick = lambda new, old: jnp.where(use_new, new, old)
+  params = jax.tree_util.tree_map(pick, params, state.params)
+  if skip_nonfinite:  # always picking the state too makes XLA copy it instead (AdamW's moments)
+    opt_state = jax.tree_util.tree_map(pick, opt_state, state.opt_state)
   metrics = model.metrics(sums)
   average = type(metrics['loss'])
   one = jnp.ones((), jnp.int32)
