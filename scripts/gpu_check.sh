@@ -46,3 +46,6 @@ echo "== base with cuDNN attention, scanned layers and dots_saveable remateriali
 timeout 75 "${BENCH[@]}" --sizes=base --peer=none --attention_implementation=cudnn \
   --scan_layers --remat_policy=dots_saveable --out="$OUT/bench_gpu_bf16_scan.json" 2>&1 | \
   grep -v "$QUIET"
+echo "== the train step updates parameters in place (no copy of them) on this device too"
+timeout 45 python -m pytest -q -p no:cacheprovider tests/test_training.py -k in_place 2>&1 | \
+  tail -5
