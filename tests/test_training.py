@@ -13,14 +13,15 @@ from t5train import optimizers, partitioning, testing, train_state, trainer
 from t5train.errors import TrainingError, UserError
 
 
-def _setup(model, batch, learning_rate_fn, num_microbatches=None):
+def _setup(model, batch, learning_rate_fn, num_microbatches=None, skip_nonfinite=False):
   partitioner = partitioning.PjitPartitioner()
   initializer = train_state.TrainStateInitializer(
       model.optimizer_def, model.get_initial_variables, testing.input_shapes(batch),
       partitioner=partitioner)
   state = initializer.from_scratch(jax.random.PRNGKey(0))
   return trainer.Trainer(model, state, partitioner, initializer.train_state_axes,
-                         jax.random.PRNGKey(1), learning_rate_fn, num_microbatches)
+                         jax.random.PRNGKey(1), learning_rate_fn, num_microbatches,
+                         skip_nonfinite=skip_nonfinite)
 
 
 def test_tiny_model_overfits_one_batch():
@@ -174,14 +175,8 @@ def test_nonfinite_steps_are_read_in_groups_and_always_before_a_save(monkeypatch
 def test_a_step_with_nan_gradients_leaves_the_parameters_unchanged(skip_nonfinite):
   model = testing.tiny_model(optimizer_def=optimizers.Adafactor())
   batch = testing.random_batch()
-  partitioner = partitioning.PjitPartitioner()
-  initializer = train_state.TrainStateInitializer(
-      model.optimizer_def, model.get_initial_variables, testing.input_shapes(batch),
-      partitioner=partitioner)
-  t = trainer.Trainer(model, initializer.from_scratch(jax.random.PRNGKey(0)), partitioner,
-                      initializer.train_state_axes, jax.random.PRNGKey(1),
-                      optimizers.create_learning_rate_scheduler('constant', 1e-2),
-                      skip_nonfinite=skip_nonfinite)
+  t = _setup(model, batch, optimizers.create_learning_rate_scheduler('constant', 1e-2),
+             skip_nonfinite=skip_nonfinite)
   t.train_step(batch)
   before = jax.device_get(t.train_state)
   weights = np.array(batch['decoder_loss_weights'], np.float32)
