@@ -14,12 +14,14 @@ LAYERS = {
     'models': 2,
     't5x_checkpoint': 3, 'convert': 5,
     'partitioning': 3, 'optimizers': 3, 'train_state': 3, 'checkpoints': 3, 'data': 3,
-    'tasks': 3, 'metrics': 3, 'model_info': 3, 'multihost': 3, 'preemption': 3, 'rng': 3,
+    'tasks': 3, 'file_formats': 3, 'file_tasks': 3, 'span_corruption': 3, 'text_metrics': 3,
+    'metrics': 3, 'model_info': 3, 'multihost': 3, 'preemption': 3, 'rng': 3, 'summaries': 3,
     'trainer': 4, 'inference': 4, 'evaluation': 4, 'testing': 4,
     'train': 5, 'infer': 5, 'eval': 5, 'gin_utils': 5, 'bench': 5, 'utils': 5, 'adafactor': 5,
-    'interactive_model': 5,
+    'interactive_model': 5, 'vocab': 5, 'bench_data': 5,
 }
-TF_ALLOWED = {'data', 'tasks', 'interactive_model'}  # others import seqio / tensorflow lazily
+# Others import seqio / tensorflow lazily.
+TF_ALLOWED = {'data', 'tasks', 'file_tasks', 'span_corruption', 'interactive_model'}
 HEAVY = {'tensorflow', 'seqio'}
 
 

@@ -6,11 +6,11 @@ import and absent on some accelerator images).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
-import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
@@ -21,8 +21,9 @@ import orbax.checkpoint as ocp  # noqa: E402
 import seqio  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from t5train import tasks  # noqa: E402  (registers the built-in tasks)
+from t5train import file_formats, file_tasks, tasks  # noqa: E402  (tasks registers built-ins)
 from t5train.errors import UserError  # noqa: E402
+from t5train.file_formats import Columns  # noqa: E402
 
 # TensorFlow only feeds data; leave every accelerator to JAX.
 tf.config.set_visible_devices([], 'GPU')
@@ -66,6 +67,16 @@ def task_for(config: DatasetConfig) -> seqio.Task | seqio.Mixture:
   return get_mixture_or_task(config.mixture_or_task_name)
 
 
+def check_split(config: DatasetConfig, task: seqio.Task | seqio.Mixture | None = None) -> None:
+  """A UserError unless the task or mixture of ``config`` has ``config.split``."""
+  task = task or task_for(config)
+  if config.split not in task.splits:
+    files_hint = (' (file tasks: set TRAIN_FILES / VALIDATION_FILES)'
+                  if config.split in (file_tasks.TRAIN, file_tasks.VALIDATION) else '')
+    raise UserError(f'{config.mixture_or_task_name!r} has no split {config.split!r}; '
+                    f'it has {sorted(task.splits)}{files_hint}')
+
+
 def get_dataset(config: DatasetConfig, feature_converter_cls: type, num_epochs: int | None = None,
                 shard_id: int = 0, num_shards: int = 1) -> tf.data.Dataset:
   """This host's share of the batched, feature-converted dataset."""
@@ -73,14 +84,29 @@ def get_dataset(config: DatasetConfig, feature_converter_cls: type, num_epochs: 
   if config.batch_size % num_shards:
     raise UserError(f'BATCH_SIZE {config.batch_size} is not divisible by the {num_shards} data '
                     'shards (hosts)')
-  if config.split not in task.splits:
-    raise UserError(f'{config.mixture_or_task_name!r} has no split {config.split!r}; '
-                    f'it has {sorted(task.splits)}')
-  return seqio.get_dataset(
+  check_split(config, task)
+  dataset = seqio.get_dataset(
       task, dict(config.task_feature_lengths), feature_converter_cls(pack=config.pack),
       dataset_split=config.split, use_cached=config.use_cached, shuffle=config.shuffle,
       num_epochs=num_epochs, shard_info=seqio.ShardInfo(shard_id, num_shards),
       seed=config.seed, batch_size=config.batch_size // num_shards)
+  # The file tasks parse lines in Python (tf.py_function); parsing keeps no state, so a
+  # checkpoint of the iterator (file positions, shuffle buffers) is complete without it.
+  options = tf.data.Options()
+  options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
+  return dataset.with_options(options)
+
+
+@contextlib.contextmanager
+def record_errors_as_user_errors() -> Iterator[None]:
+  """A bad record of a user's file, met while tf.data reads, becomes one ``path:line`` UserError."""
+  try:
+    yield
+  except tf.errors.OpError as e:
+    message = file_tasks.record_error_message(e)
+    if message is None:
+      raise
+    raise UserError(message) from None
 
 
 class BatchIterator:
@@ -100,10 +126,17 @@ class BatchIterator:
     return self
 
   def __next__(self) -> dict[str, jax.Array]:
-    local = next(self.iterator)
+    with record_errors_as_user_errors():
+      local = next(self.iterator)
     return {name: jax.make_array_from_process_local_data(
                 self._sharding, value.numpy(), (self._global_batch_size,) + tuple(value.shape[1:]))
             for name, value in local.items()}
+
+
+def data_scalars() -> dict[str, float]:
+  """Counters of the input pipeline for TensorBoard: records skipped as bad, by split."""
+  return {f'data/skipped_records/{split}': float(count)
+          for split, count in file_tasks.skipped_records().items()}
 
 
 def _iterator_file(directory: Any) -> str:
@@ -148,35 +181,37 @@ def pretokenized_examples(config: DatasetConfig, num_examples: int | None = None
                           ) -> list[dict[str, Any]]:
   """The first examples of a split (all with None), unbatched and unconverted (text and ids)."""
   task = task_for(config)
-  if config.split not in task.splits:
-    raise UserError(f'{config.mixture_or_task_name!r} has no split {config.split!r}; '
-                    f'it has {sorted(task.splits)}')
+  check_split(config, task)
   dataset = task.get_dataset(dict(config.task_feature_lengths), split=config.split,
                              shuffle=False, num_epochs=1, use_cached=config.use_cached)
   if num_examples is not None:
     dataset = dataset.take(num_examples)
-  return list(dataset.as_numpy_iterator())
+  with record_errors_as_user_errors():
+    return list(dataset.as_numpy_iterator())
 
 
 def _file_records(path: str) -> list[tuple[str, str | None]]:
-  """(input, target or None) per record of a .txt (a line each), .tsv or .jsonl file."""
+  """(input, target or None) per non-blank line of a data file (formats as in file_formats).
+
+  Text files hold an input per line; JSONL files "inputs" and optionally "targets"; TSV and
+  CSV files the input and optionally the target in their first two columns.
+  """
+  fmt = file_formats.file_format(path)
   records = []
-  with tf.io.gfile.GFile(path) as f:
-    for number, line in enumerate(f, start=1):
-      line = line.rstrip('\n')
-      if not line.strip():
+  with tf.io.gfile.GFile(path, 'rb') as f:
+    for number, raw in enumerate(file_formats.open_lines(f, path), start=1):
+      if not raw.strip():
         continue
-      if path.endswith('.jsonl'):
-        try:
-          record = json.loads(line)
-          records.append((str(record['inputs']), record.get('targets')))
-        except (ValueError, KeyError, TypeError) as e:
-          raise UserError(f'{path}:{number}: expected a JSON object with "inputs" ({e})') from e
-      elif path.endswith('.tsv'):
-        fields = line.split('\t')
-        records.append((fields[0], fields[1] if len(fields) > 1 else None))
-      else:
-        records.append((line, None))
+      if fmt == file_formats.TEXT:
+        records.append((file_formats.parse_line(raw, path, number, fmt, Columns(()))[0], None))
+        continue
+      both = Columns((file_formats.DEFAULT_INPUT_FIELD, file_formats.DEFAULT_TARGET_FIELD)
+                     if fmt == file_formats.JSONL else (0, 1))
+      try:
+        records.append(file_formats.parse_line(raw, path, number, fmt, both))
+      except file_formats.RecordError:  # no target: an input alone
+        one = Columns(both.fields[:1])
+        records.append((file_formats.parse_line(raw, path, number, fmt, one)[0], None))
   return records
 
 
@@ -194,7 +229,11 @@ def file_examples(path: str, input_vocabulary: seqio.Vocabulary,
     ids = list(vocabulary.encode(text))[:length - 1] + [vocabulary.eos_id]
     return np.asarray(ids, np.int32)
   examples = []
-  for inputs, targets in _file_records(path)[:num_examples]:
+  try:
+    records = _file_records(path)
+  except file_formats.RecordError as e:
+    raise UserError(str(e)) from None
+  for inputs, targets in records[:num_examples]:
     example = {'inputs': encode(input_vocabulary, inputs, task_feature_lengths['inputs']),
                'inputs_pretokenized': inputs}
     if targets is not None:

@@ -27,15 +27,23 @@ _GUARD = gin_utils.GinCallGuard()
 MODES = ('predict', 'predict_with_aux', 'score')
 
 
+def _example_text(example: dict[str, Any], feature: str, vocabulary: Any) -> str:
+  """A feature's text as read, or its decoded tokens where a preprocessor made them (span
+  corruption's sentinel-marked inputs)."""
+  if f'{feature}_pretokenized' in example:
+    return inference.text(example[f'{feature}_pretokenized'])
+  return vocabulary.decode([int(t) for t in example[feature]]) if feature in example else ''
+
+
 def _records(mode: str, examples: Sequence[dict[str, Any]], model: models.EncoderDecoderModel,
              runner: inference.InferenceRunner, params: Any, lengths: dict[str, int],
              include_tokens: bool) -> list[dict[str, Any]]:
   """One JSON object per example, with the fields of ``mode``."""
   features = [inference.model_features(ex, lengths) for ex in examples]
-  records = [{'inputs': inference.text(ex.get('inputs_pretokenized', ''))} for ex in examples]
+  records = [{'inputs': _example_text(ex, 'inputs', model.input_vocabulary)} for ex in examples]
   for record, example in zip(records, examples):
-    if 'targets_pretokenized' in example:
-      record['targets'] = inference.text(example['targets_pretokenized'])
+    if 'targets_pretokenized' in example or 'targets' in example:
+      record['targets'] = _example_text(example, 'targets', model.output_vocabulary)
   if mode == 'score':
     if any('decoder_target_tokens' not in f for f in features):
       raise UserError("mode='score' needs targets for every example")

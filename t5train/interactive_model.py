@@ -39,6 +39,7 @@ from t5train import (  # noqa: E402
   multihost,
   optimizers,
   partitioning,
+  text_metrics,
 )
 from t5train import trainer as trainer_lib  # noqa: E402
 from t5train.errors import UserError  # noqa: E402
@@ -378,20 +379,23 @@ class InteractiveModel:
 
   # Evaluation.
 
-  def evaluate(self, examples: Sequence[Example], metric_fns: Sequence[MetricFn]
+  def evaluate(self, examples: Sequence[Example], metric_fns: Sequence[MetricFn | str]
                ) -> dict[str, Any]:
-    """Metrics of the examples' predictions and scores against their targets."""
+    """Metrics of the examples' predictions and scores against their targets; a metric is a
+    function or a name of ``text_metrics.METRICS`` ('bleu', 'rouge', ...)."""
     return self.evaluate_with_preprocessors(examples, DEFAULT_PREPROCESSORS, metric_fns)
 
   def evaluate_with_preprocessors(self, examples: Sequence[Example],
                                   preprocessors: Sequence[Preprocessor],
-                                  metric_fns: Sequence[MetricFn],
+                                  metric_fns: Sequence[MetricFn | str],
                                   postprocessor: Callable[..., Any] | None = None
                                   ) -> dict[str, Any]:
     """Runs each metric function with the arguments its signature names, as seqio does:
     ``(targets, predictions)``, ``(targets, predictions, aux_values)`` or ``(targets, scores)``.
     Targets and predictions are text, after ``postprocessor`` when given.
     """
+    metric_fns = [text_metrics.metric_fns([fn])[0] if isinstance(fn, str) else fn
+                  for fn in metric_fns]
     kinds = {fn: _metric_kind(fn) for fn in metric_fns}
     dataset = get_dataset_from_natural_text_examples(
         examples, preprocessors, self._task_feature_lengths, self._features)

@@ -13,6 +13,8 @@ import functools
 import seqio
 import tensorflow as tf
 
+from t5train.text_metrics import exact_match
+
 SORT_DIGITS = 'sort_digits'
 MIN_DIGITS, MAX_DIGITS = 4, 12
 NUM_VALIDATION_EXAMPLES = 1000
@@ -49,12 +51,6 @@ def sort_digits_dataset(split: str, shuffle_files: bool = False, seed: int | Non
     examples = indices.map(functools.partial(_digits_example, salt=_VALIDATION_SALT))
     return examples.filter(_in_validation).take(NUM_VALIDATION_EXAMPLES)
   raise ValueError(f'{SORT_DIGITS} has splits train and validation, not {split!r}')
-
-
-def exact_match(targets: list[str], predictions: list[str]) -> dict[str, float]:
-  """Percentage of predictions equal to their target string."""
-  matches = sum(t == p for t, p in zip(targets, predictions))
-  return {'exact_match': 100.0 * matches / max(len(targets), 1)}
 
 
 def mean_log_likelihood(targets: list[str], scores: list[float]) -> dict[str, float]:

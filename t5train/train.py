@@ -76,6 +76,19 @@ def _training_batches(model: models.EncoderDecoderModel, dataset_cfg: Any, rando
   return batches
 
 
+def _evaluated_or_none(dataset_cfg: Any, kind: str) -> Any:
+  """``dataset_cfg``, or None with a warning when its task has no such split (no VALIDATION_FILES)."""
+  from t5train import data  # pylint: disable=g-import-not-at-top  (TensorFlow is slow to import)
+  if dataset_cfg is None:
+    return None
+  try:
+    data.check_split(dataset_cfg)
+  except UserError as e:
+    logging.warning('No %s: %s.', kind, e)
+    return None
+  return dataset_cfg
+
+
 def _finish_saves(manager: checkpoints.CheckpointManager) -> None:
   """Waits for the saves in flight; if another error is already on its way, only logs a failure."""
   propagating = sys.exc_info()[1] is not None
@@ -189,6 +202,8 @@ def train(*, model: models.EncoderDecoderModel, train_dataset_cfg: Any,
                                 skip_nonfinite=skip_nonfinite_steps)
   summary: dict[str, float] = {}
   evaluations = None
+  train_eval_dataset_cfg = _evaluated_or_none(train_eval_dataset_cfg, 'teacher-forced evaluation')
+  infer_eval_dataset_cfg = _evaluated_or_none(infer_eval_dataset_cfg, 'inference evaluation')
   if eval_period and start_step < total_steps:
     evaluations = _Evaluations(model, partitioner, initializer.train_state_shardings.params,
                                trainer, model_dir, train_eval_dataset_cfg, eval_steps,
@@ -208,7 +223,7 @@ def train(*, model: models.EncoderDecoderModel, train_dataset_cfg: Any,
             trainer, batches, start_step, total_steps, manager, summary_period, log_every_secs,
             batch_shapes=_input_shapes(model, train_dataset_cfg),
             evaluate=evaluations or None, eval_period=eval_period, stop_request=stop_request,
-            finite_check_period=finite_check_period)
+            finite_check_period=finite_check_period, data_scalars_fn=data.data_scalars)
       summary = result.summary
     finally:  # on an error too: let the checkpoints already started finish
       _finish_saves(manager)

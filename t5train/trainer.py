@@ -274,7 +274,8 @@ def run_training(trainer: Trainer, batches: Iterator[Batch], first_step: int, la
                  log_fn: Callable[[str], None] = logging.info,
                  evaluate: Callable[[int], None] | None = None,
                  eval_period: int | None = None, stop_request: StopRequest | None = None,
-                 finite_check_period: int = 10) -> LoopResult:
+                 finite_check_period: int = 10,
+                 data_scalars_fn: Callable[[], dict[str, float]] | None = None) -> LoopResult:
   """Trains from ``first_step`` to ``last_step``.
 
   Every ``summary_period`` steps the window's metrics go to TensorBoard; every
@@ -284,7 +285,8 @@ def run_training(trainer: Trainer, batches: Iterator[Batch], first_step: int, la
   non-finite step raises TrainingError: the steps' flags are read every
   ``finite_check_period`` steps (so the host does not wait on each step) and
   always before a save. When ``stop_request`` says so, the loop saves a
-  checkpoint at the current step and returns.
+  checkpoint at the current step and returns. ``data_scalars_fn`` adds the input
+  pipeline's counters to each summary.
   """
   shapes = batch_shapes or {}
   seqs = shapes.get('decoder_target_tokens', (0,))[0]
@@ -315,7 +317,7 @@ def run_training(trainer: Trainer, batches: Iterator[Batch], first_step: int, la
       with _timed(windows, 'checkpoint'):
         checkpoints.save(trainer.train_state, force=True)
     if step % summary_period == 0 or step == last_step:
-      summary = summary_window.summary()
+      summary = summary_window.summary() | (data_scalars_fn() if data_scalars_fn else {})
       trainer.write_summary(step, summary)
       summary_window.reset()
     if time.perf_counter() - last_log >= log_every_secs or step == last_step:

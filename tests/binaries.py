@@ -1,6 +1,5 @@
 """Helpers for tests that run t5train's binaries in a subprocess and read what they wrote."""
 
-import glob
 import os
 import subprocess
 import sys
@@ -8,10 +7,9 @@ import sys
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from tensorboard.backend.event_processing import event_accumulator
-from tensorboard.util import tensor_util
 
 from t5train import checkpoints
+from t5train.summaries import read_scalars  # noqa: F401  (the tests read summaries with it)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = ['--gin_file=gin/models/t5_1_1/tiny.gin', '--gin_file=gin/runs/pretrain.gin',
@@ -28,18 +26,6 @@ def run_binary(module, *args, cwd=REPO, env=None):
 def run_train(*args, cwd=REPO, env=None):
   """``python -m t5train.train ARGS`` on the CPU; returns the CompletedProcess."""
   return run_binary('t5train.train', *args, cwd=cwd, env=env)
-
-
-def read_scalars(summary_dir):
-  """tag -> [(step, value), ...] from the TensorBoard event files in ``summary_dir``."""
-  scalars = {}
-  for path in glob.glob(os.path.join(summary_dir, 'events.out.tfevents.*')):
-    acc = event_accumulator.EventAccumulator(path, size_guidance={'tensors': 0})
-    acc.Reload()
-    for tag in acc.Tags()['tensors']:
-      scalars.setdefault(tag, []).extend(
-          (e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag))
-  return {tag: sorted(values) for tag, values in scalars.items()}
 
 
 def read_params(checkpoint_dir):

@@ -1,0 +1,119 @@
+"""The binaries on users' files: span-corruption pretraining, fine-tuning on pairs, bad records."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import seqio
+
+from tests.binaries import read_scalars, run_binary, run_train
+
+TINY = '--gin_file=gin/models/t5_1_1/tiny.gin'
+# The small SentencePiece model that seqio ships for its own tests, with T5's 100 sentinels.
+SPM = os.path.join(os.path.dirname(seqio.__file__), 'test_data', 'sentencepiece',
+                   'sentencepiece.model')
+
+
+@pytest.fixture(scope='module')
+def corpus(tmp_path_factory):
+  """Text documents (English prose from Python's own documentation) and a vocab.gin."""
+  from pydoc_data import topics
+  root = tmp_path_factory.mktemp('corpus')
+  documents = [' '.join(topics.topics[name].split()) for name in sorted(topics.topics)]
+  (root / 'train.txt').write_text('\n'.join(documents[:60]) + '\n')
+  (root / 'validation.jsonl').write_text(
+      '\n'.join(json.dumps({'text': d, 'id': n}) for n, d in enumerate(documents[60:])) + '\n')
+  (root / 'vocab.gin').write_text(
+      'from __gin__ import dynamic_registration\nimport seqio\n'
+      'VOCABULARY = @seqio.SentencePieceVocabulary()\n'
+      f"seqio.SentencePieceVocabulary.sentencepiece_model_file = '{SPM}'\n"
+      'seqio.SentencePieceVocabulary.extra_ids = 100\n')
+  return root
+
+
+def _span_corruption(corpus, model_dir, steps):
+  return run_train(TINY, '--gin_file=gin/runs/pretrain.gin',
+                   '--gin_file=gin/tasks/span_corruption.gin', f'--gin_file={corpus}/vocab.gin',
+                   f"--gin.TRAIN_FILES='{corpus}/train.txt'",
+                   f"--gin.VALIDATION_FILES=['{corpus}/validation.jsonl']",
+                   "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}",
+                   '--gin.BATCH_SIZE=4', f"--gin.MODEL_DIR='{model_dir}'",
+                   f'--gin.TRAIN_STEPS={steps}', '--gin.SUMMARY_PERIOD=1',
+                   '--gin.CHECKPOINT_PERIOD=3', '--gin.EVAL_PERIOD=3', '--gin.EVAL_STEPS=1')
+
+
+def test_span_corruption_pretraining_resumes_exactly(corpus, tmp_path):
+  straight, resumed = tmp_path / 'straight', tmp_path / 'resumed'
+  for model_dir, steps in ((straight, 6), (resumed, 3), (resumed, 6)):
+    result = _span_corruption(corpus, model_dir, steps)
+    assert result.returncode == 0, result.stderr[-3000:]
+  assert 'the data continue where checkpoint_3 left off' in result.stderr
+  losses = [read_scalars(str(d / 'train'))['loss'] for d in (straight, resumed)]
+  # The same batches in the same order and the same computation: equal to the bit.
+  assert losses[0] == losses[1]
+  # VALIDATION_FILES (JSONL) feed the teacher-forced evaluation at steps 3 and 6.
+  evaluated = read_scalars(str(straight / 'training_eval' / 'span_corruption'))['loss']
+  assert [step for step, _ in evaluated] == [3, 6]
+
+
+@pytest.fixture(scope='module')
+def pairs(tmp_path_factory):
+  root = tmp_path_factory.mktemp('pairs')
+  rng = np.random.default_rng(0)
+  digits = [''.join(map(str, rng.integers(0, 10, rng.integers(4, 9)))) for _ in range(1616)]
+  lines = [f'{d}\t{"".join(sorted(d))}' for d in digits]
+  (root / 'train.tsv').write_text('\n'.join(lines[:1600]) + '\n')
+  (root / 'dev.tsv').write_text('\n'.join(lines[1600:]) + '\n')
+  # Line 1,601 is not UTF-8: read some 70 steps in (seqio's shuffle buffer holds 1,000 examples).
+  (root / 'late_bad.tsv').write_bytes(('\n'.join(lines[:1600]) + '\n').encode() + b'\xff\tx\n')
+  return root
+
+
+def _files_task(pairs, model_dir, train_file='train.tsv', *extra):
+  return run_train(TINY, '--gin_file=gin/runs/pretrain.gin', '--gin_file=gin/tasks/files.gin',
+                   f"--gin.TRAIN_FILES='{pairs}/{train_file}'",
+                   f"--gin.VALIDATION_FILES='{pairs}/dev.tsv'",
+                   "--gin.METRICS=['exact_match', 'f1']",
+                   "--gin.TASK_FEATURE_LENGTHS={'inputs': 16, 'targets': 16}",
+                   '--gin.BATCH_SIZE=8', f"--gin.MODEL_DIR='{model_dir}'",
+                   '--gin.CHECKPOINT_PERIOD=4', '--gin.EVAL_PERIOD=100', *extra)
+
+
+def test_pairs_train_and_evaluate_with_metrics_by_name(pairs, tmp_path):
+  model_dir = tmp_path / 'model'
+  result = _files_task(pairs, model_dir, 'train.tsv', '--gin.TRAIN_STEPS=4')
+  assert result.returncode == 0, result.stderr[-3000:]
+  result = run_binary('t5train.eval', '--gin_file=gin/runs/eval.gin',
+                      f'--gin_file={model_dir}/config.gin', f"--gin.CHECKPOINT_PATH='{model_dir}'",
+                      f"--gin.EVAL_OUTPUT_DIR='{tmp_path}/eval'")
+  assert result.returncode == 0, result.stderr[-3000:]
+  metrics = json.loads((tmp_path / 'eval' / 'metrics.json').read_text())
+  assert {'exact_match', 'f1'} <= set(json.dumps(metrics).replace('"', ' ').split())
+
+
+def test_a_bad_record_mid_run_exits_2_and_keeps_the_checkpoints(pairs, tmp_path):
+  model_dir = tmp_path / 'model'
+  result = _files_task(pairs, model_dir, 'late_bad.tsv', '--gin.TRAIN_STEPS=120',
+                       '--gin.CHECKPOINT_PERIOD=25')
+  assert result.returncode == 2, result.stderr[-3000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith('t5train.train: error:') and 'late_bad.tsv:1601: not UTF-8' in last
+  saved = sorted(p.name for p in model_dir.iterdir() if p.name.startswith('checkpoint_'))
+  assert saved and all(not name.endswith('tmp') for name in saved)
+  # With SKIP_BAD_RECORDS the run goes on and counts the record in TensorBoard.
+  result = _files_task(pairs, tmp_path / 'skipping', 'late_bad.tsv', '--gin.TRAIN_STEPS=120',
+                       '--gin.SKIP_BAD_RECORDS=True', '--gin.SUMMARY_PERIOD=60',
+                       '--gin.CHECKPOINT_PERIOD=1000')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'Skipped a bad record' in result.stderr and 'late_bad.tsv:1601' in result.stderr
+  skipped = read_scalars(str(tmp_path / 'skipping' / 'train'))['data/skipped_records/train']
+  assert skipped[-1][0] == 120 and skipped[-1][1] >= 1  # once per pass over the file
+
+
+def test_a_glob_that_matches_nothing_exits_2_before_anything_is_written(pairs, tmp_path):
+  result = _files_task(pairs, tmp_path / 'model', 'nothing-*.tsv', '--gin.TRAIN_STEPS=4')
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1] == (
+      f"t5train.train: error: TRAIN_FILES: '{pairs}/nothing-*.tsv' matches no file")
+  assert not (tmp_path / 'model').exists()
