@@ -19,7 +19,8 @@ def test_bench_sizes_match_the_gin_files(size):
 
 
 def test_small_step_flops():
-  # T5 1.1 small, batch 8, lengths 128/32: about 201 GFLOP per training step.
+  # T5 1.1 small, batch 8, lengths 128/32: about 201 GFLOP per training step. The tolerance is
+  # that of a hand count (0.2%), not of float rounding.
   flops = bench.train_flops_per_step(bench.SIZES['small'], 8, 128, 32)
   assert flops == pytest.approx(200.7e9, rel=2e-3)
 
@@ -36,6 +37,8 @@ def test_decode_rows_are_measured(tmp_path):
   assert [(r['method'], r['batch']) for r in rows] == [('greedy', 2), ('beam2', 2)]
   for row in rows:
     assert 'error' not in row, row
+    # Here and below, pytest.approx (1e-6): the bench's float64 arithmetic on the same numbers,
+    # possibly grouped otherwise.
     assert row['tokens_per_sec'] == pytest.approx(2 * 8 / row['sec_per_decode_median'])
     assert row['sec_per_decode_median'] > 0
 

@@ -76,11 +76,8 @@ def test_every_layout_trains_like_pure_data_parallelism(runs, name):
   reference_losses, reference_state, _ = runs['data8']
   losses, state, _ = runs[name]
   assert losses[0] > losses[-1]  # it learns something
-  np.testing.assert_allclose(losses, reference_losses, rtol=2e-5)
-  for (path, expected), actual in zip(jax.tree_util.tree_flatten_with_path(reference_state.params)[0],
-                                      jax.tree_util.tree_leaves(state.params)):
-    np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), rtol=1e-4, atol=1e-5,
-                               err_msg=jax.tree_util.keystr(path))
+  testing.assert_trees_close(losses, reference_losses)
+  testing.assert_trees_close(state.params, reference_state.params)
 
 
 # (layout, parameter path) -> mesh axes the rules give it.
@@ -188,5 +185,4 @@ def test_sharded_decoding_and_scoring_equal_one_device(runs):
   (tokens, scores, score), (one_tokens, one_scores, one_score) = outputs
   assert tokens.shape == (11, 8)
   np.testing.assert_array_equal(tokens, one_tokens)
-  np.testing.assert_allclose(scores, one_scores, rtol=1e-5)
-  np.testing.assert_allclose(score, one_score, rtol=1e-5)
+  testing.assert_trees_close((scores, score), (one_scores, one_score))
