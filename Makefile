@@ -64,6 +64,7 @@ test: install-test
 
 bench: install
 	$(PY) -m t5train.bench
+	$(PY) -m t5train.bench_data --out=docs/bench/cpu_data.json
 
 lint: install-test
 	$(VENV)/bin/ruff check t5train tests scripts

@@ -18,7 +18,8 @@ import seqio
 from binaries import run_binary
 
 import gin
-from t5train import gin_utils, vocab
+from t5train import gin_utils
+from t5train import vocabulary_builder as vocab
 from t5train.errors import UserError
 
 VOCAB_SIZE = 400
