@@ -60,7 +60,7 @@ smoke: install
 	  --gin_file=gin/tasks/demo.gin --gin.MODEL_DIR="'/tmp/t5train_smoke'" --gin.TRAIN_STEPS=20
 
 test: install-test
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=30 $(PYTEST_ARGS)
 
 bench: install
 	$(PY) -m t5train.bench

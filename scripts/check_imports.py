@@ -9,13 +9,13 @@ import pathlib
 import sys
 
 LAYERS = {
-    'errors': 0, 'host_memory': 0,
+    'errors': 0, 'host_memory': 0, 'paths': 0, 'quiet_start': 0,
     'network': 1, 'losses': 1, 'decoding': 1, 'hf_interop': 1,
     'models': 2,
     't5x_checkpoint': 3, 'convert': 5,
     'partitioning': 3, 'optimizers': 3, 'train_state': 3, 'checkpoints': 3, 'data': 3,
     'tasks': 3, 'file_formats': 3, 'file_tasks': 3, 'vocabulary_builder': 3, 'span_corruption': 3,
-    'text_metrics': 3,
+    'text_metrics': 3, 'settings_check': 3,
     'metrics': 3, 'model_info': 3, 'multihost': 3, 'preemption': 3, 'rng': 3, 'summaries': 3,
     'trainer': 4, 'inference': 4, 'evaluation': 4, 'testing': 4,
     'train': 5, 'infer': 5, 'eval': 5, 'gin_utils': 5, 'bench': 5, 'utils': 5, 'adafactor': 5,

@@ -21,7 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from t5train import hf_interop, network
+from t5train import hf_interop, network, paths
 from t5train.errors import TrainingError, UserError
 from t5train.train_state import TrainState, TrainStateInitializer
 
@@ -85,7 +85,7 @@ class RestoreCheckpointConfig:
 
 
 def checkpoint_dir(model_dir: str, step: int) -> str:
-  return os.path.join(model_dir, f'{STEP_PREFIX}_{step}')
+  return paths.join(model_dir, f'{STEP_PREFIX}_{step}')
 
 
 def _abstract(state_shape: TrainState, state_shardings: TrainState) -> TrainState:
@@ -144,18 +144,18 @@ def find_checkpoints(path: str) -> list[tuple[int, str]]:
 
   Only complete checkpoints count: Orbax gives unfinished saves a temporary name.
   """
-  if not os.path.isdir(path):
+  directory = paths.resolve(path)
+  if not directory.is_dir():
     raise UserError(f'checkpoint {path!r} does not exist or is not a directory')
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, STATE_ITEM)):
-    name = os.path.basename(path.rstrip('/'))
-    step = name[len(STEP_PREFIX) + 1:]
+  path = os.fspath(directory)
+  if (directory / STATE_ITEM).is_dir():
+    step = directory.name[len(STEP_PREFIX) + 1:]
     return [(int(step) if step.isdigit() else 0, path)]
   found = []
-  for name in os.listdir(path):
-    step = name[len(STEP_PREFIX) + 1:] if name.startswith(STEP_PREFIX + '_') else ''
-    if step.isdigit() and os.path.isdir(os.path.join(path, name, STATE_ITEM)):
-      found.append((int(step), os.path.join(path, name)))
+  for child in directory.iterdir():
+    step = child.name[len(STEP_PREFIX) + 1:] if child.name.startswith(STEP_PREFIX + '_') else ''
+    if step.isdigit() and (child / STATE_ITEM).is_dir():
+      found.append((int(step), os.fspath(child)))
   if not found:
     raise UserError(f'{path} holds no checkpoints (no {STEP_PREFIX}_<step>/ directories)')
   return sorted(found)
@@ -177,7 +177,7 @@ def select_checkpoints(config: RestoreCheckpointConfig) -> list[tuple[int, str]]
   if not config.path:
     raise UserError('no checkpoint to restore: set CHECKPOINT_PATH')
   found = find_checkpoints(config.path)
-  if config.mode == 'specific' and not os.path.isdir(os.path.join(config.path, STATE_ITEM)):
+  if config.mode == 'specific' and not (paths.resolve(config.path) / STATE_ITEM).is_dir():
     raise UserError(f"{config.path} is not a checkpoint directory (mode='specific'); name a "
                     f"{STEP_PREFIX}_<step> directory or use mode='latest'")
   return found[-1:] if config.mode == 'latest' else found
@@ -198,7 +198,7 @@ def _restore_error(path: str, error: Exception) -> UserError:
 
 def _restore_partial(path: str, wanted: dict[str, Any]) -> dict[str, Any]:
   """The items of ``wanted`` (abstract arrays with shardings) read from checkpoint ``path``."""
-  item_dir = os.path.join(os.path.abspath(path), STATE_ITEM)
+  item_dir = _item_dir(path)
   args = ocp.args.PyTreeRestore(item=wanted, partial_restore=True,
                                 restore_args=ocp.checkpoint_utils.construct_restore_args(wanted))
   _ignore_abandoned_reads()
@@ -235,9 +235,14 @@ def _ignore_abandoned_reads() -> None:
 
 def _saved_state_tree(path: str) -> dict[str, Any]:
   """The metadata tree of the train state saved in checkpoint ``path``."""
-  if not os.path.isdir(path):
+  if not paths.resolve(path).is_dir():
     raise UserError(f'checkpoint {path!r} does not exist or is not a directory')
-  return saved_tree(os.path.join(os.path.abspath(path), STATE_ITEM))
+  return saved_tree(_item_dir(path))
+
+
+def _item_dir(path: str) -> str:
+  """The train-state item of checkpoint directory ``path``."""
+  return paths.join(paths.resolve(path), STATE_ITEM)
 
 
 def _check_params(path: str, model_params: Any, saved: dict[str, Any]) -> None:
@@ -319,8 +324,7 @@ def _restore_mapped_params(path: str, initializer: TrainStateInitializer,
   """Parameters renamed or left fresh by ``assignment_map``; the optimiser starts fresh."""
   abstract = _abstract(initializer.global_train_state_shape, initializer.train_state_shardings)
   expected = dict(flatten_with_names(abstract.params))
-  saved = dict(flatten_with_names(saved_tree(os.path.join(os.path.abspath(path), STATE_ITEM))
-                                  .get('params', {})))
+  saved = dict(flatten_with_names(saved_tree(_item_dir(path)).get('params', {})))
   sources = _mapped_sources(list(expected), assignment_map)
   wanted = {source: expected[name] for name, source in sources.items() if source is not None}
   check_shapes(wanted, {source: saved[source] for source in wanted if source in saved}, path)
@@ -352,7 +356,7 @@ def restore_from_path(path: str, initializer: TrainStateInitializer,
   layout (``scan_layers``) has its parameters converted, and the optimiser
   starts fresh.
   """
-  if not os.path.isdir(path):
+  if not paths.resolve(path).is_dir():
     raise UserError(f'checkpoint {path!r} does not exist or is not a directory')
   if assignment_map:
     return _restore_mapped_params(path, initializer, assignment_map,
@@ -395,7 +399,7 @@ def save_params(directory: str, params: Any, step: int = 0) -> str:
   """
   target = checkpoint_dir(directory, step)
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(os.path.abspath(target), STATE_ITEM),
+  checkpointer.save(_item_dir(target),
                     {'step': np.asarray(step, np.int32), 'params': params})
   checkpointer.wait_until_finished()
   checkpointer.close()
@@ -444,7 +448,7 @@ class CheckpointManager:
         max_to_keep=save_config.keep, keep_period=save_config.keep_period,
         step_prefix=STEP_PREFIX, create=True, cleanup_tmp_directories=True,
         enable_async_checkpointing=save_config.use_async)
-    self._manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+    self._manager = ocp.CheckpointManager(paths.resolve(directory), options=options)
 
   @property
   def directory(self) -> str:
@@ -522,7 +526,7 @@ class CheckpointManager:
 
   def restore_item(self, step: int, name: str, args: Any) -> bool:
     """Restores item ``name`` of checkpoint ``step`` with ``args``; False if it has none."""
-    if not os.path.isdir(os.path.join(checkpoint_dir(self.directory, step), name)):
+    if not (paths.resolve(checkpoint_dir(self.directory, step)) / name).is_dir():
       return False
     self._manager.restore(step, args=ocp.args.Composite(**{name: args}))
     return True

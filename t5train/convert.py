@@ -6,8 +6,10 @@
 
 Imports write ``OUT/checkpoint_<step>/`` (parameters only: fine-tuning starts the
 optimiser fresh) and ``OUT/model.gin`` binding the matching T5Config. Every
-output is built in a temporary directory beside OUT and renamed at the end, so
-a failed conversion leaves nothing behind.
+local output is built in a temporary directory beside OUT and renamed at the end, so
+a failed conversion leaves nothing behind; on a bucket (``gs://``), which has no
+rename, the files are written in place and ``model.gin`` / ``config.json`` last.
+Every path may be local or a URL that ``etils.epath`` handles.
 """
 
 from __future__ import annotations
@@ -15,8 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -24,8 +24,9 @@ import flax.linen as nn
 import jax
 import numpy as np
 from absl import flags, logging
+from etils import epath
 
-from t5train import checkpoints, gin_utils, hf_interop, network
+from t5train import checkpoints, gin_utils, hf_interop, network, paths
 from t5train.errors import UserError
 
 _FROM = flags.DEFINE_enum('from', None, ['hf', 't5x'], 'Import from this format.')
@@ -43,19 +44,12 @@ SENTENCEPIECE_FILE = 'spiece.model'
 
 @contextlib.contextmanager
 def atomic_output(output: str) -> Iterator[str]:
-  """A temporary directory that becomes ``output`` only if the block succeeds."""
-  output = os.path.abspath(output)
-  if os.path.exists(output):
-    raise UserError(f'{output} already exists; choose a new --output')
-  parent = os.path.dirname(output)
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=os.path.basename(output) + '.tmp-', dir=parent)
+  """A directory that becomes ``output`` only if the block succeeds (paths.staged_directory)."""
   try:
-    yield staging
-    os.rename(staging, output)
-  finally:
-    if os.path.exists(staging):
-      shutil.rmtree(staging)
+    with paths.staged_directory(output) as staging:
+      yield staging
+  except FileExistsError as e:
+    raise UserError(f'{e}; choose a new --output') from e
 
 
 # ---------------------------------------------------------------- Hugging Face in
@@ -63,33 +57,31 @@ def atomic_output(output: str) -> Iterator[str]:
 
 def read_hf_state_dict(directory: str) -> dict[str, np.ndarray]:
   """Every tensor of a HF model directory (safetensors, sharded safetensors or a torch .bin)."""
-  path = lambda name: os.path.join(directory, name)
-  if os.path.exists(path(HF_WEIGHTS)):
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    return load_file(path(HF_WEIGHTS))
-  if os.path.exists(path(HF_WEIGHTS_INDEX)):
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    with open(path(HF_WEIGHTS_INDEX)) as f:
-      shards = sorted(set(json.load(f)['weight_map'].values()))
-    return {name: value for shard in shards for name, value in load_file(path(shard)).items()}
-  if os.path.exists(path(HF_TORCH_WEIGHTS)):
+  from safetensors.numpy import load  # pylint: disable=g-import-not-at-top
+  path = lambda name: epath.Path(directory) / name
+  if path(HF_WEIGHTS).exists():
+    return load(path(HF_WEIGHTS).read_bytes())
+  if path(HF_WEIGHTS_INDEX).exists():
+    shards = sorted(set(json.loads(path(HF_WEIGHTS_INDEX).read_text())['weight_map'].values()))
+    return {name: value for shard in shards for name, value in load(path(shard).read_bytes()).items()}
+  if path(HF_TORCH_WEIGHTS).exists():
     try:
       import torch  # pylint: disable=g-import-not-at-top
     except ImportError as e:
       raise UserError(f'{path(HF_TORCH_WEIGHTS)} needs PyTorch to read; install torch or '
                       'convert the weights to safetensors') from e
-    state = torch.load(path(HF_TORCH_WEIGHTS), map_location='cpu', weights_only=True)
+    with path(HF_TORCH_WEIGHTS).open('rb') as f:
+      state = torch.load(f, map_location='cpu', weights_only=True)
     return {name: value.float().numpy() for name, value in state.items()}
   raise UserError(f'{directory} holds no {HF_WEIGHTS}, {HF_WEIGHTS_INDEX} or {HF_TORCH_WEIGHTS}; '
                   'it is not a Hugging Face model directory')
 
 
 def read_hf_config(directory: str) -> dict[str, Any]:
-  config_path = os.path.join(directory, 'config.json')
-  if not os.path.isfile(config_path):
+  config_path = epath.Path(directory) / 'config.json'
+  if not config_path.is_file():
     raise UserError(f'{directory} has no config.json; it is not a Hugging Face model directory')
-  with open(config_path) as f:
-    return json.load(f)
+  return json.loads(config_path.read_text())
 
 
 # ---------------------------------------------------------------- shapes
@@ -152,9 +144,9 @@ def import_hf(input_dir: str, output: str, dtype: str = 'float32') -> str:
     state_dict.pop('lm_head.weight', None)  # tied: the output layer is the embedding
   hf_flat = hf_interop.flat_params_from_hf_state_dict(state_dict, config)
   check_flat_shapes(hf_flat, config, input_dir)
-  spm = os.path.join(input_dir, SENTENCEPIECE_FILE)
+  spm = epath.Path(input_dir) / SENTENCEPIECE_FILE
   return _write_import(hf_interop.nest(hf_flat), 0, config, input_dir, output,
-                       spm if os.path.isfile(spm) else None)
+                       os.fspath(spm) if spm.is_file() else None)
 
 
 def import_t5x(input_dir: str, output: str, dtype: str = 'float32',
@@ -196,24 +188,25 @@ def t5_config_from_shapes(flat: Mapping[str, Any], dtype: str = 'float32') -> ne
 
 def _write_import(params: Mapping[str, Any], step: int, config: network.T5Config, source: str,
                   output: str, sentencepiece_file: str | None) -> str:
-  final = os.path.abspath(output)
+  final = os.fspath(paths.resolve(output))
   checkpoint = checkpoints.checkpoint_dir(final, step)
   with atomic_output(final) as staging:
     checkpoints.save_params(staging, params, step)
     spm_target = None
     if sentencepiece_file:
-      shutil.copy(sentencepiece_file, os.path.join(staging, SENTENCEPIECE_FILE))
-      spm_target = os.path.join(final, SENTENCEPIECE_FILE)
-    with open(os.path.join(staging, 'model.gin'), 'w') as f:
-      f.write(model_gin_text(config, source, checkpoint, spm_target))
+      epath.Path(sentencepiece_file).copy(epath.Path(staging) / SENTENCEPIECE_FILE)
+      spm_target = paths.join(final, SENTENCEPIECE_FILE)
+    # Written last: on a bucket, its presence says the import is complete.
+    (epath.Path(staging) / 'model.gin').write_text(
+        model_gin_text(config, source, checkpoint, spm_target))
   return checkpoint
 
 
 def read_checkpoint_params(checkpoint: str, config: network.T5Config) -> dict[str, np.ndarray]:
   """Float32 numpy parameters (flat) of a t5train checkpoint, checked against ``config``."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  item_dir = os.path.join(os.path.abspath(checkpoint), checkpoints.STATE_ITEM)
-  if not os.path.isdir(item_dir):
+  item_dir = paths.join(paths.resolve(checkpoint), checkpoints.STATE_ITEM)
+  if not epath.Path(item_dir).is_dir():
     raise UserError(f'{checkpoint} is not a t5train checkpoint (no {checkpoints.STATE_ITEM}/)')
   expected = expected_params(config)
   saved = dict(checkpoints.flatten_with_names(checkpoints.saved_tree(item_dir).get('params', {})))
@@ -230,18 +223,19 @@ def read_checkpoint_params(checkpoint: str, config: network.T5Config) -> dict[st
 def export_hf(checkpoint: str, config: network.T5Config, output: str,
               sentencepiece_file: str | None = None) -> None:
   """t5train checkpoint -> HF directory (config.json, model.safetensors, tokenizer files)."""
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import save  # pylint: disable=g-import-not-at-top
   hf_config = hf_interop.hf_config_from_t5_config(config)
   state_dict = hf_interop.hf_state_dict_from_flat_params(
       read_checkpoint_params(checkpoint, config), config)
   with atomic_output(output) as staging:
-    save_file(state_dict, os.path.join(staging, HF_WEIGHTS), metadata={'format': 'pt'})
-    with open(os.path.join(staging, 'config.json'), 'w') as f:
-      json.dump(hf_config, f, indent=2)
+    staging = epath.Path(staging)
+    (staging / HF_WEIGHTS).write_bytes(save(state_dict, metadata={'format': 'pt'}))
     if sentencepiece_file:
-      shutil.copy(sentencepiece_file, os.path.join(staging, SENTENCEPIECE_FILE))
-      with open(os.path.join(staging, 'tokenizer_config.json'), 'w') as f:
-        json.dump({'tokenizer_class': 'T5Tokenizer', 'model_max_length': 512}, f, indent=2)
+      epath.Path(sentencepiece_file).copy(staging / SENTENCEPIECE_FILE)
+      (staging / 'tokenizer_config.json').write_text(json.dumps(
+          {'tokenizer_class': 'T5Tokenizer', 'model_max_length': 512}, indent=2))
+    # Written last: on a bucket, its presence says the export is complete.
+    (staging / 'config.json').write_text(json.dumps(hf_config, indent=2))
 
 
 # ---------------------------------------------------------------- the binary
@@ -267,7 +261,7 @@ def main(argv: Sequence[str]) -> None:
     raise UserError('give exactly one of --from=hf|t5x or --to=hf')
   if not _INPUT.value or not _OUTPUT.value:
     raise UserError('--input and --output are required')
-  if not os.path.isdir(_INPUT.value):
+  if not epath.Path(_INPUT.value).is_dir():
     raise UserError(f'--input {_INPUT.value} is not a directory')
   if _FROM.value == 'hf':
     written = import_hf(_INPUT.value, _OUTPUT.value, _DTYPE.value)

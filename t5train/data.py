@@ -13,17 +13,15 @@ import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import seqio
+import tensorflow as tf
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import orbax.checkpoint as ocp  # noqa: E402
-import seqio  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from t5train import file_formats, file_tasks, tasks  # noqa: E402  (tasks registers built-ins)
-from t5train.errors import UserError  # noqa: E402
-from t5train.file_formats import Columns  # noqa: E402
+from t5train import file_formats, file_tasks, tasks  # (tasks registers built-ins)
+from t5train.errors import UserError
+from t5train.file_formats import Columns
 
 # TensorFlow only feeds data; leave every accelerator to JAX.
 tf.config.set_visible_devices([], 'GPU')

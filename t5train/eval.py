@@ -13,15 +13,11 @@ step to its metrics; a rerun skips the steps already in it.
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Sequence
 from typing import Any
 
-from absl import flags, logging
+from absl import logging
 
-import gin
-from t5train import checkpoints, gin_utils, inference, models, multihost, partitioning
-from t5train.errors import UserError
+from t5train import checkpoints, gin_utils, inference, models, multihost, partitioning, paths
 
 _GUARD = gin_utils.GinCallGuard()
 RESULTS_FILE = 'metrics.json'
@@ -29,17 +25,12 @@ AllMetrics = dict[str, dict[str, dict[str, float]]]  # step -> task -> metric ->
 
 
 def _read_results(path: str) -> AllMetrics:
-  if not os.path.exists(path):
-    return {}
-  with open(path) as f:
-    return json.load(f)
+  path = paths.resolve(path)
+  return json.loads(path.read_text()) if path.exists() else {}
 
 
 def _write_results(path: str, results: AllMetrics) -> None:
-  partial = f'{path}.tmp'
-  with open(partial, 'w') as f:
-    json.dump(results, f, indent=2, sort_keys=True)
-  os.replace(partial, path)
+  paths.write_text_atomically(path, json.dumps(results, indent=2, sort_keys=True))
 
 
 def evaluate(*, model: models.EncoderDecoderModel, partitioner: partitioning.PjitPartitioner,
@@ -52,8 +43,8 @@ def evaluate(*, model: models.EncoderDecoderModel, partitioner: partitioning.Pji
   data.task_for(dataset_cfg)
   selected = checkpoints.select_checkpoints(restore_checkpoint_cfg)
   partitioner.validate()
-  os.makedirs(output_dir, exist_ok=True)
-  results_path = os.path.join(output_dir, RESULTS_FILE)
+  paths.resolve(output_dir).mkdir(parents=True, exist_ok=True)
+  results_path = paths.join(paths.resolve(output_dir), RESULTS_FILE)
   results = _read_results(results_path)
   todo = [(step, path) for step, path in selected if str(step) not in results]
   for step, _ in selected:
@@ -76,21 +67,7 @@ def evaluate(*, model: models.EncoderDecoderModel, partitioner: partitioning.Pji
   return results
 
 
-def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
-  gin_utils.parse_gin_from_flags()
-  gin_utils.call_configured(evaluate_from_gin, _GUARD)
-
-
-def evaluate_from_gin() -> Any:
-  """Calls ``evaluate`` with the arguments gin binds to it."""
-  return gin.get_configurable(evaluate)()
-
-
-def console_main() -> None:
-  flags.adopt_module_key_flags(gin_utils)
-  gin_utils.run(main, program='t5train.eval')
+console_main = gin_utils.configured_binary(evaluate, _GUARD, 't5train.eval')
 
 
 if __name__ == '__main__':

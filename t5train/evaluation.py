@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,7 +20,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import PartitionSpec
 
-from t5train import data, inference, models, multihost
+from t5train import data, inference, models, multihost, paths
 from t5train.errors import UserError
 from t5train.metrics import SummaryWriter
 from t5train.partitioning import PjitPartitioner
@@ -59,7 +58,7 @@ class TeacherForcedEval:
       stream = data.BatchIterator(dataset.take(num_batches), batch_sharding, layout.batch_size)
       self._batches[task] = list(stream)
       self._writers[task] = SummaryWriter(
-          os.path.join(summary_root, task) if summary_root else None)
+          paths.join(summary_root, task) if summary_root else None)
 
     def eval_step(params: Any, batch: Mapping[str, jax.Array]) -> models.Metrics:
       return model.metrics(model.loss_fn(params, batch, None)[1])

@@ -12,22 +12,31 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from absl import app, flags, logging
+from etils import epath
 
 import gin
-from t5train import multihost
+from t5train import multihost, settings_check
 from t5train.errors import TrainingError, UserError
 
-# TensorFlow's C++ start-up chatter (CUDA probes, oneDNN notes) says nothing useful to users.
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
-
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_SEARCH_PATHS = (REPO_ROOT, os.path.join(REPO_ROOT, 'gin'))
+# An installed wheel holds the gin files in the package (t5train/configs); a checkout in gin/.
+_PACKAGE_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs')
+if os.path.isdir(_PACKAGE_CONFIGS):
+  DEFAULT_SEARCH_PATHS = (_PACKAGE_CONFIGS,)
+else:
+  DEFAULT_SEARCH_PATHS = (REPO_ROOT, os.path.join(REPO_ROOT, 'gin'))
+
+# Gin files (and their includes) may live wherever etils.epath reaches, e.g. gs://bucket/run.
+gin.config.register_file_reader(lambda path: epath.Path(path).open(),
+                                lambda path: epath.Path(path).exists())
 
 _GIN_FILES = flags.DEFINE_multi_string(
     'gin_file', [], 'A gin file to parse; repeatable. Relative paths are looked up in '
-    '--gin_search_paths, the current directory and the repository (gin/ and its parent).')
+    '--gin_search_paths, the current directory and t5train\'s own gin files (gin/ in a '
+    'checkout, t5train/configs when installed; a leading gin/ is optional).')
 _GIN_BINDINGS = flags.DEFINE_multi_string(
     'gin_bindings', [], 'A gin binding such as "MODEL_DIR = \'/tmp/run\'"; repeatable. '
     '--gin.MODEL_DIR="\'/tmp/run\'" is the short form.')
@@ -43,6 +52,10 @@ _COORDINATOR_ADDRESS = flags.DEFINE_string(
     'coordinator_address', None, 'host:port of process 0, e.g. 10.0.0.2:1234 (with --multiprocess).')
 _PROCESS_COUNT = flags.DEFINE_integer('process_count', None, 'Number of processes (hosts).')
 _PROCESS_INDEX = flags.DEFINE_integer('process_index', None, 'This process\'s index, from 0.')
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    'heartbeat_timeout_seconds', multihost.HEARTBEAT_TIMEOUT_SECONDS,
+    'With --multiprocess: a process that sends no heartbeat for this long counts as dead, and '
+    'the others exit with an error instead of waiting for it.', lower_bound=1)
 
 
 def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
@@ -75,6 +88,18 @@ class _GinSearchFilter(std_logging.Filter):
     return not str(record.msg).startswith('Path not found')
 
 
+def _without_checkout_prefix(path: str) -> str:
+  """``gin/models/x.gin`` -> ``models/x.gin`` where only the latter exists (installed wheel).
+
+  Commands written for a checkout name gin files under ``gin/``; the wheel ships that folder's
+  contents as the package's search path, so the same commands work from any directory.
+  """
+  if not path.startswith('gin/') or os.path.exists(path):
+    return path
+  return path[len('gin/'):] if any(os.path.exists(os.path.join(d, path[len('gin/'):]))
+                                   for d in DEFAULT_SEARCH_PATHS) else path
+
+
 def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
               search_paths: Sequence[str] = ()) -> None:
   """Parses gin files then bindings; unknown names and missing files raise UserError."""
@@ -83,7 +108,8 @@ def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
   quiet_search = _GinSearchFilter()
   std_logging.getLogger().addFilter(quiet_search)
   try:
-    gin.parse_config_files_and_bindings(list(gin_files), list(gin_bindings),
+    gin.parse_config_files_and_bindings([_without_checkout_prefix(f) for f in gin_files],
+                                        list(gin_bindings),
                                         finalize_config=False)
     gin.finalize()  # reports macros left at %gin.REQUIRED
   except OSError as e:
@@ -98,6 +124,7 @@ def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
     raise UserError(f'bad gin configuration: {message}') from e
   finally:
     std_logging.getLogger().removeFilter(quiet_search)
+  settings_check.check_bound_settings()
 
 
 def parse_gin_from_flags() -> None:
@@ -151,9 +178,30 @@ def initialize_multiprocess_from_flags() -> None:
       raise UserError('--coordinator_address, --process_count and --process_index need '
                       '--multiprocess')
     return
-  multihost.initialize(_COORDINATOR_ADDRESS.value, _PROCESS_COUNT.value, _PROCESS_INDEX.value)
+  multihost.initialize(_COORDINATOR_ADDRESS.value, _PROCESS_COUNT.value, _PROCESS_INDEX.value,
+                       heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value)
   if not multihost.is_primary():
     logging.set_verbosity(logging.WARNING)
+
+
+def configured_binary(configured: Callable[..., Any], guard: GinCallGuard, program: str,
+                      on_start: Callable[[], None] | None = None) -> Callable[[], None]:
+  """The console entry point of a gin binary: parse the flags and gin files, then call
+  ``configured`` with the arguments gin binds to it (train, infer and evaluate).
+  ``on_start`` runs first (the train binary catches stop signals from then on)."""
+  def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+      raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
+    parse_gin_from_flags()
+    call_configured(lambda: gin.get_configurable(configured)(), guard)
+
+  def console_main() -> None:
+    if on_start is not None:
+      on_start()
+    flags.adopt_module_key_flags(sys.modules[__name__])  # list the gin flags in --help
+    run(main, program)
+
+  return console_main
 
 
 def run(main: Callable[[Sequence[str]], None], program: str) -> None:

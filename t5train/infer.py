@@ -17,10 +17,10 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from absl import flags, logging
+from absl import logging
+from etils import epath
 
-import gin
-from t5train import checkpoints, gin_utils, inference, models, multihost, partitioning
+from t5train import checkpoints, gin_utils, inference, models, multihost, partitioning, paths
 from t5train.errors import UserError
 
 _GUARD = gin_utils.GinCallGuard()
@@ -64,11 +64,8 @@ def _records(mode: str, examples: Sequence[dict[str, Any]], model: models.Encode
 
 def _write_jsonl(path: str, records: Sequence[dict[str, Any]]) -> None:
   """Writes ``path`` whole or not at all (a temporary file renamed into place)."""
-  partial = f'{path}.tmp'
-  with open(partial, 'w') as f:
-    for record in records:
-      f.write(json.dumps(record, ensure_ascii=False) + '\n')
-  os.replace(partial, path)
+  paths.write_text_atomically(
+      path, ''.join(json.dumps(record, ensure_ascii=False) + '\n' for record in records))
 
 
 def infer(*, model: models.EncoderDecoderModel, partitioner: partitioning.PjitPartitioner,
@@ -102,11 +99,11 @@ def infer(*, model: models.EncoderDecoderModel, partitioner: partitioning.PjitPa
   runner = inference.InferenceRunner(model, partitioner, initializer.train_state_shardings.params,
                                      dataset_cfg.batch_size, lengths['targets'], decoder_params,
                                      seed=random_seed)
-  os.makedirs(output_dir, exist_ok=True)
+  paths.resolve(output_dir).mkdir(parents=True, exist_ok=True)
   written = []
   for name, read_examples in sources.items():
-    path = os.path.join(output_dir, f'{name}-{mode}.jsonl')
-    if os.path.exists(path):
+    path = paths.join(paths.resolve(output_dir), f'{name}-{mode}.jsonl')
+    if epath.Path(path).exists():
       logging.info('%s already exists; skipping %s.', path, name)
       written.append(path)
       continue
@@ -123,21 +120,7 @@ def _task_config(dataset_cfg: Any, task: str) -> Any:
   return dataclasses.replace(dataset_cfg, mixture_or_task_name=task, module=None)
 
 
-def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
-  gin_utils.parse_gin_from_flags()
-  gin_utils.call_configured(infer_from_gin, _GUARD)
-
-
-def infer_from_gin() -> Any:
-  """Calls ``infer`` with the arguments gin binds to it."""
-  return gin.get_configurable(infer)()
-
-
-def console_main() -> None:
-  flags.adopt_module_key_flags(gin_utils)
-  gin_utils.run(main, program='t5train.infer')
+console_main = gin_utils.configured_binary(infer, _GUARD, 't5train.infer')
 
 
 if __name__ == '__main__':

@@ -21,16 +21,14 @@ import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+import jax
+import numpy as np
+import seqio
+import tensorflow as tf
+from absl import logging
+from jax.experimental import multihost_utils
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import seqio  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from absl import logging  # noqa: E402
-from jax.experimental import multihost_utils  # noqa: E402
-
-from t5train import (  # noqa: E402
+from t5train import (
   checkpoints,
   data,
   inference,
@@ -39,11 +37,12 @@ from t5train import (  # noqa: E402
   multihost,
   optimizers,
   partitioning,
+  paths,
   text_metrics,
 )
-from t5train import trainer as trainer_lib  # noqa: E402
-from t5train.errors import UserError  # noqa: E402
-from t5train.train_state import TrainState, TrainStateInitializer  # noqa: E402
+from t5train import trainer as trainer_lib
+from t5train.errors import UserError
+from t5train.train_state import TrainState, TrainStateInitializer
 
 Example = str | bytes | Mapping[str, Any]
 Preprocessor = Callable[..., tf.data.Dataset]
@@ -161,8 +160,8 @@ class InteractiveModel:
     self._checkpoint_period = checkpoint_period
     self._batch_size = batch_size
     self._task_feature_lengths = dict(task_feature_lengths)
-    self._output_dir = re.sub(r'/{2,}', '/', output_dir)
-    os.makedirs(self._output_dir, exist_ok=True)
+    self._output_dir = re.sub(r'(?<!:)/{2,}', '/', output_dir)  # gs:// keeps its two
+    paths.resolve(self._output_dir).mkdir(parents=True, exist_ok=True)
     self._partitioner = partitioner
     self._model = model
     self._init_random_seed = init_random_seed
@@ -192,12 +191,12 @@ class InteractiveModel:
     self._train_state, _ = checkpoints.restore_or_initialize(
         self._checkpoint_manager, initializer, self._restore_checkpoint_cfg, init_rng)
     self._train_state_axes = initializer.train_state_axes
-    model_info.log_model_info(os.path.join(self._output_dir, 'model-info.txt'),
+    model_info.log_model_info(paths.join(self._output_dir, 'model-info.txt'),
                               initializer.global_train_state_shape, partitioner,
                               initializer.train_state_logical_axes)
     self._trainer = trainer_lib.Trainer(
         model=model, train_state=self._train_state, partitioner=partitioner,
-        eval_names=tuple(eval_names or ()), summary_dir=os.path.join(self._output_dir, 'train'),
+        eval_names=tuple(eval_names or ()), summary_dir=paths.join(self._output_dir, 'train'),
         train_state_axes=self._train_state_axes, rng=trainer_rng,
         learning_rate_fn=optimizers.create_learning_rate_scheduler(), num_microbatches=None)
     self._train_summary: trainer_lib.TrainSummary | None = None

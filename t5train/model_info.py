@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 import jax
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from t5train import multihost
+from t5train import multihost, paths
 from t5train.partitioning import PjitPartitioner
 from t5train.train_state import TrainState
 
@@ -62,7 +60,7 @@ def log_model_info(log_file: str | None, full_train_state: TrainState,
   """Writes ``model_info_text`` to ``log_file`` (process 0 only) and returns it."""
   text = model_info_text(full_train_state, logical_axes, partitioner)
   if log_file and multihost.is_primary():
-    os.makedirs(os.path.dirname(log_file) or '.', exist_ok=True)
-    with open(log_file, 'w') as f:
-      f.write(text)
+    path = paths.resolve(log_file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
   return text

@@ -15,18 +15,28 @@ from absl import logging
 
 from t5train.errors import UserError
 
+# JAX's default is 100 s; a dead host should end the others' run sooner than that. Heartbeats
+# come from a background thread, so long compilations or saves do not delay them.
+HEARTBEAT_TIMEOUT_SECONDS = 30
+
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None,
-               local_device_ids: Sequence[int] | None = None) -> None:
-  """Joins the process group; CPU devices talk over gloo so that CPU-only groups work too."""
+               local_device_ids: Sequence[int] | None = None,
+               heartbeat_timeout_seconds: int = HEARTBEAT_TIMEOUT_SECONDS) -> None:
+  """Joins the process group; CPU devices talk over gloo so that CPU-only groups work too.
+
+  A process that stops sending heartbeats for ``heartbeat_timeout_seconds`` (killed, or its
+  host lost) makes the others fail instead of waiting for it forever.
+  """
   if jax.distributed.is_initialized():
     return
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   try:
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id,
-                               local_device_ids=local_device_ids)
+                               local_device_ids=local_device_ids,
+                               heartbeat_timeout_seconds=heartbeat_timeout_seconds)
   except ValueError as e:  # nothing detected and not enough given
     raise UserError(f'cannot start jax.distributed: {e}. Pass --coordinator_address, '
                     '--process_count and --process_index, or run under a cluster that JAX '

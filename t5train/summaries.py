@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import glob
-import os
-
+from etils import epath
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
@@ -12,8 +10,8 @@ from tensorboard.util import tensor_util
 def read_scalars(summary_dir: str) -> dict[str, list[tuple[int, float]]]:
   """tag -> [(step, value), ...] in step order, from the event files in ``summary_dir``."""
   scalars: dict[str, list[tuple[int, float]]] = {}
-  for path in sorted(glob.glob(os.path.join(summary_dir, 'events.out.tfevents.*'))):
-    accumulator = event_accumulator.EventAccumulator(path, size_guidance={'tensors': 0})
+  for path in sorted(epath.Path(summary_dir).glob('events.out.tfevents.*')):
+    accumulator = event_accumulator.EventAccumulator(str(path), size_guidance={'tensors': 0})
     accumulator.Reload()
     for tag in accumulator.Tags()['tensors']:
       scalars.setdefault(tag, []).extend(

@@ -15,12 +15,15 @@ that with the returned arrays).
 from __future__ import annotations
 
 import os
+import posixpath
 import re
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from etils import epath
 
+from t5train import paths
 from t5train.errors import UserError
 
 # The msgpack file T5X's native Checkpointer writes in each checkpoint_<step> directory.
@@ -73,9 +76,9 @@ def read_t5x_step(path: str) -> int:
 
 def _format(path: str) -> str:
   """'native' or 'orbax'; a UserError naming ``path`` when it is neither."""
-  if not os.path.isdir(path):
+  if not epath.Path(path).is_dir():
     raise UserError(f'{path}: not a T5X checkpoint directory (it does not exist or is not a directory)')
-  if os.path.isfile(os.path.join(path, _NATIVE_FILE)):
+  if (epath.Path(path) / _NATIVE_FILE).is_file():
     return 'native'
   if _orbax_item_dir(path) is not None:
     return 'orbax'
@@ -104,11 +107,10 @@ def _native_tree(path: str) -> dict[str, Any]:
   # Imported here so that merely importing this module stays cheap.
   from flax import serialization
 
-  file = os.path.join(path, _NATIVE_FILE)
+  file = paths.join(path, _NATIVE_FILE)
   try:
-    with open(file, 'rb') as f:
-      # flax's reader, since T5X writes the file with flax.serialization (it may chunk large arrays).
-      tree = serialization.msgpack_restore(f.read())
+    # flax's reader, since T5X writes the file with flax.serialization (it may chunk large arrays).
+    tree = serialization.msgpack_restore(epath.Path(file).read_bytes())
   except Exception as e:  # msgpack raises several unrelated types for corrupt input.
     raise UserError(f'{file}: not a T5X checkpoint file (cannot decode it as msgpack: {e})') from e
   # T5X writes {'version': 3, 'optimizer': {'target': ..., 'state': ...}}.
@@ -131,13 +133,17 @@ def _local_zarr_spec(path: str, spec: Mapping[str, Any]) -> dict[str, Any]:
   kvstore = spec.get('kvstore') or {}
   # tensorstore>=0.1.14 puts the relative path in the kvstore; older T5X (and checkpoints written
   # to gs://, whose kvstore is gcs with a dummy bucket) put it at the top level. Either way the
-  # array lies in the checkpoint directory, which is read here from the local file system.
+  # array lies in the checkpoint directory, read here wherever that directory is.
   relative = kvstore.get('path') if isinstance(kvstore, Mapping) else None
   relative = relative or spec.get('path')
   if not relative:
     raise UserError(f'{path}: a TensorStore spec in the T5X checkpoint names no path: {dict(spec)}')
   # TensorStore rejects file paths with '.' or '..' components, so the path is normalised; the
   # trailing '/' marks the array as a directory of chunk files.
+  if paths.is_url(path):  # TensorStore takes the URL of a gs:// (or other) store as the kvstore
+    scheme, _, rest = path.partition('://')
+    url = f'{scheme}://{posixpath.normpath(posixpath.join(rest, relative))}/'
+    return {'driver': spec.get('driver', 'zarr'), 'kvstore': url}
   absolute = os.path.normpath(os.path.join(os.path.abspath(path), relative)) + '/'
   return {'driver': spec.get('driver', 'zarr'), 'kvstore': {'driver': 'file', 'path': absolute}}
 
@@ -184,17 +190,17 @@ def _read_native_leaves(path: str, flat: Mapping[str, Any], dtype: Any = np.floa
 
 def _orbax_item_dir(path: str) -> str | None:
   """The Orbax PyTree item holding the train state, or None when ``path`` has none."""
+  directory = epath.Path(path)
   for name in _ORBAX_ITEM_NAMES:
-    item = os.path.join(path, name)
-    if os.path.isfile(os.path.join(item, _ORBAX_TREE_METADATA)):
-      return item
-  if os.path.isfile(os.path.join(path, _ORBAX_TREE_METADATA)):
+    if (directory / name / _ORBAX_TREE_METADATA).is_file():
+      return paths.join(path, name)
+  if (directory / _ORBAX_TREE_METADATA).is_file():
     return path  # The item directory itself was given.
-  if os.path.isfile(os.path.join(path, _ORBAX_STEP_METADATA)):
+  if (directory / _ORBAX_STEP_METADATA).is_file():
     # A step directory whose item lacks tree metadata (older Orbax): let Orbax try the item.
     for name in _ORBAX_ITEM_NAMES:
-      if os.path.isdir(os.path.join(path, name)):
-        return os.path.join(path, name)
+      if (directory / name).is_dir():
+        return paths.join(path, name)
   return None
 
 

@@ -13,11 +13,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from collections.abc import Sequence
 from typing import Any
 
 import jax
-from absl import flags, logging
+from absl import logging
 
 import gin
 from t5train import (
@@ -28,6 +27,7 @@ from t5train import (
   multihost,
   optimizers,
   partitioning,
+  paths,
   preemption,
 )
 from t5train import train_state as train_state_lib
@@ -55,8 +55,7 @@ def _training_batches(model: models.EncoderDecoderModel, dataset_cfg: Any, rando
   from t5train import data  # pylint: disable=g-import-not-at-top  (TensorFlow is slow to import)
   layout = partitioner.get_data_layout(dataset_cfg.batch_size)
   seed = dataset_cfg.seed if dataset_cfg.seed is not None else random_seed
-  item_dir = os.path.join(checkpoints.checkpoint_dir(manager.directory, start_step),
-                          DATASET_ITEM)
+  item_dir = paths.join(checkpoints.checkpoint_dir(manager.directory, start_step), DATASET_ITEM)
   saved = resumed and manager.save_config.save_dataset and data.has_saved_iterator(item_dir)
   if not saved and start_step:
     logging.warning('Not continuing a saved data position (checkpoint_%d has none for this host, '
@@ -103,8 +102,7 @@ def _finish_saves(manager: checkpoints.CheckpointManager) -> None:
 def _write_operative_config(model_dir: str) -> None:
   """Saves the bindings the run actually used (every configurable has been called by now)."""
   if multihost.is_primary():
-    with open(os.path.join(model_dir, 'config.gin'), 'w') as f:
-      f.write(gin.operative_config_str())
+    paths.write_text_atomically(paths.join(model_dir, 'config.gin'), gin.operative_config_str())
 
 
 class _Evaluations:
@@ -125,11 +123,11 @@ class _Evaluations:
     if train_eval_dataset_cfg is not None and eval_steps > 0:
       self._evaluators['training_eval'] = evaluation.TeacherForcedEval(
           model, partitioner, param_shardings, train_eval_dataset_cfg, eval_steps,
-          os.path.join(model_dir, 'training_eval'))
+          paths.join(model_dir, 'training_eval'))
     if infer_eval_dataset_cfg is not None:
       self._evaluators['inference_eval'] = evaluation.InferenceEval(
           model, partitioner, param_shardings, infer_eval_dataset_cfg, infer_eval_num_examples,
-          log_dir=os.path.join(model_dir, 'inference_eval'))
+          log_dir=paths.join(model_dir, 'inference_eval'))
 
   def __bool__(self) -> bool:
     return bool(self._evaluators)
@@ -179,78 +177,72 @@ def train(*, model: models.EncoderDecoderModel, train_dataset_cfg: Any,
   if num_microbatches and train_dataset_cfg.batch_size % num_microbatches:
     raise UserError(f'BATCH_SIZE {train_dataset_cfg.batch_size} is not divisible by '
                     f'num_microbatches={num_microbatches}')
-  os.makedirs(model_dir, exist_ok=True)
+  # From here on a stop signal is a request: during set-up too (restoring, compiling).
+  with preemption.StopRequest() as stop_request:
+    model_dir = os.fspath(paths.resolve(model_dir))
+    paths.resolve(model_dir).mkdir(parents=True, exist_ok=True)
 
-  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(random_seed))
-  initializer = train_state_lib.TrainStateInitializer(
-      model.optimizer_def, model.get_initial_variables,
-      _input_shapes(model, train_dataset_cfg), partitioner=partitioner)
-  model_info.log_model_info(os.path.join(model_dir, 'model-info.txt'),
-                            initializer.global_train_state_shape, partitioner,
-                            initializer.train_state_logical_axes)
-  manager = checkpoints.CheckpointManager(model_dir, checkpoint_cfg,
-                                          initializer.train_state_shardings,
-                                          initializer.global_train_state_shape)
-  state, resumed = checkpoints.restore_or_initialize(
-      manager, initializer, restore_checkpoint_cfg, init_rng)
-  start_step = int(jax.device_get(state.step))
+    init_rng, train_rng = jax.random.split(jax.random.PRNGKey(random_seed))
+    initializer = train_state_lib.TrainStateInitializer(
+        model.optimizer_def, model.get_initial_variables,
+        _input_shapes(model, train_dataset_cfg), partitioner=partitioner)
+    model_info.log_model_info(paths.join(model_dir, 'model-info.txt'),
+                              initializer.global_train_state_shape, partitioner,
+                              initializer.train_state_logical_axes)
+    manager = checkpoints.CheckpointManager(model_dir, checkpoint_cfg,
+                                            initializer.train_state_shardings,
+                                            initializer.global_train_state_shape)
+    state, resumed = checkpoints.restore_or_initialize(
+        manager, initializer, restore_checkpoint_cfg, init_rng)
+    start_step = int(jax.device_get(state.step))
 
-  learning_rate_fn = learning_rate_fn or optimizers.create_learning_rate_scheduler()
-  trainer = trainer_lib.Trainer(model, state, partitioner, initializer.train_state_axes,
-                                train_rng, learning_rate_fn, num_microbatches,
-                                summary_dir=os.path.join(model_dir, 'train'),
-                                skip_nonfinite=skip_nonfinite_steps)
-  summary: dict[str, float] = {}
-  evaluations = None
-  train_eval_dataset_cfg = _evaluated_or_none(train_eval_dataset_cfg, 'teacher-forced evaluation')
-  infer_eval_dataset_cfg = _evaluated_or_none(infer_eval_dataset_cfg, 'inference evaluation')
-  if eval_period and start_step < total_steps:
-    evaluations = _Evaluations(model, partitioner, initializer.train_state_shardings.params,
-                               trainer, model_dir, train_eval_dataset_cfg, eval_steps,
-                               infer_eval_dataset_cfg, infer_eval_num_examples)
-  _write_operative_config(model_dir)
-  if start_step >= total_steps:
-    logging.info('Step %d already reaches TRAIN_STEPS=%d; nothing to train.', start_step,
-                 total_steps)
-    trainer.close()
-  else:
-    batches = _training_batches(model, train_dataset_cfg, random_seed, partitioner, manager,
-                                start_step, resumed)
-    logging.info('Training steps %d to %d.', start_step + 1, total_steps)
-    try:
-      with preemption.StopRequest() as stop_request:
+    learning_rate_fn = learning_rate_fn or optimizers.create_learning_rate_scheduler()
+    trainer = trainer_lib.Trainer(model, state, partitioner, initializer.train_state_axes,
+                                  train_rng, learning_rate_fn, num_microbatches,
+                                  summary_dir=paths.join(model_dir, 'train'),
+                                  skip_nonfinite=skip_nonfinite_steps)
+    summary: dict[str, float] = {}
+    evaluations = None
+    train_eval_dataset_cfg = _evaluated_or_none(train_eval_dataset_cfg, 'teacher-forced evaluation')
+    infer_eval_dataset_cfg = _evaluated_or_none(infer_eval_dataset_cfg, 'inference evaluation')
+    if eval_period and start_step < total_steps:
+      evaluations = _Evaluations(model, partitioner, initializer.train_state_shardings.params,
+                                 trainer, model_dir, train_eval_dataset_cfg, eval_steps,
+                                 infer_eval_dataset_cfg, infer_eval_num_examples)
+    _write_operative_config(model_dir)
+    if start_step >= total_steps:
+      logging.info('Step %d already reaches TRAIN_STEPS=%d; nothing to train.', start_step,
+                   total_steps)
+      trainer.close()
+    elif stop_request.requested():
+      logging.warning('Stopped by %s before step %d: nothing new to save; rerun the same command '
+                      'to start.', stop_request.signal_name or 'a signal on another process',
+                      start_step + 1)
+      trainer.close()
+    else:
+      batches = _training_batches(model, train_dataset_cfg, random_seed, partitioner, manager,
+                                  start_step, resumed)
+      logging.info('Training steps %d to %d.', start_step + 1, total_steps)
+      try:
         result = trainer_lib.run_training(
             trainer, batches, start_step, total_steps, manager, summary_period, log_every_secs,
             batch_shapes=_input_shapes(model, train_dataset_cfg),
             evaluate=evaluations or None, eval_period=eval_period, stop_request=stop_request,
             finite_check_period=finite_check_period, data_scalars_fn=data.data_scalars)
-      summary = result.summary
-    finally:  # on an error too: let the checkpoints already started finish
-      _finish_saves(manager)
-      trainer.close()
-      if evaluations is not None:
-        evaluations.close()
-  manager.close()
-  if evaluations is not None:
-    summary.update(evaluations.results)
-  return summary
+        summary = result.summary
+      finally:  # on an error too: let the checkpoints already started finish
+        _finish_saves(manager)
+        trainer.close()
+        if evaluations is not None:
+          evaluations.close()
+    manager.close()
+    if evaluations is not None:
+      summary.update(evaluations.results)
+    return summary
 
 
-def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
-  gin_utils.parse_gin_from_flags()
-  gin_utils.call_configured(train_from_gin, _GUARD)
-
-
-def train_from_gin() -> Any:
-  """Calls ``train`` with the arguments gin binds to it."""
-  return gin.get_configurable(train)()
-
-
-def console_main() -> None:
-  flags.adopt_module_key_flags(gin_utils)  # list the gin flags in --help
-  gin_utils.run(main, program='t5train.train')
+console_main = gin_utils.configured_binary(train, _GUARD, 't5train.train',
+                                           on_start=preemption.catch_early_signals)
 
 
 if __name__ == '__main__':

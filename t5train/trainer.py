@@ -311,7 +311,7 @@ def run_training(trainer: Trainer, batches: Iterator[Batch], first_step: int, la
     if evaluating:
       with _timed(windows, 'evaluation'):
         evaluate(step)
-    stop = stop_request is not None and stop_request.requested()
+    stop = stop_request is not None and stop_request.requested(step)
     if checkpoints is not None and (checkpoints.should_save(step) or step == last_step or stop):
       finite_checks.check()
       with _timed(windows, 'checkpoint'):

@@ -81,6 +81,19 @@ def test_sigterm_saves_a_checkpoint_and_exits_0(tmp_path):
   assert 'Data iterator restored' in resumed.stderr
 
 
+def test_sigterm_while_starting_stops_cleanly_with_status_0(tmp_path):
+  """The signal arrives while the run restores, compiles and builds its pipeline."""
+  process = start_training(str(tmp_path), '--gin.TRAIN_STEPS=500', '--gin.CHECKPOINT_PERIOD=1000')
+  first = process.stderr.readline()  # the binary is past its imports and setting up
+  process.send_signal(signal.SIGTERM)
+  output = first + process.stderr.read()
+  assert process.wait(timeout=300) == 0, output[-3000:]
+  assert re.search(r'Stopped by SIGTERM (before step 1|after step \d+)', output), output[-3000:]
+  assert 'Traceback' not in output
+  assert not [name for name in os.listdir(tmp_path) if name.startswith('checkpoint_')
+              and int(name.split('_')[1]) > 10]
+
+
 def test_a_second_signal_exits_at_once(tmp_path):
   process = start_training(str(tmp_path), '--gin.TRAIN_STEPS=500', '--gin.CHECKPOINT_PERIOD=1000')
   wait_for_step(process, 2)

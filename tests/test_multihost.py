@@ -7,9 +7,12 @@ that one process resumes from.
 
 import glob
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 from binaries import REPO, SMOKE, read_params, read_scalars, run_train
@@ -118,3 +121,61 @@ def test_a_signal_to_one_host_stops_both_after_the_same_step(tmp_path):
   assert os.path.isdir(os.path.join(model_dir, f'checkpoint_{step}'))
   saved = set(os.listdir(os.path.join(model_dir, f'checkpoint_{step}', 'dataset')))
   assert {'process_0-of-2.index', 'process_1-of-2.index'} <= saved  # each host's data position
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _start_host(index, port, model_dir, *args):
+  """One host of a two-host run, started directly (the launcher would stop the survivor)."""
+  command = [sys.executable, '-m', 't5train.train', *RUN, f"--gin.MODEL_DIR='{model_dir}'",
+             '--gin.train_script.train.log_every_secs=0', *args, '--multiprocess',
+             f'--coordinator_address=127.0.0.1:{port}', '--process_count=2',
+             f'--process_index={index}', '--heartbeat_timeout_seconds=15']
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
+         'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE if index == 0 else subprocess.DEVNULL, text=True)
+
+
+_PROGRESS = re.compile(r'step (\d+)/\d+  loss (\S+)  accuracy (\S+)')
+
+
+def test_a_killed_host_ends_the_other_and_both_resume_exactly(tmp_path):
+  """SIGKILL one host mid-run: the other exits non-zero within 60 s; relaunched, both resume
+  from the last committed checkpoint and retrain the lost steps with the same losses."""
+  model_dir = str(tmp_path)
+  only_checkpoint_4 = ['--gin.CHECKPOINT_PERIOD=None', '--gin.checkpoints.SaveCheckpointConfig.steps=[4]']
+  port = _free_port()
+  hosts = [_start_host(i, port, model_dir, '--gin.TRAIN_STEPS=500', *only_checkpoint_4)
+           for i in range(2)]
+  first_run = {}
+  for line in hosts[0].stderr:
+    match = _PROGRESS.search(line)
+    if match:
+      first_run[int(match.group(1))] = match.groups()[1:]
+      if int(match.group(1)) >= 6:
+        break
+  hosts[1].kill()
+  killed = time.monotonic()
+  try:
+    hosts[0].communicate(timeout=120)
+  except subprocess.TimeoutExpired:
+    hosts[0].kill()
+    raise AssertionError('the surviving host still runs 120 s after the other was killed')
+  assert hosts[0].returncode != 0 and time.monotonic() - killed < 60, (
+      hosts[0].returncode, time.monotonic() - killed)
+
+  port = _free_port()
+  hosts = [_start_host(i, port, model_dir, '--gin.TRAIN_STEPS=8', *only_checkpoint_4)
+           for i in range(2)]
+  output = hosts[0].stderr.read()
+  assert [host.wait(timeout=300) for host in hosts] == [0, 0], output[-4000:]
+  resumed_from = 4 if f'Resuming from {model_dir}/checkpoint_4' in output else 0
+  second_run = {int(m.group(1)): m.groups()[1:] for m in _PROGRESS.finditer(output)}
+  retrained = sorted(set(first_run) & set(second_run))
+  assert retrained and retrained[0] == resumed_from + 1 and retrained[-1] >= 6, (first_run, second_run)
+  assert {step: first_run[step] for step in retrained} == {step: second_run[step] for step in retrained}

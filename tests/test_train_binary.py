@@ -111,9 +111,10 @@ def test_finetune_starts_from_an_initial_checkpoint(smoke_run, tmp_path):
                  'needs an NVIDIA GPU',
                  marks=pytest.mark.skipif(jax.default_backend() == 'gpu', reason='has a GPU')),
     (SMOKE + ["--gin.MODEL_DIR='/tmp/t5train_bad'", '--gin.TRAIN_STEPS=2',
-              '--gin.train_script.train.finite_check_period=0'], 'finite_check_period'),
+              "--gin.TASK_FEATURE_LENGTHS={'inputs': -3, 'targets': 8}"],
+     "TASK_FEATURE_LENGTHS['inputs'] must be an integer >= 1, not -3"),
 ], ids=['unknown_configurable', 'missing_required_macro', 'missing_gin_file', 'unknown_task',
-        'cudnn_attention_without_a_gpu', 'finite_check_period_below_1'])
+        'cudnn_attention_without_a_gpu', 'negative_feature_length'])
 def test_bad_input_exits_2_with_a_short_message(args, message):
   result = run_train(*args)
   assert result.returncode == 2, result.stderr[-3000:]

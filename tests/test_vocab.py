@@ -68,6 +68,7 @@ def test_vocab_gin_binds_the_vocabulary_and_the_model_size(built):
   output, _ = built
   text = (output / 'vocab.gin').read_text()
   assert "sentencepiece_model_file = '" + str(output / 'spm.model') + "'" in text  # absolute
+  gin.clear_config()  # another test in this worker may have left a locked config
   try:
     gin_utils.parse_gin(['models/t5_1_1/tiny.gin', str(output / 'vocab.gin')], [])
     assert gin.query_parameter('network.T5Config.vocab_size') == 512  # 400 + 100 -> 512
