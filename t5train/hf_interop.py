@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from flax import traverse_util
 
 from t5train.errors import UserError
 from t5train.network import T5Config
@@ -71,14 +72,7 @@ def _transposed(path: str, value: np.ndarray) -> np.ndarray:
 
 def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
   """{'a/b/c': x} -> {'a': {'b': {'c': x}}}."""
-  tree: dict[str, Any] = {}
-  for path, value in flat.items():
-    node = tree
-    *parents, leaf = path.split('/')
-    for name in parents:
-      node = node.setdefault(name, {})
-    node[leaf] = value
-  return tree
+  return traverse_util.unflatten_dict(dict(flat), sep='/')
 
 
 def flat_params_from_hf_state_dict(state_dict: Mapping[str, np.ndarray], config: T5Config

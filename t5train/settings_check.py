@@ -78,6 +78,7 @@ BINDINGS: dict[str, Rule] = {
     'create_learning_rate_scheduler.decay_factor': Rule(float, 0),
     'train.num_microbatches': Rule(int, 1, none_ok=True),
     'train.finite_check_period': _COUNT,
+    'train.stop_check_period': _COUNT,
     'PjitPartitioner.num_partitions': Rule(int, 1, none_ok=True),
     'SaveCheckpointConfig.keep': Rule(int, 1, none_ok=True),
     'SaveCheckpointConfig.keep_period': Rule(int, 1, none_ok=True),

@@ -87,16 +87,12 @@ def _format(path: str) -> str:
                   f'({_ORBAX_STEP_METADATA} or {_ORBAX_TREE_METADATA})')
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+def _flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
   """'/'-joined paths to leaves; a TensorStore placeholder dict counts as one leaf."""
-  flat: dict[str, Any] = {}
-  for name, value in tree.items():
-    key = f'{prefix}{name}'
-    if isinstance(value, Mapping) and not _is_ts_spec(value):
-      flat.update(_flatten(value, f'{key}/'))
-    else:
-      flat[key] = value
-  return flat
+  from flax import traverse_util  # flax is slow to import; this module stays cheap to import
+
+  return traverse_util.flatten_dict(dict(tree), sep='/',
+                                    is_leaf=lambda _, value: _is_ts_spec(value))
 
 
 # --- T5X native format -------------------------------------------------------------------------

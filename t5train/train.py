@@ -154,8 +154,8 @@ def train(*, model: models.EncoderDecoderModel, train_dataset_cfg: Any,
           summary_period: int = 100, log_every_secs: float = 5.0, eval_period: int | None = None,
           eval_steps: int = 20, train_eval_dataset_cfg: Any = None,
           infer_eval_dataset_cfg: Any = None, infer_eval_num_examples: int | None = None,
-          skip_nonfinite_steps: bool = False, finite_check_period: int = 10
-          ) -> dict[str, float]:
+          skip_nonfinite_steps: bool = False, finite_check_period: int = 10,
+          stop_check_period: int = 10) -> dict[str, float]:
   """Trains ``model`` to ``total_steps`` in ``model_dir``; returns the last metrics.
 
   Every ``eval_period`` steps (and at the last) it evaluates: teacher-forced on
@@ -164,7 +164,8 @@ def train(*, model: models.EncoderDecoderModel, train_dataset_cfg: Any,
   SIGTERM or SIGINT stops after the current step with a checkpoint. A NaN or
   infinite step stops the run (TrainingError), or is skipped and counted with
   ``skip_nonfinite_steps``; the check reads the steps' flags every
-  ``finite_check_period`` steps and before each save.
+  ``finite_check_period`` steps and before each save. With several processes, they agree on
+  a stop every ``stop_check_period`` steps (one small all-gather).
   """
   _GUARD.enter()
   from t5train import data  # pylint: disable=g-import-not-at-top  (TensorFlow is slow to import)
@@ -178,7 +179,7 @@ def train(*, model: models.EncoderDecoderModel, train_dataset_cfg: Any,
     raise UserError(f'BATCH_SIZE {train_dataset_cfg.batch_size} is not divisible by '
                     f'num_microbatches={num_microbatches}')
   # From here on a stop signal is a request: during set-up too (restoring, compiling).
-  with preemption.StopRequest() as stop_request:
+  with preemption.StopRequest(sync_period=stop_check_period) as stop_request:
     model_dir = os.fspath(paths.resolve(model_dir))
     paths.resolve(model_dir).mkdir(parents=True, exist_ok=True)
 

@@ -7,6 +7,7 @@ import sys
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 from t5train import checkpoints
 from t5train.summaries import read_scalars  # noqa: F401  (the tests read summaries with it)
@@ -36,12 +37,5 @@ def read_params(checkpoint_dir):
   with ocp.PyTreeCheckpointer() as checkpointer:
     state = checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(
         item=params, restore_args=as_numpy, partial_restore=True))
-  return {'/'.join(path): np.asarray(value) for path, value in _flatten(state['params'])}
-
-
-def _flatten(tree, prefix=()):
-  if isinstance(tree, dict):
-    for key, value in tree.items():
-      yield from _flatten(value, prefix + (key,))
-  else:
-    yield prefix, tree
+  return {name: np.asarray(value)
+          for name, value in traverse_util.flatten_dict(state['params'], sep='/').items()}

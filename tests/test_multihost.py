@@ -91,46 +91,15 @@ def test_one_host_resumes_what_two_hosts_saved(runs):
   testing.assert_trees_close(losses(two_hosts)[5], losses(one_host)[5])
 
 
-def test_a_signal_to_one_host_stops_both_after_the_same_step(tmp_path):
-  model_dir = str(tmp_path)
-  command = [os.path.join(REPO, 'scripts', 'launch_local.sh'), '2', '2', sys.executable, '-m',
-             't5train.train', *RUN, f"--gin.MODEL_DIR='{model_dir}'", '--gin.TRAIN_STEPS=500',
-             '--gin.CHECKPOINT_PERIOD=1000', '--gin.train_script.train.log_every_secs=0']
-  launcher = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True)
-  for line in launcher.stdout:
-    if line.startswith('[process 0]') and 'step 3/' in line:
-      break
-  host_1 = []  # process 1's Python process (not the launcher's shells)
-  for pid in os.listdir('/proc'):
-    try:
-      with open(f'/proc/{pid}/cmdline', 'rb') as f:
-        args = f.read().decode(errors='replace').split('\0')
-    except OSError:
-      continue
-    if '--process_index=1' in args and f"--gin.MODEL_DIR='{model_dir}'" in args and 'python' in args[0]:
-      host_1.append(int(pid))
-  assert len(host_1) == 1, host_1
-  os.kill(host_1[0], signal.SIGTERM)
-  output = launcher.stdout.read()
-  assert launcher.wait(timeout=300) == 0, output[-4000:]
-  assert '[process 1]' in output and 'Received SIGTERM' in output
-  stopped = [line for line in output.splitlines() if 'Stopped by a signal on another process' in line]
-  assert stopped, output[-4000:]
-  step = int(stopped[0].split('after step ')[1].split(':')[0])
-  assert os.path.isdir(os.path.join(model_dir, f'checkpoint_{step}'))
-  saved = set(os.listdir(os.path.join(model_dir, f'checkpoint_{step}', 'dataset')))
-  assert {'process_0-of-2.index', 'process_1-of-2.index'} <= saved  # each host's data position
-
-
 def _free_port():
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     return s.getsockname()[1]
 
 
-def _start_host(index, port, model_dir, *args):
-  """One host of a two-host run, started directly (the launcher would stop the survivor)."""
+def _start_host(index, port, model_dir, *args, log=None):
+  """One host of a two-host run, started directly (the launcher would stop the survivor).
+  Host 0's stderr is piped; host 1's goes to ``log``."""
   command = [sys.executable, '-m', 't5train.train', *RUN, f"--gin.MODEL_DIR='{model_dir}'",
              '--gin.train_script.train.log_every_secs=0', *args, '--multiprocess',
              f'--coordinator_address=127.0.0.1:{port}', '--process_count=2',
@@ -138,44 +107,63 @@ def _start_host(index, port, model_dir, *args):
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
          'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
   return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE if index == 0 else subprocess.DEVNULL, text=True)
+                          stderr=subprocess.PIPE if index == 0 else log or subprocess.DEVNULL,
+                          text=True)
 
 
 _PROGRESS = re.compile(r'step (\d+)/\d+  loss (\S+)  accuracy (\S+)')
 
 
-def test_a_killed_host_ends_the_other_and_both_resume_exactly(tmp_path):
-  """SIGKILL one host mid-run: the other exits non-zero within 60 s; relaunched, both resume
-  from the last committed checkpoint and retrain the lost steps with the same losses."""
-  model_dir = str(tmp_path)
-  only_checkpoint_4 = ['--gin.CHECKPOINT_PERIOD=None', '--gin.checkpoints.SaveCheckpointConfig.steps=[4]']
-  port = _free_port()
-  hosts = [_start_host(i, port, model_dir, '--gin.TRAIN_STEPS=500', *only_checkpoint_4)
-           for i in range(2)]
-  first_run = {}
-  for line in hosts[0].stderr:
+def _read_progress(host, until_step):
+  """(step -> (loss, accuracy), the text read) from host 0's stderr, up to ``until_step``."""
+  progress, lines = {}, []
+  for line in host.stderr:
+    lines.append(line)
     match = _PROGRESS.search(line)
     if match:
-      first_run[int(match.group(1))] = match.groups()[1:]
-      if int(match.group(1)) >= 6:
-        break
+      progress[int(match.group(1))] = match.groups()[1:]
+      if int(match.group(1)) >= until_step:
+        return progress, ''.join(lines)
+  raise AssertionError(f'host 0 ended before step {until_step}: {"".join(lines[-30:])}')
+
+
+def test_a_killed_host_ends_the_other_and_a_signal_stops_both_after_the_same_step(tmp_path):
+  """SIGKILL one host mid-run: the other exits non-zero within 60 s. Relaunched, both resume
+  from the last committed checkpoint and retrain the lost steps with the same losses; then a
+  SIGTERM to one host stops both after the same step, with one checkpoint holding each host's
+  data position."""
+  model_dir = str(tmp_path / 'run')
+  only_checkpoint_4 = ['--gin.TRAIN_STEPS=500', '--gin.CHECKPOINT_PERIOD=None',
+                       '--gin.checkpoints.SaveCheckpointConfig.steps=[4]']
+  port = _free_port()
+  hosts = [_start_host(i, port, model_dir, *only_checkpoint_4) for i in range(2)]
+  first_run, _ = _read_progress(hosts[0], 6)
   hosts[1].kill()
   killed = time.monotonic()
   try:
     hosts[0].communicate(timeout=120)
-  except subprocess.TimeoutExpired:
+  except subprocess.TimeoutExpired as e:
     hosts[0].kill()
-    raise AssertionError('the surviving host still runs 120 s after the other was killed')
+    raise AssertionError('the surviving host still runs 120 s after the other was killed') from e
   assert hosts[0].returncode != 0 and time.monotonic() - killed < 60, (
       hosts[0].returncode, time.monotonic() - killed)
 
   port = _free_port()
-  hosts = [_start_host(i, port, model_dir, '--gin.TRAIN_STEPS=8', *only_checkpoint_4)
-           for i in range(2)]
-  output = hosts[0].stderr.read()
-  assert [host.wait(timeout=300) for host in hosts] == [0, 0], output[-4000:]
+  with open(tmp_path / 'host_1.log', 'w') as log:
+    hosts = [_start_host(i, port, model_dir, *only_checkpoint_4, log=log) for i in range(2)]
+    second_run, output = _read_progress(hosts[0], max(first_run) + 1)
+    hosts[1].send_signal(signal.SIGTERM)
+    output += hosts[0].stderr.read()
+    assert [host.wait(timeout=300) for host in hosts] == [0, 0], output[-4000:]
   resumed_from = 4 if f'Resuming from {model_dir}/checkpoint_4' in output else 0
-  second_run = {int(m.group(1)): m.groups()[1:] for m in _PROGRESS.finditer(output)}
   retrained = sorted(set(first_run) & set(second_run))
   assert retrained and retrained[0] == resumed_from + 1 and retrained[-1] >= 6, (first_run, second_run)
   assert {step: first_run[step] for step in retrained} == {step: second_run[step] for step in retrained}
+
+  assert 'Received SIGTERM' in (tmp_path / 'host_1.log').read_text()
+  stopped = re.search(r'Stopped by a signal on another process after step (\d+)', output)
+  assert stopped, output[-4000:]
+  step = int(stopped.group(1))
+  assert step % 10 == 0  # the hosts compare notes every 10 steps
+  saved = set(os.listdir(os.path.join(model_dir, f'checkpoint_{step}', 'dataset')))
+  assert {'process_0-of-2.index', 'process_1-of-2.index'} <= saved  # each host's data position

@@ -6,6 +6,8 @@ import jax
 import pytest
 from binaries import SMOKE, read_scalars, run_train
 
+from t5train import quiet_start
+
 EXPECTED_SCALARS = {
     'loss', 'accuracy', 'cross_ent_loss', 'z_loss', 'learning_rate', 'timing/steps_per_second',
     'timing/seqs_per_second', 'timing/target_tokens_per_second',
@@ -33,6 +35,14 @@ def test_writes_the_model_directory(smoke_run):
   assert 'Total parameters: 518,240' in info  # T5X tiny: 32128 x 8 embedding + untied logits
   config = open(os.path.join(model_dir, 'config.gin')).read()
   assert "MODEL_DIR = '" in config and 'TRAIN_STEPS = 8' in config
+
+
+def test_the_console_shows_no_tensorflow_start_up_notes(smoke_run):
+  """On this CPU-only machine TensorFlow notes the missing CUDA driver at start-up unless
+  t5train.quiet_start filters it (tests/test_quiet_start.py checks the filter itself)."""
+  _, result = smoke_run
+  noise = [line for line in result.stderr.splitlines() if quiet_start.STARTUP_NOISE.search(line)]
+  assert not noise, noise
 
 
 def test_summaries_hold_t5x_scalars(smoke_run):
