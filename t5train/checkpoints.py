@@ -1,7 +1,9 @@
 """The Orbax adapter: periodic saves into ``MODEL_DIR/checkpoint_<step>/``, keep policy, restore.
 
 Orbax writes each checkpoint to a temporary directory and renames it when it
-is complete, so an interrupted save is never mistaken for a checkpoint.
+is complete, so an interrupted save is never mistaken for a checkpoint. A bucket
+(``gs://``) has no rename: there Orbax writes in place and commits each item with
+a ``commit_success.txt`` written last, and only committed checkpoints count.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ STEP_PREFIX = 'checkpoint'
 AssignmentMap = Sequence[tuple[str, str | None]]
 # Each checkpoint directory holds named items; the train state is one of them.
 STATE_ITEM = 'state'
+# Orbax's mark of a complete save on an object store, where it cannot rename into place.
+COMMIT_FILE = 'commit_success.txt'
 
 
 SAVE_DTYPES = ('float32', 'bfloat16')
@@ -139,22 +143,34 @@ def flatten_with_names(tree: Any) -> list[tuple[str, Any]]:
            leaf) for path, leaf in flat]
 
 
+def _has_complete_state(checkpoint: Any) -> bool:
+  """Whether the state item of ``checkpoint`` (an epath.Path) is there and completely saved.
+
+  Locally Orbax gives unfinished saves a temporary name; on a bucket it writes in place and
+  commits the item with COMMIT_FILE.
+  """
+  state = checkpoint / STATE_ITEM
+  return (state / COMMIT_FILE).exists() if paths.is_url(checkpoint) else state.is_dir()
+
+
 def find_checkpoints(path: str) -> list[tuple[int, str]]:
   """(step, directory) of the checkpoint ``path`` itself, or of every checkpoint in it, by step.
 
-  Only complete checkpoints count: Orbax gives unfinished saves a temporary name.
+  Only complete checkpoints count (_has_complete_state).
   """
   directory = paths.resolve(path)
   if not directory.is_dir():
     raise UserError(f'checkpoint {path!r} does not exist or is not a directory')
   path = os.fspath(directory)
   if (directory / STATE_ITEM).is_dir():
+    if not _has_complete_state(directory):
+      raise UserError(f'checkpoint {path!r} is unfinished: its {STATE_ITEM}/ has no {COMMIT_FILE}')
     step = directory.name[len(STEP_PREFIX) + 1:]
     return [(int(step) if step.isdigit() else 0, path)]
   found = []
   for child in directory.iterdir():
     step = child.name[len(STEP_PREFIX) + 1:] if child.name.startswith(STEP_PREFIX + '_') else ''
-    if step.isdigit() and (child / STATE_ITEM).is_dir():
+    if step.isdigit() and _has_complete_state(child):
       found.append((int(step), os.fspath(child)))
   if not found:
     raise UserError(f'{path} holds no checkpoints (no {STEP_PREFIX}_<step>/ directories)')

@@ -24,7 +24,6 @@ import http.client
 import http.server
 import json
 import os
-import socket
 import socketserver
 import ssl
 import subprocess
@@ -47,14 +46,14 @@ def serve(bucket: str) -> Iterator[dict[str, str]]:
   its first gs:// access.
   """
   child = subprocess.Popen([sys.executable, os.path.abspath(__file__), bucket],
-                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                           env={k: v for k, v in os.environ.items() if 'proxy' not in k.lower()})
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
   try:
     line = child.stdout.readline()  # written once both servers listen
     if not line:
       raise RuntimeError(f'the GCS emulator did not start (exit status {child.wait()})')
     yield json.loads(line)
   finally:
+    child.stdout.close()
     child.stdin.close()
     try:
       child.wait(timeout=10)
@@ -90,7 +89,7 @@ class _Proxy(http.server.BaseHTTPRequestHandler):
   tls: ssl.SSLContext  # set on the subclass that serve_in_child makes
   emulator: tuple[str, int]
 
-  def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (the base's name)
+  def log_message(self, format: str, *args: object) -> None:
     pass
 
   def do_CONNECT(self) -> None:
@@ -129,16 +128,17 @@ class _Proxy(http.server.BaseHTTPRequestHandler):
       connection.close()
     self.send_response(response.status, response.reason)
     for k, v in response.getheaders():
-      if k.lower() == 'location':  # keep resumable uploads on the proxied endpoint
+      if k.lower() == 'location':
+        # A resumable upload's URL. Kept on the proxy, which unwraps the chunked body of
+        # TensorFlow's PUT; the emulator would store the chunk framing as data.
         v = v.replace(f'http://{host}:{port}', 'https://www.googleapis.com')
       if k.lower() not in _NOT_FORWARDED:
         self.send_header(k, v)
     self.send_header('Content-Length', str(len(data)))
     self.end_headers()
-    if self.command != 'HEAD':
-      self.wfile.write(data)
+    self.wfile.write(data)
 
-  do_GET = do_PUT = do_POST = do_DELETE = do_PATCH = do_HEAD = _forward
+  do_GET = do_PUT = do_POST = do_DELETE = _forward
 
 
 class _ThreadingServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
@@ -236,12 +236,10 @@ def serve_in_child(bucket: str) -> None:
   logging.getLogger('gcp_storage_emulator').setLevel(logging.WARNING)
   logging.getLogger('gcp_storage_emulator.storage').setLevel(logging.CRITICAL)  # each 404 as an error
   _patch_emulator()
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    port = s.getsockname()[1]
-  emulator = create_server('127.0.0.1', port, in_memory=True)
+  emulator = create_server('127.0.0.1', 0, in_memory=True)
   create_bucket(bucket, emulator._storage)
   emulator.start()
+  port = emulator._api._httpd.server_address[1]
 
   with tempfile.TemporaryDirectory(prefix='gcs_emulator_') as directory:
     ca, cert, key = _make_certificate(directory)
