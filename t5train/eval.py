@@ -43,8 +43,9 @@ def evaluate(*, model: models.EncoderDecoderModel, partitioner: partitioning.Pji
   data.task_for(dataset_cfg)
   selected = checkpoints.select_checkpoints(restore_checkpoint_cfg)
   partitioner.validate()
-  paths.resolve(output_dir).mkdir(parents=True, exist_ok=True)
-  results_path = paths.join(paths.resolve(output_dir), RESULTS_FILE)
+  directory = paths.resolve(output_dir)
+  directory.mkdir(parents=True, exist_ok=True)
+  results_path = paths.join(directory, RESULTS_FILE)
   results = _read_results(results_path)
   todo = [(step, path) for step, path in selected if str(step) not in results]
   for step, _ in selected:

@@ -99,10 +99,11 @@ def infer(*, model: models.EncoderDecoderModel, partitioner: partitioning.PjitPa
   runner = inference.InferenceRunner(model, partitioner, initializer.train_state_shardings.params,
                                      dataset_cfg.batch_size, lengths['targets'], decoder_params,
                                      seed=random_seed)
-  paths.resolve(output_dir).mkdir(parents=True, exist_ok=True)
+  directory = paths.resolve(output_dir)
+  directory.mkdir(parents=True, exist_ok=True)
   written = []
   for name, read_examples in sources.items():
-    path = paths.join(paths.resolve(output_dir), f'{name}-{mode}.jsonl')
+    path = paths.join(directory, f'{name}-{mode}.jsonl')
     if epath.Path(path).exists():
       logging.info('%s already exists; skipping %s.', path, name)
       written.append(path)

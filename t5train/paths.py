@@ -32,19 +32,29 @@ def join(path: PathLike, *names: str) -> str:
   return os.fspath(epath.Path(os.fspath(path)).joinpath(*names))
 
 
-def write_text_atomically(path: PathLike, text: str) -> None:
+def write_bytes_atomically(path: PathLike, data: bytes) -> None:
   """Readers see the whole file or none of it.
 
-  Locally a temporary file is renamed into place. An object store makes an upload visible only
-  when it is complete, so there the object is written once, directly.
+  Locally a temporary file is renamed into place (and removed if writing fails). An object
+  store makes an upload visible only when it is complete, so there the object is written once,
+  directly.
   """
   target = resolve(path)
   if is_url(target):
-    target.write_text(text)
+    target.write_bytes(data)
     return
-  partial = target.with_name(target.name + '.tmp')
-  partial.write_text(text)
-  partial.replace(target)
+  partial = target.with_name(f'{target.name}.tmp-{os.getpid()}')
+  try:
+    partial.write_bytes(data)
+    partial.replace(target)
+  finally:
+    if partial.exists():
+      partial.unlink()
+
+
+def write_text_atomically(path: PathLike, text: str) -> None:
+  """``write_bytes_atomically`` of ``text`` in UTF-8."""
+  write_bytes_atomically(path, text.encode('utf-8'))
 
 
 @contextlib.contextmanager

@@ -180,8 +180,9 @@ def train(*, model: models.EncoderDecoderModel, train_dataset_cfg: Any,
                     f'num_microbatches={num_microbatches}')
   # From here on a stop signal is a request: during set-up too (restoring, compiling).
   with preemption.StopRequest(sync_period=stop_check_period) as stop_request:
-    model_dir = os.fspath(paths.resolve(model_dir))
-    paths.resolve(model_dir).mkdir(parents=True, exist_ok=True)
+    directory = paths.resolve(model_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    model_dir = os.fspath(directory)
 
     init_rng, train_rng = jax.random.split(jax.random.PRNGKey(random_seed))
     initializer = train_state_lib.TrainStateInitializer(

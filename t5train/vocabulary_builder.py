@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 
 from absl import logging
 
-from t5train import file_formats
+from t5train import file_formats, paths
 from t5train.errors import UserError
 
 # T5's ids (seqio.SentencePieceVocabulary assumes them): pad 0, EOS 1, UNK 2, no BOS.
@@ -229,38 +229,19 @@ def vocab_gin_text(model_file: str, vocab_size: int, extra_ids: int, command: st
   ]) + '\n'
 
 
-def output_dir(output: str) -> str:
-  """``output`` made absolute, unless it is a URL such as gs://bucket/dir (kept as given)."""
-  return output.rstrip('/') if '://' in output else os.path.abspath(output)
-
-
-def write_atomically(path: str, data: bytes) -> None:
-  """Writes ``data`` to a temporary name beside ``path``, then renames it to ``path``."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  staging = f'{path}.tmp-{os.getpid()}'
-  try:
-    with tf.io.gfile.GFile(staging, 'wb') as f:
-      f.write(data)
-    tf.io.gfile.rename(staging, path, overwrite=True)
-  finally:
-    if tf.io.gfile.exists(staging):
-      tf.io.gfile.remove(staging)
-
-
 def write_vocabulary(output: str, model: bytes, vocab: bytes, vocab_size: int, extra_ids: int,
                      command: str) -> str:
   """Writes spm.model, spm.vocab and vocab.gin into ``output``; returns the model's path."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  directory = output_dir(output)
+  directory = paths.resolve(output)
   try:
-    tf.io.gfile.makedirs(directory)
-  except (OSError, tf.errors.OpError) as e:
+    directory.mkdir(parents=True, exist_ok=True)
+  except Exception as e:  # pylint: disable=broad-except  (OSError locally, TF's errors on gs://)
     raise UserError(f'--output {output}: cannot create the directory ({e})') from None
-  model_file = f'{directory}/{MODEL_FILE}'
-  write_atomically(model_file, model)
-  write_atomically(f'{directory}/{VOCAB_FILE}', vocab)
-  gin_text = vocab_gin_text(model_file, vocab_size, extra_ids, command)
-  write_atomically(f'{directory}/{GIN_FILE}', gin_text.encode('utf-8'))
+  model_file = paths.join(directory, MODEL_FILE)
+  paths.write_bytes_atomically(model_file, model)
+  paths.write_bytes_atomically(paths.join(directory, VOCAB_FILE), vocab)
+  paths.write_text_atomically(paths.join(directory, GIN_FILE),
+                              vocab_gin_text(model_file, vocab_size, extra_ids, command))
   return model_file
 
 
