@@ -1,9 +1,11 @@
-"""The Orbax adapter: periodic saves into ``MODEL_DIR/checkpoint_<step>/``, keep policy, restore.
+"""The Orbax adapter: periodic saves into ``MODEL_DIR/checkpoint_<step>/``, keep policy, resume.
 
 Orbax writes each checkpoint to a temporary directory and renames it when it
 is complete, so an interrupted save is never mistaken for a checkpoint. A bucket
 (``gs://``) has no rename: there Orbax writes in place and commits each item with
 a ``commit_success.txt`` written last, and only committed checkpoints count.
+Reading and converting checkpoints is ``checkpoint_reading``'s; T5X's notebook
+interface is ``legacy_checkpoints``.
 """
 
 from __future__ import annotations
@@ -11,10 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import os
-import re
-import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -23,17 +22,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from t5train import hf_interop, network, paths
+from t5train import checkpoint_reading, paths
+from t5train.checkpoint_reading import STATE_ITEM, STEP_PREFIX, checkpoint_dir
 from t5train.errors import TrainingError, UserError
 from t5train.train_state import TrainState, TrainStateInitializer
-
-STEP_PREFIX = 'checkpoint'
-AssignmentMap = Sequence[tuple[str, str | None]]
-# Each checkpoint directory holds named items; the train state is one of them.
-STATE_ITEM = 'state'
-# Orbax's mark of a complete save on an object store, where it cannot rename into place.
-COMMIT_FILE = 'commit_success.txt'
-
 
 SAVE_DTYPES = ('float32', 'bfloat16')
 
@@ -88,95 +80,6 @@ class RestoreCheckpointConfig:
   assignment_map: tuple[tuple[str, str | None], ...] = ()
 
 
-def checkpoint_dir(model_dir: str, step: int) -> str:
-  return paths.join(model_dir, f'{STEP_PREFIX}_{step}')
-
-
-def _abstract(state_shape: TrainState, state_shardings: TrainState) -> TrainState:
-  return jax.tree_util.tree_map(
-      lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding),
-      state_shape, state_shardings)
-
-
-def saved_tree(item_dir: str) -> dict[str, Any]:
-  """The saved tree's metadata (shapes and dtypes), without reading any array."""
-  try:
-    metadata = ocp.StandardCheckpointer().metadata(item_dir)
-  except (FileNotFoundError, ValueError) as e:
-    raise UserError(f'{os.path.dirname(item_dir)} is not a t5train checkpoint ({e})') from e
-  tree = getattr(metadata, 'item_metadata', metadata)
-  tree = getattr(tree, 'tree', tree)
-  if not isinstance(tree, Mapping):
-    raise UserError(f'{os.path.dirname(item_dir)} is damaged: its metadata cannot be read. '
-                    'Earlier checkpoints are not affected; delete this one to resume from them')
-  return dict(tree)
-
-
-def check_shapes(expected: Mapping[str, Any], saved: Mapping[str, Any], where: str) -> None:
-  """UserError naming the first parameter whose shape differs, is missing, or is extra.
-
-  Both arguments map parameter paths ('encoder/layers_0/...') to anything with a ``shape``.
-  A different vocabulary size is reported as such.
-  """
-  embedding = 'token_embedder/embedding'
-  if embedding in expected and embedding in saved:
-    vocab, saved_vocab = expected[embedding].shape[0], saved[embedding].shape[0]
-    if vocab != saved_vocab:
-      raise UserError(f'{where}: its vocabulary has {saved_vocab} entries but the model\'s has '
-                      f'{vocab} ({embedding}); use the vocabulary the checkpoint was trained with, '
-                      'or set vocab_size to match')
-  for name, leaf in expected.items():
-    if name not in saved:
-      raise UserError(f'{where} has no parameter {name} (expected shape {tuple(leaf.shape)})')
-    if tuple(saved[name].shape) != tuple(leaf.shape):
-      raise UserError(f'{where}: parameter {name} has shape {tuple(saved[name].shape)} but '
-                      f'the model expects {tuple(leaf.shape)}')
-  extra = sorted(set(saved) - set(expected))
-  if extra:
-    raise UserError(f'{where} has parameters this model does not: {", ".join(extra[:5])}')
-
-
-def flatten_with_names(tree: Any) -> list[tuple[str, Any]]:
-  """[('encoder/layers_0/mlp/wi_0/kernel', leaf), ...] in tree order."""
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return [('/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path),
-           leaf) for path, leaf in flat]
-
-
-def _has_complete_state(checkpoint: Any) -> bool:
-  """Whether the state item of ``checkpoint`` (an epath.Path) is there and completely saved.
-
-  Locally Orbax gives unfinished saves a temporary name; on a bucket it writes in place and
-  commits the item with COMMIT_FILE.
-  """
-  state = checkpoint / STATE_ITEM
-  return (state / COMMIT_FILE).exists() if paths.is_url(checkpoint) else state.is_dir()
-
-
-def find_checkpoints(path: str) -> list[tuple[int, str]]:
-  """(step, directory) of the checkpoint ``path`` itself, or of every checkpoint in it, by step.
-
-  Only complete checkpoints count (_has_complete_state).
-  """
-  directory = paths.resolve(path)
-  if not directory.is_dir():
-    raise UserError(f'checkpoint {path!r} does not exist or is not a directory')
-  path = os.fspath(directory)
-  if (directory / STATE_ITEM).is_dir():
-    if not _has_complete_state(directory):
-      raise UserError(f'checkpoint {path!r} is unfinished: its {STATE_ITEM}/ has no {COMMIT_FILE}')
-    step = directory.name[len(STEP_PREFIX) + 1:]
-    return [(int(step) if step.isdigit() else 0, path)]
-  found = []
-  for child in directory.iterdir():
-    step = child.name[len(STEP_PREFIX) + 1:] if child.name.startswith(STEP_PREFIX + '_') else ''
-    if step.isdigit() and _has_complete_state(child):
-      found.append((int(step), os.fspath(child)))
-  if not found:
-    raise UserError(f'{path} holds no checkpoints (no {STEP_PREFIX}_<step>/ directories)')
-  return sorted(found)
-
-
 RESTORE_MODES = ('specific', 'latest', 'all')
 
 
@@ -192,220 +95,11 @@ def select_checkpoints(config: RestoreCheckpointConfig) -> list[tuple[int, str]]
                     f'not {config.mode!r}')
   if not config.path:
     raise UserError('no checkpoint to restore: set CHECKPOINT_PATH')
-  found = find_checkpoints(config.path)
+  found = checkpoint_reading.find_checkpoints(config.path)
   if config.mode == 'specific' and not (paths.resolve(config.path) / STATE_ITEM).is_dir():
     raise UserError(f"{config.path} is not a checkpoint directory (mode='specific'); name a "
                     f"{STEP_PREFIX}_<step> directory or use mode='latest'")
   return found[-1:] if config.mode == 'latest' else found
-
-
-def _restore_error(path: str, error: Exception) -> UserError:
-  """A UserError naming the checkpoint and, where the error says, the array it could not read."""
-  text = str(error)
-  arrays = re.findall(r"'path': '((?:params|opt_state|step)[^']*?)/?'", text)
-  if arrays:
-    name = arrays[0].replace('.', '/')
-    return UserError(f'cannot restore {path}: {name} cannot be read, so the checkpoint is damaged '
-                     '(truncated or corrupt). Earlier checkpoints are not affected; delete this one '
-                     'to resume from them')
-  first = text.strip().splitlines()[0] if text.strip() else repr(error)
-  return UserError(f'cannot restore {path}: {first}')
-
-
-def _restore_partial(path: str, wanted: dict[str, Any]) -> dict[str, Any]:
-  """The items of ``wanted`` (abstract arrays with shardings) read from checkpoint ``path``."""
-  item_dir = _item_dir(path)
-  args = ocp.args.PyTreeRestore(item=wanted, partial_restore=True,
-                                restore_args=ocp.checkpoint_utils.construct_restore_args(wanted))
-  _ignore_abandoned_reads()
-  try:
-    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
-      return checkpointer.restore(item_dir, args=args)
-  except Exception as e:  # pylint: disable=broad-except  (Orbax raises bare Exceptions for bad data)
-    raise _restore_error(path, e) from e
-
-
-def _is_abandoned_read(report: Any) -> bool:
-  """Whether an unraisable-exception report comes from a read of a restore that already failed:
-  its completion reaching a closed event loop, or its coroutine collected unfinished."""
-  if isinstance(report.exc_value, RuntimeError) and str(report.exc_value) == 'Event loop is closed':
-    return True
-  code = getattr(report.object, 'cr_code', None)
-  return code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename
-
-
-def _ignore_abandoned_reads() -> None:
-  """Silences the reads a failed restore leaves in flight: they finish after Orbax has closed its
-  event loop, and Python would print a traceback for each after the restore error."""
-  previous = sys.unraisablehook
-  if getattr(previous, 'ignores_abandoned_reads', False):
-    return
-
-  def hook(report: Any) -> None:
-    if not _is_abandoned_read(report):
-      previous(report)
-
-  hook.ignores_abandoned_reads = True
-  sys.unraisablehook = hook
-
-
-def _saved_state_tree(path: str) -> dict[str, Any]:
-  """The metadata tree of the train state saved in checkpoint ``path``."""
-  if not paths.resolve(path).is_dir():
-    raise UserError(f'checkpoint {path!r} does not exist or is not a directory')
-  return saved_tree(_item_dir(path))
-
-
-def _item_dir(path: str) -> str:
-  """The train-state item of checkpoint directory ``path``."""
-  return paths.join(paths.resolve(path), STATE_ITEM)
-
-
-def _check_params(path: str, model_params: Any, saved: dict[str, Any]) -> None:
-  """UserError unless checkpoint ``path`` (its ``saved`` tree) holds the model's parameters."""
-  check_shapes(dict(flatten_with_names(model_params)),
-               dict(flatten_with_names(saved.get('params', {}))), path)
-
-
-_SCANNED_NAME = re.compile(r'(?:en|de)coder/layers/')
-
-
-def _is_scanned(params: Any) -> bool:
-  return any(_SCANNED_NAME.match(name) for name, _ in flatten_with_names(params))
-
-
-def _layout_conversion(saved_params: Any, model_params: Any) -> Callable[[Any], Any] | None:
-  """The function taking the checkpoint's parameters to the model's layer layout, if they differ
-  (one was saved with ``scan_layers`` and the other is not)."""
-  saved, model = _is_scanned(saved_params), _is_scanned(model_params)
-  if saved == model:
-    return None
-  return network.stack_layers if model else network.unstack_layers
-
-
-def _restore_converted(path: str, saved: dict[str, Any], abstract: TrainState,
-                       convert: Callable[[Any], Any]) -> tuple[Any, Any]:
-  """(step, parameters) of ``path`` in the model's layer layout and shardings.
-
-  The saved arrays are read replicated and re-laid out on the devices, so a
-  conversion needs each device to hold the whole model once.
-  """
-  mesh = jax.tree_util.tree_leaves(abstract.params)[0].sharding.mesh
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  wanted = jax.tree_util.tree_map(
-      lambda leaf: jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype, sharding=replicated),
-      hf_interop.nest(dict(flatten_with_names(saved['params']))))
-  try:
-    converted = jax.eval_shape(convert, wanted)
-  except (KeyError, ValueError, IndexError) as e:
-    raise UserError(f'{path}: its parameters cannot be converted to the model\'s layer layout '
-                    f'({e!r})') from e
-  check_shapes(dict(flatten_with_names(abstract.params)), dict(flatten_with_names(converted)),
-               path)
-  restored = _restore_partial(path, {'step': abstract.step, 'params': wanted})
-  shardings = jax.tree_util.tree_map(lambda leaf: leaf.sharding, abstract.params)
-  params = jax.jit(convert, out_shardings=shardings)(restored['params'])
-  logging.warning('%s was saved %s scanned layers and the model %s them: its parameters were '
-                  'converted, and the optimizer starts fresh.', path,
-                  'with' if convert is network.unstack_layers else 'without',
-                  'does not scan' if convert is network.unstack_layers else 'scans')
-  return restored['step'], params
-
-
-def restore_params(path: str, initializer: TrainStateInitializer) -> Any:
-  """Only the parameters of checkpoint ``path``, in the initializer's shardings (for inference)."""
-  abstract = _abstract(initializer.global_train_state_shape, initializer.train_state_shardings)
-  saved = _saved_state_tree(path)
-  convert = _layout_conversion(saved.get('params', {}), abstract.params)
-  if convert is not None:
-    return _restore_converted(path, saved, abstract, convert)[1]
-  _check_params(path, abstract.params, saved)
-  return _restore_partial(path, {'params': abstract.params})['params']
-
-
-def _mapped_sources(names: Sequence[str], assignment_map: AssignmentMap) -> dict[str, str | None]:
-  """Model parameter name -> the checkpoint's name for it (None: not restored)."""
-  sources = {}
-  for name in names:
-    sources[name] = name
-    for pattern, replacement in assignment_map:
-      if re.fullmatch(pattern, name):
-        sources[name] = None if replacement is None else re.sub(f'^(?:{pattern})$', replacement, name)
-        break
-  return sources
-
-
-def _restore_mapped_params(path: str, initializer: TrainStateInitializer,
-                           assignment_map: AssignmentMap, init_rng: jax.Array) -> TrainState:
-  """Parameters renamed or left fresh by ``assignment_map``; the optimiser starts fresh."""
-  abstract = _abstract(initializer.global_train_state_shape, initializer.train_state_shardings)
-  expected = dict(flatten_with_names(abstract.params))
-  saved = dict(flatten_with_names(saved_tree(_item_dir(path)).get('params', {})))
-  sources = _mapped_sources(list(expected), assignment_map)
-  wanted = {source: expected[name] for name, source in sources.items() if source is not None}
-  check_shapes(wanted, {source: saved[source] for source in wanted if source in saved}, path)
-  restored = dict(flatten_with_names(_restore_partial(path, {'params': hf_interop.nest(wanted)})['params']))
-  fresh = initializer.from_scratch(init_rng)
-  fresh_flat = dict(flatten_with_names(fresh.params))
-  skipped = sorted(name for name, source in sources.items() if source is None)
-  if skipped:
-    logging.info('Left freshly initialised by the assignment map: %s', ', '.join(skipped))
-  params = jax.tree_util.tree_unflatten(
-      jax.tree_util.tree_structure(fresh.params),
-      [restored[sources[name]] if sources[name] is not None else fresh_flat[name]
-       for name in expected])
-  return initializer.from_params(params, jnp.zeros((), jnp.int32))
-
-
-def restore_from_path(path: str, initializer: TrainStateInitializer,
-                      assignment_map: AssignmentMap = (),
-                      init_rng: jax.Array | None = None) -> TrainState:
-  """The train state in the checkpoint directory ``path`` (e.g. ``.../checkpoint_1000``).
-
-  Parameters must match the model's shapes. The optimiser state is restored when
-  the checkpoint has one of the same structure; otherwise (a converted checkpoint,
-  or another optimiser) it starts fresh. With an ``assignment_map`` (T5X's idea),
-  each model parameter whose name fully matches a regex is read from the
-  checkpoint's parameter named by the replacement (``re.sub``), or, for None, is
-  freshly initialised; checkpoint parameters nobody reads are dropped, and the
-  step and optimiser start from zero. A checkpoint saved with the other layer
-  layout (``scan_layers``) has its parameters converted, and the optimiser
-  starts fresh.
-  """
-  if not paths.resolve(path).is_dir():
-    raise UserError(f'checkpoint {path!r} does not exist or is not a directory')
-  if assignment_map:
-    return _restore_mapped_params(path, initializer, assignment_map,
-                                  init_rng if init_rng is not None else jax.random.PRNGKey(0))
-  abstract = _abstract(initializer.global_train_state_shape, initializer.train_state_shardings)
-  saved = _saved_state_tree(path)
-  convert = _layout_conversion(saved.get('params', {}), abstract.params)
-  if convert is not None:
-    step, params = _restore_converted(path, saved, abstract, convert)
-    return initializer.from_params(params, step)
-  _check_params(path, abstract.params, saved)
-  restored, with_optimizer = _restore_train_state(path, abstract, saved)
-  if with_optimizer:
-    return abstract.replace_state_dict(restored)
-  logging.info('%s has no matching optimizer state; the optimizer starts fresh.', path)
-  return initializer.from_params(restored['params'], restored['step'])
-
-
-def _restore_train_state(path: str, abstract: TrainState, saved: dict[str, Any]
-                         ) -> tuple[dict[str, Any], bool]:
-  """The step, parameters and (when its structure matches) optimiser state of ``path``."""
-  with_optimizer = 'opt_state' in saved and _same_structure(saved['opt_state'], abstract.opt_state)
-  wanted = {'step': abstract.step, 'params': abstract.params}
-  if with_optimizer:
-    wanted['opt_state'] = abstract.opt_state
-  return _restore_partial(path, wanted), with_optimizer
-
-
-def _same_structure(saved: Any, expected: Any) -> bool:
-  """Whether two trees hold the same names with the same shapes (saved trees come key-sorted)."""
-  shapes = lambda tree: {name: tuple(leaf.shape) for name, leaf in flatten_with_names(tree)}
-  return shapes(saved) == shapes(expected)
-
 
 def save_params(directory: str, params: Any, step: int = 0) -> str:
   """Writes ``directory/checkpoint_<step>/`` holding only the step and ``params`` (numpy or jax).
@@ -415,7 +109,7 @@ def save_params(directory: str, params: Any, step: int = 0) -> str:
   """
   target = checkpoint_dir(directory, step)
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(_item_dir(target),
+  checkpointer.save(checkpoint_reading.item_dir(target),
                     {'step': np.asarray(step, np.int32), 'params': params})
   checkpointer.wait_until_finished()
   checkpointer.close()
@@ -457,7 +151,7 @@ class CheckpointManager:
   def __init__(self, directory: str, save_config: SaveCheckpointConfig,
                state_shardings: TrainState, state_shape: TrainState):
     self._save_config = save_config
-    self._abstract_state = _abstract(state_shape, state_shardings)
+    self._abstract_state = checkpoint_reading.abstract_state(state_shape, state_shardings)
     self._extra_items: dict[str, Any] = {}
     self._writing = 0  # the step of the newest save started
     options = ocp.CheckpointManagerOptions(
@@ -523,21 +217,11 @@ class CheckpointManager:
     if step is None:
       return None
     path = checkpoint_dir(self.directory, step)
-    saved = _saved_state_tree(path)
-    if _layout_conversion(saved.get('params', {}), self._abstract_state.params) is not None:
-      scanned = _is_scanned(saved.get('params', {}))
-      raise UserError(f'{path} was saved {"with" if scanned else "without"} scan_layers and this '
-                      'model differs: resume with the same network.T5Config.scan_layers, or start '
-                      'a new MODEL_DIR from this checkpoint (INITIAL_CHECKPOINT_PATH), which '
-                      'converts its parameters')
-    _check_params(path, self._abstract_state.params, saved)
-    abstract = self._abstract_state.state_dict()
-    _ignore_abandoned_reads()
-    try:
-      args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract)})
+    checkpoint_reading.check_resumable(path, self._abstract_state.params)
+    args = ocp.args.Composite(
+        **{STATE_ITEM: ocp.args.StandardRestore(self._abstract_state.state_dict())})
+    with checkpoint_reading.read_errors(path):
       restored = self._manager.restore(step, args=args)[STATE_ITEM]
-    except Exception as e:  # pylint: disable=broad-except  (Orbax raises bare Exceptions for bad data)
-      raise _restore_error(path, e) from e
     return self._abstract_state.replace_state_dict(restored)
 
   def restore_item(self, step: int, name: str, args: Any) -> bool:
@@ -581,75 +265,9 @@ def restore_or_initialize(manager: CheckpointManager, initializer: TrainStateIni
       logging.warning('%s; starting from scratch (fallback_to_scratch).', e)
       return initializer.from_scratch(init_rng), False
     logging.info('Initialising from %s.', path)
-    return restore_from_path(path, initializer, restore_cfg.assignment_map, init_rng), False
+    return checkpoint_reading.restore_from_path(path, initializer, restore_cfg.assignment_map,
+                                                init_rng), False
   logging.info('Initialising from scratch.')
   return initializer.from_scratch(init_rng), False
 
 
-def get_fallback_state(restore_cfg: RestoreCheckpointConfig, init_fn: Callable[[jax.Array], Any],
-                       init_rng: jax.Array) -> Any | None:
-  """``init_fn(init_rng)`` when the config may fall back to scratch, else None (T5X's helper)."""
-  return init_fn(init_rng) if restore_cfg.fallback_to_scratch else None
-
-
-class LegacyCheckpointManager:
-  """T5X's notebook-facing checkpoint manager, over ``CheckpointManager``.
-
-  ``train_state_shape`` is ``TrainStateInitializer.global_train_state_shape``, whose
-  leaves carry their shardings. Saves wait until the checkpoint is written.
-  """
-
-  def __init__(self, save_cfg: SaveCheckpointConfig | None, restore_cfg: RestoreCheckpointConfig,
-               train_state_shape: TrainState, partitioner: Any = None, ds_iter: Any = None,
-               model_dir: str | None = None):
-    del partitioner  # the shardings come with train_state_shape
-    if ds_iter is not None:
-      raise UserError('LegacyCheckpointManager saves no data iterator; pass ds_iter=None (the '
-                      'train binary saves iterators itself)')
-    self._restore_cfg = restore_cfg
-    self._shape = train_state_shape
-    shardings = jax.tree_util.tree_map(lambda leaf: leaf.sharding, train_state_shape)
-    self._manager = None
-    if save_cfg is not None and model_dir is not None:
-      self._manager = CheckpointManager(model_dir, dataclasses.replace(save_cfg, save_dataset=False),
-                                        shardings, train_state_shape)
-
-  def restore(self, paths: Sequence[str | None], restore_cfg: RestoreCheckpointConfig,
-              fallback_state: Mapping[str, Any] | None = None) -> TrainState | None:
-    """The state in the first of ``paths`` (by ``restore_cfg.mode``), or None if none is given.
-
-    A checkpoint without a matching optimiser state takes it from ``fallback_state``.
-    """
-    paths = [path for path in paths if path]
-    if not paths:
-      return None
-    try:
-      _, path = select_checkpoints(dataclasses.replace(restore_cfg, path=paths[0]))[-1]
-    except UserError:
-      if restore_cfg.fallback_to_scratch:
-        return None
-      raise
-    abstract = TrainState(step=self._shape.step, params=self._shape.params,
-                          opt_state=self._shape.opt_state)
-    saved = _saved_state_tree(path)
-    _check_params(path, abstract.params, saved)
-    restored, with_optimizer = _restore_train_state(path, abstract, saved)
-    if with_optimizer:
-      return abstract.replace_state_dict(restored)
-    if fallback_state is None:
-      raise UserError(f'{path} has no optimizer state for this optimizer; set '
-                      'RestoreCheckpointConfig.fallback_to_scratch to start the optimizer fresh')
-    return TrainState(step=restored['step'], params=restored['params'],
-                      opt_state=fallback_state['opt_state'])
-
-  def save(self, train_state: TrainState,
-           state_transformation_fns: Sequence[Callable[[dict[str, Any]], dict[str, Any]]] = ()
-           ) -> None:
-    """Writes ``train_state`` (after the transformations) at its step and waits for it."""
-    if self._manager is None:
-      raise UserError('this LegacyCheckpointManager has no save_cfg and model_dir to save to')
-    state_dict = train_state.state_dict()
-    for transform in state_transformation_fns:
-      state_dict = transform(state_dict)
-    self._manager.save(train_state.replace_state_dict(state_dict), force=True)
-    self._manager.wait_until_finished()

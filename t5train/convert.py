@@ -26,7 +26,7 @@ import numpy as np
 from absl import flags, logging
 from etils import epath
 
-from t5train import checkpoints, gin_utils, hf_interop, network, paths
+from t5train import checkpoint_reading, checkpoints, gin_utils, hf_interop, network, paths
 from t5train.errors import UserError
 
 _FROM = flags.DEFINE_enum('from', None, ['hf', 't5x'], 'Import from this format.')
@@ -93,12 +93,12 @@ def expected_params(config: network.T5Config) -> dict[str, jax.ShapeDtypeStruct]
     tokens = jax.numpy.ones((1, 8), np.int32)
     return network.Transformer(config).init(rng, tokens, tokens, tokens, enable_dropout=False)
   variables = jax.eval_shape(init, jax.random.PRNGKey(0))
-  return dict(checkpoints.flatten_with_names(nn.unbox(variables)['params']))
+  return dict(checkpoint_reading.flatten_with_names(nn.unbox(variables)['params']))
 
 
 def check_flat_shapes(flat: Mapping[str, Any], config: network.T5Config, source: str) -> None:
   """UserError naming the first tensor whose shape disagrees with ``config`` (or is missing)."""
-  checkpoints.check_shapes(expected_params(config), flat, source)
+  checkpoint_reading.check_shapes(expected_params(config), flat, source)
 
 
 # ---------------------------------------------------------------- model.gin
@@ -205,11 +205,13 @@ def _write_import(params: Mapping[str, Any], step: int, config: network.T5Config
 def read_checkpoint_params(checkpoint: str, config: network.T5Config) -> dict[str, np.ndarray]:
   """Float32 numpy parameters (flat) of a t5train checkpoint, checked against ``config``."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  item_dir = paths.join(paths.resolve(checkpoint), checkpoints.STATE_ITEM)
+  item_dir = checkpoint_reading.item_dir(checkpoint)
   if not epath.Path(item_dir).is_dir():
-    raise UserError(f'{checkpoint} is not a t5train checkpoint (no {checkpoints.STATE_ITEM}/)')
+    raise UserError(f'{checkpoint} is not a t5train checkpoint '
+                    f'(no {checkpoint_reading.STATE_ITEM}/)')
   expected = expected_params(config)
-  saved = dict(checkpoints.flatten_with_names(checkpoints.saved_tree(item_dir).get('params', {})))
+  saved_params = checkpoint_reading.saved_tree(item_dir).get('params', {})
+  saved = dict(checkpoint_reading.flatten_with_names(saved_params))
   check_flat_shapes(saved, config, checkpoint)
   wanted = {'params': hf_interop.nest({name: np.zeros(leaf.shape, np.float32)
                                        for name, leaf in expected.items()})}
@@ -217,7 +219,7 @@ def read_checkpoint_params(checkpoint: str, config: network.T5Config) -> dict[st
   with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
     restored = checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(
         item=wanted, restore_args=restore_args, partial_restore=True))
-  return dict(checkpoints.flatten_with_names(restored['params']))
+  return dict(checkpoint_reading.flatten_with_names(restored['params']))
 
 
 def export_hf(checkpoint: str, config: network.T5Config, output: str,

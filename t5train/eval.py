@@ -17,7 +17,16 @@ from typing import Any
 
 from absl import logging
 
-from t5train import checkpoints, gin_utils, inference, models, multihost, partitioning, paths
+from t5train import (
+  checkpoint_reading,
+  checkpoints,
+  gin_utils,
+  inference,
+  models,
+  multihost,
+  partitioning,
+  paths,
+)
 
 _GUARD = gin_utils.GinCallGuard()
 RESULTS_FILE = 'metrics.json'
@@ -60,7 +69,7 @@ def evaluate(*, model: models.EncoderDecoderModel, partitioner: partitioning.Pji
       model, partitioner, initializer.train_state_shardings.params, dataset_cfg, num_examples,
       log_dir=output_dir, decoder_params=decoder_params, seed=random_seed)
   for step, path in todo:
-    metrics = evaluator(checkpoints.restore_params(path, initializer), step)
+    metrics = evaluator(checkpoint_reading.restore_params(path, initializer), step)
     results[str(step)] = metrics
     if multihost.is_primary():
       _write_results(results_path, results)

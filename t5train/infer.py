@@ -20,7 +20,16 @@ from typing import Any
 from absl import logging
 from etils import epath
 
-from t5train import checkpoints, gin_utils, inference, models, multihost, partitioning, paths
+from t5train import (
+  checkpoint_reading,
+  checkpoints,
+  gin_utils,
+  inference,
+  models,
+  multihost,
+  partitioning,
+  paths,
+)
 from t5train.errors import UserError
 
 _GUARD = gin_utils.GinCallGuard()
@@ -94,7 +103,7 @@ def infer(*, model: models.EncoderDecoderModel, partitioner: partitioning.PjitPa
         _task_config(dataset_cfg, task), num_examples)) for task in names}
   partitioner.validate()
   initializer = inference.params_initializer(model, partitioner, dataset_cfg.batch_size, lengths)
-  params = checkpoints.restore_params(checkpoint_dir, initializer)
+  params = checkpoint_reading.restore_params(checkpoint_dir, initializer)
   logging.info('Restored step %d from %s.', step, checkpoint_dir)
   runner = inference.InferenceRunner(model, partitioner, initializer.train_state_shardings.params,
                                      dataset_cfg.batch_size, lengths['targets'], decoder_params,

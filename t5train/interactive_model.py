@@ -29,6 +29,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from t5train import (
+  checkpoint_reading,
   checkpoints,
   data,
   inference,
@@ -487,7 +488,7 @@ def _checkpoint_to_use(interactive_model: InteractiveModel) -> str:
   """The checkpoint the binaries should start from: the newest one the InteractiveModel saved,
   else the one it was loaded from."""
   try:
-    return checkpoints.find_checkpoints(interactive_model._output_dir)[-1][1]  # pylint: disable=protected-access
+    return checkpoint_reading.find_checkpoints(interactive_model._output_dir)[-1][1]  # pylint: disable=protected-access
   except UserError:
     pass  # it saved none
   restore = interactive_model._restore_checkpoint_cfg  # pylint: disable=protected-access

@@ -1,11 +1,7 @@
 """Re-exports of the names T5X users look for in ``t5x.utils``; no code of its own."""
 
-from t5train.checkpoints import (
-  LegacyCheckpointManager,
-  RestoreCheckpointConfig,
-  SaveCheckpointConfig,
-  get_fallback_state,
-)
+from t5train.checkpoints import RestoreCheckpointConfig, SaveCheckpointConfig
+from t5train.legacy_checkpoints import LegacyCheckpointManager, get_fallback_state
 from t5train.model_info import log_model_info
 from t5train.multihost import get_local_data
 from t5train.optimizers import create_learning_rate_scheduler

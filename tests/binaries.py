@@ -9,7 +9,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from t5train import checkpoints
+from t5train import checkpoint_reading
 from t5train.summaries import read_scalars  # noqa: F401  (the tests read summaries with it)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,7 +32,7 @@ def run_train(*args, cwd=REPO, env=None):
 def read_params(checkpoint_dir):
   """The parameters saved in ``checkpoint_dir`` (a checkpoint_<step> folder) as numpy arrays."""
   item_dir = os.path.join(os.path.abspath(checkpoint_dir), 'state')
-  params = {'params': checkpoints.saved_tree(item_dir)['params']}
+  params = {'params': checkpoint_reading.saved_tree(item_dir)['params']}
   as_numpy = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), params)
   with ocp.PyTreeCheckpointer() as checkpointer:
     state = checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(

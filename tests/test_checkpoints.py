@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from t5train import checkpoints, optimizers, partitioning, testing, train_state
+from t5train import checkpoint_reading, checkpoints, optimizers, partitioning, testing, train_state
 from t5train.errors import UserError
 
 
@@ -69,11 +69,11 @@ def test_checkpoint_of_another_model_is_a_user_error(tmp_path):
     reader.restore()
   reader.close()
   with pytest.raises(UserError, match=message):
-    checkpoints.restore_from_path(str(tmp_path / 'checkpoint_0'), wider)
+    checkpoint_reading.restore_from_path(str(tmp_path / 'checkpoint_0'), wider)
   other_vocab = _initializer(testing.tiny_config(vocab_size=80))
   with pytest.raises(UserError, match=r"checkpoint_0: its vocabulary has 64 entries but the "
                      r"model's has 80 \(token_embedder/embedding\)"):
-    checkpoints.restore_from_path(str(tmp_path / 'checkpoint_0'), other_vocab)
+    checkpoint_reading.restore_from_path(str(tmp_path / 'checkpoint_0'), other_vocab)
 
 
 def test_params_only_checkpoint_restores_params_and_starts_the_optimizer_fresh(tmp_path):
@@ -81,7 +81,7 @@ def test_params_only_checkpoint_restores_params_and_starts_the_optimizer_fresh(t
   trained = initializer.from_scratch(jax.random.PRNGKey(3))
   params = jax.tree_util.tree_map(np.asarray, trained.params)
   checkpoints.save_params(str(tmp_path), params, step=7)
-  restored = checkpoints.restore_from_path(str(tmp_path / 'checkpoint_7'), initializer)
+  restored = checkpoint_reading.restore_from_path(str(tmp_path / 'checkpoint_7'), initializer)
   assert int(restored.step) == 7
   jax.tree_util.tree_map(np.testing.assert_array_equal, restored.params, params)
   fresh = initializer.from_scratch(jax.random.PRNGKey(3)).opt_state
@@ -110,7 +110,7 @@ def test_bfloat16_checkpoints_restore_into_float32(tmp_path):
   initializer = _initializer()
   manager = _manager(tmp_path, initializer, period=1, dtype='bfloat16')
   state = _save_steps(manager, initializer, [1])
-  saved = checkpoints.saved_tree(str(tmp_path / 'checkpoint_1' / 'state'))
+  saved = checkpoint_reading.saved_tree(str(tmp_path / 'checkpoint_1' / 'state'))
   assert saved['params']['token_embedder']['embedding'].dtype == jax.numpy.bfloat16
   restored = _manager(tmp_path, initializer).restore()
   leaf = restored.params['token_embedder']['embedding']
@@ -137,7 +137,7 @@ def test_assignment_map_renames_and_drops_parameters(tmp_path):
   checkpoints.save_params(str(tmp_path), renamed, step=5)
   assignment_map = ((r'decoder/layers_(\d+)/(.*)', r'decoder/block_\1/\2'),
                     (r'.*relpos_bias.*', None))
-  restored = checkpoints.restore_from_path(str(tmp_path / 'checkpoint_5'), initializer,
+  restored = checkpoint_reading.restore_from_path(str(tmp_path / 'checkpoint_5'), initializer,
                                            assignment_map, jax.random.PRNGKey(9))
   np.testing.assert_array_equal(restored.params['decoder']['layers_1']['mlp']['wo']['kernel'],
                                 params['decoder']['layers_1']['mlp']['wo']['kernel'])
@@ -147,7 +147,7 @@ def test_assignment_map_renames_and_drops_parameters(tmp_path):
   assert not np.array_equal(restored.params['encoder']['relpos_bias']['rel_embedding'],
                             params['encoder']['relpos_bias']['rel_embedding'])
   with pytest.raises(UserError, match='has no parameter decoder/layers_0'):
-    checkpoints.restore_from_path(str(tmp_path / 'checkpoint_5'), initializer)
+    checkpoint_reading.restore_from_path(str(tmp_path / 'checkpoint_5'), initializer)
 
 
 def test_initial_checkpoint_fallback_and_the_warning_when_model_dir_wins(tmp_path, caplog):
@@ -186,7 +186,7 @@ def test_an_initial_checkpoint_restores_the_optimizer_state_too(tmp_path):
   manager.save(state, force=True)
   manager.wait_until_finished()
   manager.close()
-  restored = checkpoints.restore_from_path(str(tmp_path / 'checkpoint_7'), initializer)
+  restored = checkpoint_reading.restore_from_path(str(tmp_path / 'checkpoint_7'), initializer)
   jax.tree_util.tree_map(np.testing.assert_array_equal, restored.opt_state, state.opt_state)
 
 

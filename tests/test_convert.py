@@ -18,7 +18,7 @@ import jax.numpy as jnp  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
 from t5train import (  # noqa: E402
-  checkpoints,
+  checkpoint_reading,
   convert,
   hf_interop,
   models,
@@ -85,7 +85,7 @@ def test_fine_tuning_restores_converted_params_and_starts_the_optimizer_fresh(tm
   initializer = train_state.TrainStateInitializer(
       model.optimizer_def, model.get_initial_variables,
       {k: v.shape for k, v in batch.items()}, partitioner=partitioner)
-  state = checkpoints.restore_from_path(checkpoint, initializer)
+  state = checkpoint_reading.restore_from_path(checkpoint, initializer)
   # A fresh Adam state: step count and both moments all zero.
   assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree_util.tree_leaves(state.opt_state))
   t = trainer.Trainer(model, state, partitioner, initializer.train_state_axes,

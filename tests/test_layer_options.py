@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from t5train import (
+  checkpoint_reading,
   checkpoints,
   decoding,
   network,
@@ -131,16 +132,16 @@ def test_checkpoints_convert_between_layouts(tmp_path):
   path = checkpoints.save_params(str(tmp_path / 'per_layer'), params, step=3)
 
   # Converting layouts only moves data: bit for bit.
-  state = checkpoints.restore_from_path(path, scanned_init)
+  state = checkpoint_reading.restore_from_path(path, scanned_init)
   assert int(state.step) == 3
   testing.assert_trees_equal(jax.device_get(state.params), network.stack_layers(params))
-  testing.assert_trees_equal(jax.device_get(checkpoints.restore_params(path, scanned_init)),
+  testing.assert_trees_equal(jax.device_get(checkpoint_reading.restore_params(path, scanned_init)),
                              network.stack_layers(params))
 
   # And back: a scanned checkpoint restores into the per-layer model.
   back = checkpoints.save_params(str(tmp_path / 'scanned'), jax.device_get(state.params), step=4)
   testing.assert_trees_equal(
-      jax.device_get(checkpoints.restore_from_path(back, per_layer_init).params), params)
+      jax.device_get(checkpoint_reading.restore_from_path(back, per_layer_init).params), params)
 
 
 def test_resuming_with_the_other_layout_says_how_to_convert(tmp_path):

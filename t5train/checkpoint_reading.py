@@ -1,0 +1,349 @@
+"""Reading t5train checkpoints: where they are, what they hold, and restoring them.
+
+Restores go into the model's shardings after checking every parameter's shape
+against the model, and convert between the per-layer and scanned layer layouts.
+Errors name the checkpoint and, where Orbax says, the array it could not read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from absl import logging
+
+from t5train import hf_interop, network, paths
+from t5train.errors import UserError
+from t5train.train_state import TrainState, TrainStateInitializer
+
+STEP_PREFIX = 'checkpoint'
+AssignmentMap = Sequence[tuple[str, str | None]]
+# Each checkpoint directory holds named items; the train state is one of them.
+STATE_ITEM = 'state'
+# Orbax's mark of a complete save on an object store, where it cannot rename into place.
+COMMIT_FILE = 'commit_success.txt'
+
+
+def checkpoint_dir(model_dir: str, step: int) -> str:
+  return paths.join(model_dir, f'{STEP_PREFIX}_{step}')
+
+
+def abstract_state(state_shape: TrainState, state_shardings: TrainState) -> TrainState:
+  return jax.tree_util.tree_map(
+      lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding),
+      state_shape, state_shardings)
+
+
+def saved_tree(item_dir: str) -> dict[str, Any]:
+  """The saved tree's metadata (shapes and dtypes), without reading any array."""
+  try:
+    metadata = ocp.StandardCheckpointer().metadata(item_dir)
+  except (FileNotFoundError, ValueError) as e:
+    raise UserError(f'{os.path.dirname(item_dir)} is not a t5train checkpoint ({e})') from e
+  tree = getattr(metadata, 'item_metadata', metadata)
+  tree = getattr(tree, 'tree', tree)
+  if not isinstance(tree, Mapping):
+    raise UserError(f'{os.path.dirname(item_dir)} is damaged: its metadata cannot be read. '
+                    'Earlier checkpoints are not affected; delete this one to resume from them')
+  return dict(tree)
+
+
+def check_shapes(expected: Mapping[str, Any], saved: Mapping[str, Any], where: str) -> None:
+  """UserError naming the first parameter whose shape differs, is missing, or is extra.
+
+  Both arguments map parameter paths ('encoder/layers_0/...') to anything with a ``shape``.
+  A different vocabulary size is reported as such.
+  """
+  embedding = 'token_embedder/embedding'
+  if embedding in expected and embedding in saved:
+    vocab, saved_vocab = expected[embedding].shape[0], saved[embedding].shape[0]
+    if vocab != saved_vocab:
+      raise UserError(f'{where}: its vocabulary has {saved_vocab} entries but the model\'s has '
+                      f'{vocab} ({embedding}); use the vocabulary the checkpoint was trained with, '
+                      'or set vocab_size to match')
+  for name, leaf in expected.items():
+    if name not in saved:
+      raise UserError(f'{where} has no parameter {name} (expected shape {tuple(leaf.shape)})')
+    if tuple(saved[name].shape) != tuple(leaf.shape):
+      raise UserError(f'{where}: parameter {name} has shape {tuple(saved[name].shape)} but '
+                      f'the model expects {tuple(leaf.shape)}')
+  extra = sorted(set(saved) - set(expected))
+  if extra:
+    raise UserError(f'{where} has parameters this model does not: {", ".join(extra[:5])}')
+
+
+def flatten_with_names(tree: Any) -> list[tuple[str, Any]]:
+  """[('encoder/layers_0/mlp/wi_0/kernel', leaf), ...] in tree order."""
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return [('/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path),
+           leaf) for path, leaf in flat]
+
+
+def _has_complete_state(checkpoint: Any) -> bool:
+  """Whether the state item of ``checkpoint`` (an epath.Path) is there and completely saved.
+
+  Locally Orbax gives unfinished saves a temporary name; on a bucket it writes in place and
+  commits the item with COMMIT_FILE.
+  """
+  state = checkpoint / STATE_ITEM
+  return (state / COMMIT_FILE).exists() if paths.is_url(checkpoint) else state.is_dir()
+
+
+def find_checkpoints(path: str) -> list[tuple[int, str]]:
+  """(step, directory) of the checkpoint ``path`` itself, or of every checkpoint in it, by step.
+
+  Only complete checkpoints count (_has_complete_state).
+  """
+  directory = paths.resolve(path)
+  if not directory.is_dir():
+    raise UserError(f'checkpoint {path!r} does not exist or is not a directory')
+  path = os.fspath(directory)
+  if (directory / STATE_ITEM).is_dir():
+    if not _has_complete_state(directory):
+      raise UserError(f'checkpoint {path!r} is unfinished: its {STATE_ITEM}/ has no {COMMIT_FILE}')
+    step = directory.name[len(STEP_PREFIX) + 1:]
+    return [(int(step) if step.isdigit() else 0, path)]
+  found = []
+  for child in directory.iterdir():
+    step = child.name[len(STEP_PREFIX) + 1:] if child.name.startswith(STEP_PREFIX + '_') else ''
+    if step.isdigit() and _has_complete_state(child):
+      found.append((int(step), os.fspath(child)))
+  if not found:
+    raise UserError(f'{path} holds no checkpoints (no {STEP_PREFIX}_<step>/ directories)')
+  return sorted(found)
+
+
+
+def _restore_error(path: str, error: Exception) -> UserError:
+  """A UserError naming the checkpoint and, where the error says, the array it could not read."""
+  text = str(error)
+  arrays = re.findall(r"'path': '((?:params|opt_state|step)[^']*?)/?'", text)
+  if arrays:
+    name = arrays[0].replace('.', '/')
+    return UserError(f'cannot restore {path}: {name} cannot be read, so the checkpoint is damaged '
+                     '(truncated or corrupt). Earlier checkpoints are not affected; delete this one '
+                     'to resume from them')
+  first = text.strip().splitlines()[0] if text.strip() else repr(error)
+  return UserError(f'cannot restore {path}: {first}')
+
+
+@contextlib.contextmanager
+def read_errors(path: str) -> Iterator[None]:
+  """Orbax's errors while reading checkpoint ``path`` become one UserError naming it."""
+  _ignore_abandoned_reads()
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except  (Orbax raises bare Exceptions for bad data)
+    raise _restore_error(path, e) from e
+
+
+def _restore_partial(path: str, wanted: dict[str, Any]) -> dict[str, Any]:
+  """The items of ``wanted`` (abstract arrays with shardings) read from checkpoint ``path``."""
+  args = ocp.args.PyTreeRestore(item=wanted, partial_restore=True,
+                                restore_args=ocp.checkpoint_utils.construct_restore_args(wanted))
+  with read_errors(path), ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+    return checkpointer.restore(item_dir(path), args=args)
+
+
+def _is_abandoned_read(report: Any) -> bool:
+  """Whether an unraisable-exception report comes from a read of a restore that already failed:
+  its completion reaching a closed event loop, or its coroutine collected unfinished."""
+  if isinstance(report.exc_value, RuntimeError) and str(report.exc_value) == 'Event loop is closed':
+    return True
+  code = getattr(report.object, 'cr_code', None)
+  return code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename
+
+
+def _ignore_abandoned_reads() -> None:
+  """Silences the reads a failed restore leaves in flight: they finish after Orbax has closed its
+  event loop, and Python would print a traceback for each after the restore error."""
+  previous = sys.unraisablehook
+  if getattr(previous, 'ignores_abandoned_reads', False):
+    return
+
+  def hook(report: Any) -> None:
+    if not _is_abandoned_read(report):
+      previous(report)
+
+  hook.ignores_abandoned_reads = True
+  sys.unraisablehook = hook
+
+
+def saved_state_tree(path: str) -> dict[str, Any]:
+  """The metadata tree of the train state saved in checkpoint ``path``."""
+  if not paths.resolve(path).is_dir():
+    raise UserError(f'checkpoint {path!r} does not exist or is not a directory')
+  return saved_tree(item_dir(path))
+
+
+def item_dir(path: str) -> str:
+  """The train-state item of checkpoint directory ``path``."""
+  return paths.join(paths.resolve(path), STATE_ITEM)
+
+
+def check_resumable(path: str, model_params: Any) -> None:
+  """UserError unless checkpoint ``path`` holds the model's parameters in the model's layer layout
+  (a resume keeps the optimizer state, which no layout conversion carries over)."""
+  saved = saved_state_tree(path)
+  if layout_conversion(saved.get('params', {}), model_params) is not None:
+    scanned = is_scanned(saved.get('params', {}))
+    raise UserError(f'{path} was saved {"with" if scanned else "without"} scan_layers and this '
+                    'model differs: resume with the same network.T5Config.scan_layers, or start '
+                    'a new MODEL_DIR from this checkpoint (INITIAL_CHECKPOINT_PATH), which '
+                    'converts its parameters')
+  check_params(path, model_params, saved)
+
+
+def check_params(path: str, model_params: Any, saved: dict[str, Any]) -> None:
+  """UserError unless checkpoint ``path`` (its ``saved`` tree) holds the model's parameters."""
+  check_shapes(dict(flatten_with_names(model_params)),
+               dict(flatten_with_names(saved.get('params', {}))), path)
+
+
+_SCANNED_NAME = re.compile(r'(?:en|de)coder/layers/')
+
+
+def is_scanned(params: Any) -> bool:
+  return any(_SCANNED_NAME.match(name) for name, _ in flatten_with_names(params))
+
+
+def layout_conversion(saved_params: Any, model_params: Any) -> Callable[[Any], Any] | None:
+  """The function taking the checkpoint's parameters to the model's layer layout, if they differ
+  (one was saved with ``scan_layers`` and the other is not)."""
+  saved, model = is_scanned(saved_params), is_scanned(model_params)
+  if saved == model:
+    return None
+  return network.stack_layers if model else network.unstack_layers
+
+
+def _restore_converted(path: str, saved: dict[str, Any], abstract: TrainState,
+                       convert: Callable[[Any], Any]) -> tuple[Any, Any]:
+  """(step, parameters) of ``path`` in the model's layer layout and shardings.
+
+  The saved arrays are read replicated and re-laid out on the devices, so a
+  conversion needs each device to hold the whole model once.
+  """
+  mesh = jax.tree_util.tree_leaves(abstract.params)[0].sharding.mesh
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  wanted = jax.tree_util.tree_map(
+      lambda leaf: jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype, sharding=replicated),
+      hf_interop.nest(dict(flatten_with_names(saved['params']))))
+  try:
+    converted = jax.eval_shape(convert, wanted)
+  except (KeyError, ValueError, IndexError) as e:
+    raise UserError(f'{path}: its parameters cannot be converted to the model\'s layer layout '
+                    f'({e!r})') from e
+  check_shapes(dict(flatten_with_names(abstract.params)), dict(flatten_with_names(converted)),
+               path)
+  restored = _restore_partial(path, {'step': abstract.step, 'params': wanted})
+  shardings = jax.tree_util.tree_map(lambda leaf: leaf.sharding, abstract.params)
+  params = jax.jit(convert, out_shardings=shardings)(restored['params'])
+  logging.warning('%s was saved %s scanned layers and the model %s them: its parameters were '
+                  'converted, and the optimizer starts fresh.', path,
+                  'with' if convert is network.unstack_layers else 'without',
+                  'does not scan' if convert is network.unstack_layers else 'scans')
+  return restored['step'], params
+
+
+def restore_params(path: str, initializer: TrainStateInitializer) -> Any:
+  """Only the parameters of checkpoint ``path``, in the initializer's shardings (for inference)."""
+  abstract = abstract_state(initializer.global_train_state_shape, initializer.train_state_shardings)
+  saved = saved_state_tree(path)
+  convert = layout_conversion(saved.get('params', {}), abstract.params)
+  if convert is not None:
+    return _restore_converted(path, saved, abstract, convert)[1]
+  check_params(path, abstract.params, saved)
+  return _restore_partial(path, {'params': abstract.params})['params']
+
+
+def _mapped_sources(names: Sequence[str], assignment_map: AssignmentMap) -> dict[str, str | None]:
+  """Model parameter name -> the checkpoint's name for it (None: not restored)."""
+  sources = {}
+  for name in names:
+    sources[name] = name
+    for pattern, replacement in assignment_map:
+      if re.fullmatch(pattern, name):
+        sources[name] = None if replacement is None else re.sub(f'^(?:{pattern})$', replacement, name)
+        break
+  return sources
+
+
+def _restore_mapped_params(path: str, initializer: TrainStateInitializer,
+                           assignment_map: AssignmentMap, init_rng: jax.Array) -> TrainState:
+  """Parameters renamed or left fresh by ``assignment_map``; the optimiser starts fresh."""
+  abstract = abstract_state(initializer.global_train_state_shape, initializer.train_state_shardings)
+  expected = dict(flatten_with_names(abstract.params))
+  saved = dict(flatten_with_names(saved_tree(item_dir(path)).get('params', {})))
+  sources = _mapped_sources(list(expected), assignment_map)
+  wanted = {source: expected[name] for name, source in sources.items() if source is not None}
+  check_shapes(wanted, {source: saved[source] for source in wanted if source in saved}, path)
+  restored = dict(flatten_with_names(_restore_partial(path, {'params': hf_interop.nest(wanted)})['params']))
+  fresh = initializer.from_scratch(init_rng)
+  fresh_flat = dict(flatten_with_names(fresh.params))
+  skipped = sorted(name for name, source in sources.items() if source is None)
+  if skipped:
+    logging.info('Left freshly initialised by the assignment map: %s', ', '.join(skipped))
+  params = jax.tree_util.tree_unflatten(
+      jax.tree_util.tree_structure(fresh.params),
+      [restored[sources[name]] if sources[name] is not None else fresh_flat[name]
+       for name in expected])
+  return initializer.from_params(params, jnp.zeros((), jnp.int32))
+
+
+def restore_from_path(path: str, initializer: TrainStateInitializer,
+                      assignment_map: AssignmentMap = (),
+                      init_rng: jax.Array | None = None) -> TrainState:
+  """The train state in the checkpoint directory ``path`` (e.g. ``.../checkpoint_1000``).
+
+  Parameters must match the model's shapes. The optimiser state is restored when
+  the checkpoint has one of the same structure; otherwise (a converted checkpoint,
+  or another optimiser) it starts fresh. With an ``assignment_map`` (T5X's idea),
+  each model parameter whose name fully matches a regex is read from the
+  checkpoint's parameter named by the replacement (``re.sub``), or, for None, is
+  freshly initialised; checkpoint parameters nobody reads are dropped, and the
+  step and optimiser start from zero. A checkpoint saved with the other layer
+  layout (``scan_layers``) has its parameters converted, and the optimiser
+  starts fresh.
+  """
+  if not paths.resolve(path).is_dir():
+    raise UserError(f'checkpoint {path!r} does not exist or is not a directory')
+  if assignment_map:
+    return _restore_mapped_params(path, initializer, assignment_map,
+                                  init_rng if init_rng is not None else jax.random.PRNGKey(0))
+  abstract = abstract_state(initializer.global_train_state_shape, initializer.train_state_shardings)
+  saved = saved_state_tree(path)
+  convert = layout_conversion(saved.get('params', {}), abstract.params)
+  if convert is not None:
+    step, params = _restore_converted(path, saved, abstract, convert)
+    return initializer.from_params(params, step)
+  check_params(path, abstract.params, saved)
+  restored, with_optimizer = restore_train_state(path, abstract, saved)
+  if with_optimizer:
+    return abstract.replace_state_dict(restored)
+  logging.info('%s has no matching optimizer state; the optimizer starts fresh.', path)
+  return initializer.from_params(restored['params'], restored['step'])
+
+
+def restore_train_state(path: str, abstract: TrainState, saved: dict[str, Any]
+                         ) -> tuple[dict[str, Any], bool]:
+  """The step, parameters and (when its structure matches) optimiser state of ``path``."""
+  with_optimizer = 'opt_state' in saved and _same_structure(saved['opt_state'], abstract.opt_state)
+  wanted = {'step': abstract.step, 'params': abstract.params}
+  if with_optimizer:
+    wanted['opt_state'] = abstract.opt_state
+  return _restore_partial(path, wanted), with_optimizer
+
+
+def _same_structure(saved: Any, expected: Any) -> bool:
+  """Whether two trees hold the same names with the same shapes (saved trees come key-sorted)."""
+  shapes = lambda tree: {name: tuple(leaf.shape) for name, leaf in flatten_with_names(tree)}
+  return shapes(saved) == shapes(expected)
+
+
