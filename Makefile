@@ -63,11 +63,11 @@ test: install-test
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=30 $(PYTEST_ARGS)
 
 bench: install
-	$(PY) -m t5train.bench
-	$(PY) -m t5train.bench_data --out=docs/bench/cpu_data.json
+	$(PY) -m benchmarks.bench
+	$(PY) -m benchmarks.bench_data --out=docs/bench/cpu_data.json
 
 lint: install-test
-	$(VENV)/bin/ruff check t5train tests scripts
+	$(VENV)/bin/ruff check t5train tests scripts benchmarks
 	$(PY) scripts/check_imports.py
 
 clean:

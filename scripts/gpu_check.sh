@@ -33,7 +33,7 @@ JAX_DEFAULT_MATMUL_PRECISION=highest timeout 150 python -m pytest -q -p no:cache
   tests/test_network_vs_transformers.py tests/test_decoding.py tests/test_layer_options.py \
   tests/test_losses.py 2>&1 | tail -15
 
-BENCH=(python -m t5train.bench --workloads=train --dtype=bfloat16 --batch_size=64
+BENCH=(python -m benchmarks.bench --workloads=train --dtype=bfloat16 --batch_size=64
        --lengths=512,128 --steps=5 --train_rounds=1)
 QUIET="^I0000\|^W0000\|^E0000\|WARNING: All"
 echo "== benchmark: bfloat16, batch 64, lengths 512/128, next to transformers"

@@ -239,15 +239,15 @@ class CheckpointManager:
     self._manager.close()
 
 
-def restore_or_initialize(manager: CheckpointManager, initializer: TrainStateInitializer,
+def restore_or_initialize(manager: CheckpointManager | None, initializer: TrainStateInitializer,
                           restore_cfg: RestoreCheckpointConfig | None,
                           init_rng: jax.Array) -> tuple[TrainState, bool]:
   """The state to start from, and whether it is the directory's own (a resume).
 
-  The newest checkpoint in the manager's directory wins; then ``restore_cfg``'s
-  path; then a fresh state from ``init_rng``.
+  The newest checkpoint in the manager's directory wins (if there is a manager);
+  then ``restore_cfg``'s path; then a fresh state from ``init_rng``.
   """
-  state = manager.restore()
+  state = manager.restore() if manager is not None else None
   if state is not None:
     step = int(state.step)
     logging.info('Resuming from %s.', checkpoint_dir(manager.directory, step))

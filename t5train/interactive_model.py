@@ -29,11 +29,11 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from t5train import (
+  assembly,
   checkpoint_reading,
   checkpoints,
   data,
   inference,
-  model_info,
   models,
   multihost,
   optimizers,
@@ -43,7 +43,7 @@ from t5train import (
 )
 from t5train import trainer as trainer_lib
 from t5train.errors import UserError
-from t5train.train_state import TrainState, TrainStateInitializer
+from t5train.train_state import TrainState
 
 Example = str | bytes | Mapping[str, Any]
 Preprocessor = Callable[..., tf.data.Dataset]
@@ -170,7 +170,6 @@ class InteractiveModel:
     self._layout = partitioner.get_data_layout(batch_size)  # a UserError if it does not split
 
     seed = int(multihost_utils.broadcast_one_to_all(np.int32(init_random_seed)))
-    init_rng, trainer_rng = jax.random.split(jax.random.PRNGKey(seed))
     self._feature_converter = model.FEATURE_CONVERTER_CLS(pack=False)
     self._features = {
         'inputs': seqio.Feature(vocabulary=model.input_vocabulary, add_eos=add_eos),
@@ -183,23 +182,13 @@ class InteractiveModel:
         period=1000, keep=5, dtype=dtype, save_dataset=False)
     if input_shapes is None:
       input_shapes = model.input_shapes(batch_size, self._task_feature_lengths)
-    self._train_state_initializer = TrainStateInitializer(
-        model.optimizer_def, model.get_initial_variables, input_shapes, input_types, partitioner)
-    initializer = self._train_state_initializer
-    self._checkpoint_manager = checkpoints.CheckpointManager(
-        self._output_dir, self._save_checkpoint_cfg, initializer.train_state_shardings,
-        initializer.global_train_state_shape)
-    self._train_state, _ = checkpoints.restore_or_initialize(
-        self._checkpoint_manager, initializer, self._restore_checkpoint_cfg, init_rng)
-    self._train_state_axes = initializer.train_state_axes
-    model_info.log_model_info(paths.join(self._output_dir, 'model-info.txt'),
-                              initializer.global_train_state_shape, partitioner,
-                              initializer.train_state_logical_axes)
-    self._trainer = trainer_lib.Trainer(
-        model=model, train_state=self._train_state, partitioner=partitioner,
-        eval_names=tuple(eval_names or ()), summary_dir=paths.join(self._output_dir, 'train'),
-        train_state_axes=self._train_state_axes, rng=trainer_rng,
-        learning_rate_fn=optimizers.create_learning_rate_scheduler(), num_microbatches=None)
+    self._parts = assembly.assemble_training(
+        model, partitioner, input_shapes, model_dir=self._output_dir,
+        save_cfg=self._save_checkpoint_cfg, restore_cfg=self._restore_checkpoint_cfg,
+        random_seed=seed, input_types=input_types)
+    self._checkpoint_manager = self._parts.checkpoint_manager
+    self._trainer = self._parts.trainer
+    del eval_names  # evaluation runs through evaluate(), not the trainer
     self._train_summary: trainer_lib.TrainSummary | None = None
     self._runners: dict[tuple, inference.InferenceRunner] = {}
     self._last_batch: tuple[Any, dict[str, jax.Array]] | None = None
@@ -226,11 +215,11 @@ class InteractiveModel:
 
   @property
   def train_state(self) -> TrainState:
-    return self._train_state
+    return self._trainer.train_state
 
   @property
   def train_state_axes(self) -> TrainState:
-    return self._train_state_axes
+    return self._parts.initializer.train_state_axes
 
   @property
   def train_summary(self) -> dict[str, float]:
@@ -241,7 +230,7 @@ class InteractiveModel:
 
   @property
   def step(self) -> int:
-    return int(multihost.get_local_data(self._train_state.step))
+    return int(multihost.get_local_data(self._trainer.train_state.step))
 
   # Training.
 
@@ -295,14 +284,12 @@ class InteractiveModel:
       logging.info('Saving an emergency checkpoint.')
       self.save_checkpoint()
       raise
-    self._train_state = self._trainer.train_state
     if self._checkpoint_period and self.step % self._checkpoint_period == 0:
-      self._checkpoint_manager.save(self._train_state, force=True)
+      self._checkpoint_manager.save(self._trainer.train_state, force=True)
 
   def save_checkpoint(self) -> None:
     """Writes the current state to ``output_dir/checkpoint_<step>`` and waits for it."""
-    self._train_state = self._trainer.train_state
-    self._checkpoint_manager.save(self._train_state, force=True)
+    self._checkpoint_manager.save(self._trainer.train_state, force=True)
     self._checkpoint_manager.wait_until_finished()
 
   def train_loop(self, num_steps: int, eval_period: int = 1,
@@ -338,7 +325,7 @@ class InteractiveModel:
     key = tuple(sorted(inference_kwargs.items()))
     if key not in self._runners:
       self._runners[key] = inference.InferenceRunner(
-          self._model, self._partitioner, self._train_state_initializer.train_state_shardings.params,
+          self._model, self._partitioner, self._parts.initializer.train_state_shardings.params,
           self._batch_size, self._task_feature_lengths['targets'], decoder_params=inference_kwargs)
     return self._runners[key]
 

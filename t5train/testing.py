@@ -1,5 +1,6 @@
-"""Small real objects for tests: a tiny T5 config and model, random batches, and the float
-tolerances with the helpers that apply them. Nothing here is mocked."""
+"""Small real objects for tests: a tiny T5 config and model, random batches, a trainer assembled
+as the train binary assembles one, and the float tolerances with the helpers that apply them.
+Nothing here is mocked."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5train import models, network, optimizers
+from t5train import assembly, checkpoints, models, network, optimizers, partitioning
 
 
 def tiny_config(**overrides: object) -> network.T5Config:
@@ -50,6 +51,27 @@ def random_batch(batch_size: int = 4, input_length: int = 12, target_length: int
 
 def input_shapes(batch: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
   return {name: value.shape for name, value in batch.items()}
+
+
+def tiny_trainer(model: models.EncoderDecoderModel | None = None,
+                 batch: dict[str, np.ndarray] | None = None,
+                 learning_rate_fn: optimizers.LearningRateFn | None = None, *,
+                 partitioner: partitioning.PjitPartitioner | None = None,
+                 num_microbatches: int | None = None, skip_nonfinite: bool = False,
+                 random_seed: int = 0, model_dir: str | None = None,
+                 save_cfg: checkpoints.SaveCheckpointConfig | None = None,
+                 restore_cfg: checkpoints.RestoreCheckpointConfig | None = None
+                 ) -> assembly.TrainingParts:
+  """A training run assembled as the train binary assembles it: by default the tiny model on
+  ``random_batch()``'s shapes, a constant learning rate of 1e-3, one device mesh, nothing
+  written (``model_dir=None``)."""
+  return assembly.assemble_training(
+      model or tiny_model(), partitioner or partitioning.PjitPartitioner(),
+      input_shapes(batch if batch is not None else random_batch()), model_dir=model_dir,
+      save_cfg=save_cfg, restore_cfg=restore_cfg, random_seed=random_seed,
+      learning_rate_fn=learning_rate_fn or optimizers.create_learning_rate_scheduler('constant',
+                                                                                      1e-3),
+      num_microbatches=num_microbatches, skip_nonfinite=skip_nonfinite)
 
 
 def nan_learning_rate(from_step: int, base: float = 1e-3) -> Callable[[jax.Array], jax.Array]:

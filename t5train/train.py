@@ -15,14 +15,13 @@ import os
 import sys
 from typing import Any
 
-import jax
 from absl import logging
 
 import gin
 from t5train import (
+  assembly,
   checkpoints,
   gin_utils,
-  model_info,
   models,
   multihost,
   optimizers,
@@ -30,7 +29,6 @@ from t5train import (
   paths,
   preemption,
 )
-from t5train import train_state as train_state_lib
 from t5train import trainer as trainer_lib
 from t5train.errors import UserError
 
@@ -184,31 +182,18 @@ def train(*, model: models.EncoderDecoderModel, train_dataset_cfg: Any,
     directory.mkdir(parents=True, exist_ok=True)
     model_dir = os.fspath(directory)
 
-    init_rng, train_rng = jax.random.split(jax.random.PRNGKey(random_seed))
-    initializer = train_state_lib.TrainStateInitializer(
-        model.optimizer_def, model.get_initial_variables,
-        _input_shapes(model, train_dataset_cfg), partitioner=partitioner)
-    model_info.log_model_info(paths.join(model_dir, 'model-info.txt'),
-                              initializer.global_train_state_shape, partitioner,
-                              initializer.train_state_logical_axes)
-    manager = checkpoints.CheckpointManager(model_dir, checkpoint_cfg,
-                                            initializer.train_state_shardings,
-                                            initializer.global_train_state_shape)
-    state, resumed = checkpoints.restore_or_initialize(
-        manager, initializer, restore_checkpoint_cfg, init_rng)
-    start_step = int(jax.device_get(state.step))
-
-    learning_rate_fn = learning_rate_fn or optimizers.create_learning_rate_scheduler()
-    trainer = trainer_lib.Trainer(model, state, partitioner, initializer.train_state_axes,
-                                  train_rng, learning_rate_fn, num_microbatches,
-                                  summary_dir=paths.join(model_dir, 'train'),
-                                  skip_nonfinite=skip_nonfinite_steps)
+    parts = assembly.assemble_training(
+        model, partitioner, _input_shapes(model, train_dataset_cfg), model_dir=model_dir,
+        save_cfg=checkpoint_cfg, restore_cfg=restore_checkpoint_cfg, random_seed=random_seed,
+        learning_rate_fn=learning_rate_fn, num_microbatches=num_microbatches,
+        skip_nonfinite=skip_nonfinite_steps)
+    trainer, manager, start_step = parts.trainer, parts.checkpoint_manager, parts.start_step
     summary: dict[str, float] = {}
     evaluations = None
     train_eval_dataset_cfg = _evaluated_or_none(train_eval_dataset_cfg, 'teacher-forced evaluation')
     infer_eval_dataset_cfg = _evaluated_or_none(infer_eval_dataset_cfg, 'inference evaluation')
     if eval_period and start_step < total_steps:
-      evaluations = _Evaluations(model, partitioner, initializer.train_state_shardings.params,
+      evaluations = _Evaluations(model, partitioner, parts.initializer.train_state_shardings.params,
                                  trainer, model_dir, train_eval_dataset_cfg, eval_steps,
                                  infer_eval_dataset_cfg, infer_eval_num_examples)
     _write_operative_config(model_dir)
@@ -223,7 +208,7 @@ def train(*, model: models.EncoderDecoderModel, train_dataset_cfg: Any,
       trainer.close()
     else:
       batches = _training_batches(model, train_dataset_cfg, random_seed, partitioner, manager,
-                                  start_step, resumed)
+                                  start_step, parts.resumed)
       logging.info('Training steps %d to %d.', start_step + 1, total_steps)
       try:
         result = trainer_lib.run_training(

@@ -18,16 +18,13 @@ import jax.numpy as jnp  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
 from t5train import (  # noqa: E402
-  checkpoint_reading,
+  checkpoints,
   convert,
   hf_interop,
   models,
   network,
   optimizers,
-  partitioning,
   testing,
-  train_state,
-  trainer,
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,15 +78,12 @@ def test_fine_tuning_restores_converted_params_and_starts_the_optimizer_fresh(tm
            'decoder_input_tokens': decoder_inputs.astype(np.int32),
            'decoder_target_tokens': targets.astype(np.int32),
            'decoder_loss_weights': (targets > 0).astype(np.float32)}
-  partitioner = partitioning.PjitPartitioner()
-  initializer = train_state.TrainStateInitializer(
-      model.optimizer_def, model.get_initial_variables,
-      {k: v.shape for k, v in batch.items()}, partitioner=partitioner)
-  state = checkpoint_reading.restore_from_path(checkpoint, initializer)
+  t = testing.tiny_trainer(
+      model, batch, optimizers.create_learning_rate_scheduler('constant'),
+      restore_cfg=checkpoints.RestoreCheckpointConfig(path=checkpoint, mode='specific')).trainer
   # A fresh Adam state: step count and both moments all zero.
-  assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree_util.tree_leaves(state.opt_state))
-  t = trainer.Trainer(model, state, partitioner, initializer.train_state_axes,
-                      jax.random.PRNGKey(0), optimizers.create_learning_rate_scheduler('constant'))
+  assert all(float(jnp.abs(x).max()) == 0.0
+             for x in jax.tree_util.tree_leaves(t.train_state.opt_state))
   first_loss = float(t.train_step(batch)['loss'].compute())
   with torch.no_grad():
     labels = torch.tensor(np.where(targets > 0, targets, -100))

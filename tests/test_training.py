@@ -14,14 +14,8 @@ from t5train.errors import TrainingError, UserError
 
 
 def _setup(model, batch, learning_rate_fn, num_microbatches=None, skip_nonfinite=False):
-  partitioner = partitioning.PjitPartitioner()
-  initializer = train_state.TrainStateInitializer(
-      model.optimizer_def, model.get_initial_variables, testing.input_shapes(batch),
-      partitioner=partitioner)
-  state = initializer.from_scratch(jax.random.PRNGKey(0))
-  return trainer.Trainer(model, state, partitioner, initializer.train_state_axes,
-                         jax.random.PRNGKey(1), learning_rate_fn, num_microbatches,
-                         skip_nonfinite=skip_nonfinite)
+  return testing.tiny_trainer(model, batch, learning_rate_fn, num_microbatches=num_microbatches,
+                              skip_nonfinite=skip_nonfinite).trainer
 
 
 def test_tiny_model_overfits_one_batch():

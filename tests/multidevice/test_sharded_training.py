@@ -11,7 +11,6 @@ from jax.sharding import PartitionSpec as P
 
 from t5train import checkpoints, optimizers, partitioning, testing
 from t5train import train_state as train_state_lib
-from t5train import trainer as trainer_lib
 from t5train.errors import UserError
 
 rules = partitioning.standard_logical_axis_rules
@@ -52,10 +51,8 @@ def train(num_partitions, logical_axis_rules):
   model = make_model()
   partitioner = partitioning.PjitPartitioner(num_partitions=num_partitions,
                                              logical_axis_rules=logical_axis_rules)
-  initializer = initializer_for(model, partitioner)
-  state = initializer.from_scratch(jax.random.PRNGKey(0))
-  trainer = trainer_lib.Trainer(model, state, partitioner, initializer.train_state_axes,
-                                jax.random.PRNGKey(1), lambda step: 1e-2)
+  trainer = testing.tiny_trainer(model, batches()[0], lambda step: 1e-2,
+                                 partitioner=partitioner).trainer
   losses = [float(trainer.train_step(batch)['loss'].compute()) for batch in batches()]
   return losses, trainer.train_state, partitioner
 

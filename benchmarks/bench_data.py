@@ -1,4 +1,4 @@
-"""``python -m t5train.bench_data`` (``make bench``'s pipeline rows): is data ever what training waits on?
+"""``python -m benchmarks.bench_data`` (``make bench``'s pipeline rows): is data ever what training waits on?
 
 Two measurements on span-corrupted English text (scripts/python_text_corpus.py, with a
 vocabulary built from it by ``t5train.vocab``), at T5 1.1 small's shapes (inputs 512,

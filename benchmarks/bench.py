@@ -1,13 +1,17 @@
-"""``python -m t5train.bench`` (``make bench``): training and decoding speed, side by side with a peer.
+"""``python -m benchmarks.bench`` (``make bench``): training and decoding speed, side by side with a peer.
 
 Each row runs in its own process (so that peak memory is that row's alone) on
 random tokens, with no TensorFlow or seqio, so it also runs on accelerator
-images without them. Rows: t5train at each size and, where PyTorch and
-transformers are installed, transformers' T5 in eager PyTorch on the same
-shapes. Training: model FLOPs are counted analytically (see
-``train_flops_per_step``) and divided by a matrix-multiply rate measured in the
-same run on the same device; each t5train row also runs the train binary's loop
-and reports where its time goes (waiting for data, computing, checkpointing).
+images without them. Model sizes are read from gin/models/t5_1_1/. Rows:
+t5train at each size, built by the train binary's assembly; t5train trained
+through the seed notebook's Python API (``utils.TrainStateInitializer``,
+``utils.LegacyCheckpointManager``, ``trainer.Trainer.train`` one step at a
+time, TensorBoard summaries on); and, where PyTorch and transformers are
+installed, transformers' T5 in eager PyTorch on the same shapes. Training:
+model FLOPs are counted analytically (see ``train_flops_per_step``) and divided
+by a matrix-multiply rate measured in the same run on the same device; each
+t5train row also runs the train binary's loop and reports where its time goes
+(waiting for data, computing, checkpointing).
 Flags choose the model options of the t5train rows (scanned layers,
 rematerialisation, attention kernel). Decoding: generated tokens per second for greedy
 and 4-beam search, always to the full length (EOS is never emitted).
@@ -30,12 +34,16 @@ from typing import Any
 
 from absl import app, flags
 
+from benchmarks import model_sizes
+
 _SIZES = flags.DEFINE_list('sizes', ['tiny', 'small'], 'Model sizes to measure.')
 _BATCH = flags.DEFINE_integer('batch_size', 8, 'Global batch size.')
 _LENGTHS = flags.DEFINE_list('lengths', ['128', '32'], 'Input and target lengths.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Warm steps to time (after 2 untimed ones).')
+_NOTEBOOK_ROWS = flags.DEFINE_boolean('notebook_rows', True, 'Also train through the seed '
+                                      'notebook\'s Python API (a row per round).')
 _TRAIN_ROUNDS = flags.DEFINE_integer('train_rounds', 2, 'Training rows per size and system; '
-                                     't5train and the peer alternate (A B A B).')
+                                     't5train and the peer take turns (A B A B).')
 _DTYPE = flags.DEFINE_string('dtype', 'float32', 'Activation dtype: float32 or bfloat16.')
 _PEER = flags.DEFINE_enum('peer', 'auto', ['auto', 'none', 'transformers'],
                           'Also measure transformers\' PyTorch T5 (auto: if installed).')
@@ -59,22 +67,15 @@ _ATTENTION = flags.DEFINE_enum('attention_implementation', None, ['xla', 'cudnn'
 _WORKER = flags.DEFINE_string('worker', None, 'Internal: measure one row and print JSON.')
 _METHOD = flags.DEFINE_string('method', 'greedy', 'Internal: the decoding method of a worker.')
 
-# T5 1.1 dimensions, as in gin/models/t5_1_1/*.gin (tests/test_bench.py checks they agree).
-SIZES: dict[str, dict[str, Any]] = {
-    'tiny': dict(vocab_size=32128, emb_dim=8, num_heads=4, num_encoder_layers=2,
-                 num_decoder_layers=2, head_dim=3, mlp_dim=16),
-    'small': dict(vocab_size=32128, emb_dim=512, num_heads=6, num_encoder_layers=8,
-                  num_decoder_layers=8, head_dim=64, mlp_dim=1024),
-    'base': dict(vocab_size=32128, emb_dim=768, num_heads=12, num_encoder_layers=12,
-                 num_decoder_layers=12, head_dim=64, mlp_dim=2048),
-}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def train_flops_per_step(size: dict[str, Any], batch: int, input_length: int,
-                         target_length: int, num_mlp_inputs: int = 2) -> float:
+                         target_length: int) -> float:
   """Matmul and attention FLOPs of one training step (forward + backward = 3 x forward).
 
-  Per encoder token and layer: Q, K, V, O (4 d x inner) and the MLP ((gates + 1) d x mlp).
+  ``size`` holds ``network.T5Config`` fields. Per encoder token and layer: Q, K, V, O
+  (4 d x inner) and the MLP ((inputs + 1) d x mlp, two inputs when gated).
   Per decoder token and layer: self Q, K, V, O, cross Q, O (6 d x inner), the MLP, and the
   logits (d x vocab) once; cross K, V (2 d x inner) are per encoder token. Attention adds
   2 x 2 x q_len x k_len x inner per layer (scores and weighted sum). Embedding lookups,
@@ -82,6 +83,7 @@ def train_flops_per_step(size: dict[str, Any], batch: int, input_length: int,
   parameters to encoder tokens and overstate an encoder-decoder's cost.
   """
   d, inner, mlp = size['emb_dim'], size['num_heads'] * size['head_dim'], size['mlp_dim']
+  num_mlp_inputs = len(size.get('mlp_activations', ('relu',)))  # gated MLPs have two
   enc_layers, dec_layers = size['num_encoder_layers'], size['num_decoder_layers']
   mlp_params = (num_mlp_inputs + 1) * d * mlp
   enc_token = enc_layers * (4 * d * inner + mlp_params) + dec_layers * 2 * d * inner
@@ -94,6 +96,14 @@ def train_flops_per_step(size: dict[str, Any], batch: int, input_length: int,
 
 def _peak_rss_gib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+
+def _peak_memory_gib() -> float:
+  """The accelerator's peak bytes in use, or on CPU the process's peak RSS."""
+  import jax
+  device = jax.devices()[0]
+  stats = device.memory_stats() if device.platform != 'cpu' else None
+  return stats['peak_bytes_in_use'] / 2**30 if stats else _peak_rss_gib()
 
 
 def _summarise(step_secs: list[float], first_step_secs: float, flops: float, tokens: int,
@@ -127,15 +137,20 @@ def _jax_matmul_flops(dtype: str) -> float:
   return 2 * n**3 / min(times)
 
 
-def _t5train_setup(size_name: str, batch: int, input_length: int, target_length: int,
-                   dtype: str, **model_options: Any) -> tuple[Any, Any, Any]:
-  """(trainer, device batch, state initializer) for T5 1.1 of ``size_name`` on random tokens."""
-  import jax
+def _t5_config(size_name: str, dtype: str, **model_options: Any) -> Any:
+  """``network.T5Config`` of T5 1.1 ``size_name`` as its gin file sets it, without dropout."""
+  from t5train import network
+  return network.T5Config(**model_sizes.t5_1_1_size(size_name), dtype=dtype, dropout_rate=0.0,
+                          **model_options)
+
+
+def _t5train_model_and_batch(size_name: str, batch: int, input_length: int, target_length: int,
+                             dtype: str, **model_options: Any) -> tuple[Any, dict[str, Any]]:
+  """T5 1.1 of ``size_name`` with Adafactor (as in the gin files), and a batch of random tokens."""
   import numpy as np
 
-  from t5train import models, network, optimizers, partitioning, train_state, trainer
-  config = network.T5Config(**SIZES[size_name], dtype=dtype, mlp_activations=('gelu', 'linear'),
-                            dropout_rate=0.0, **model_options)
+  from t5train import models, network, optimizers
+  config = _t5_config(size_name, dtype, **model_options)
   model = models.EncoderDecoderModel(network.Transformer(config), None, None,
                                      optimizers.Adafactor(), z_loss=1e-4)
   rng = np.random.default_rng(0)
@@ -147,16 +162,26 @@ def _t5train_setup(size_name: str, batch: int, input_length: int, target_length:
       'decoder_input_tokens': np.pad(targets, ((0, 0), (1, 0)))[:, :-1],
       'decoder_loss_weights': np.ones_like(targets, np.float32),
   }
-  partitioner = partitioning.PjitPartitioner()
-  shapes = {name: value.shape for name, value in host_batch.items()}
-  initializer = train_state.TrainStateInitializer(model.optimizer_def, model.get_initial_variables,
-                                                  shapes, partitioner=partitioner)
-  t = trainer.Trainer(model, initializer.from_scratch(jax.random.PRNGKey(0)), partitioner,
-                      initializer.train_state_axes, jax.random.PRNGKey(1),
-                      optimizers.create_learning_rate_scheduler('constant', 1e-3))
+  return model, host_batch
+
+
+def _device_batch(partitioner: Any, host_batch: dict[str, Any]) -> dict[str, Any]:
+  import jax
   sharding = partitioner.sharding(partitioner.data_partition_spec)
-  device_batch = {k: jax.device_put(v, sharding) for k, v in host_batch.items()}
-  return t, device_batch, initializer
+  return {k: jax.device_put(v, sharding) for k, v in host_batch.items()}
+
+
+def _t5train_setup(size_name: str, batch: int, input_length: int, target_length: int,
+                   dtype: str, **model_options: Any) -> tuple[Any, Any, Any]:
+  """(trainer, device batch, state initializer) built as the train binary builds them."""
+  from t5train import assembly, optimizers, partitioning
+  model, host_batch = _t5train_model_and_batch(size_name, batch, input_length, target_length,
+                                               dtype, **model_options)
+  partitioner = partitioning.PjitPartitioner()
+  parts = assembly.assemble_training(
+      model, partitioner, {name: value.shape for name, value in host_batch.items()},
+      learning_rate_fn=optimizers.create_learning_rate_scheduler('constant', 1e-3))
+  return parts.trainer, _device_batch(partitioner, host_batch), parts.initializer
 
 
 def _loop_breakdown(t: Any, device_batch: Any, initializer: Any, steps: int) -> dict[str, float]:
@@ -209,14 +234,78 @@ def _measure_t5train(size_name: str, batch: int, input_length: int, target_lengt
   _timed_step(t, device_batch)
   step_secs = [_timed_step(t, device_batch) for _ in range(steps)]
   device = jax.devices()[0]
-  stats = device.memory_stats() if device.platform != 'cpu' else None
-  memory = stats['peak_bytes_in_use'] / 2**30 if stats else _peak_rss_gib()
-  flops = train_flops_per_step(SIZES[size_name], batch, input_length, target_length)
+  memory = _peak_memory_gib()
+  flops = train_flops_per_step(model_sizes.t5_1_1_size(size_name), batch, input_length,
+                               target_length)
   row = _summarise(step_secs, first, flops, batch * (input_length + target_length),
                    _jax_matmul_flops(dtype), memory)
   row.update(_loop_breakdown(t, device_batch, initializer, steps))
   row.update(model_options)
   row.update(system='t5train (JAX)', device=str(device.device_kind), jax_version=jax.__version__)
+  return row
+
+
+def _measure_t5train_notebook(size_name: str, batch: int, input_length: int, target_length: int,
+                              steps: int, dtype: str, **model_options: Any) -> dict[str, Any]:
+  """Training through the seed notebook's cells: ``utils.TrainStateInitializer``,
+  ``utils.LegacyCheckpointManager`` (restoring nothing, so the state starts fresh),
+  ``utils.log_model_info``, a ``Trainer`` with TensorBoard summaries, and
+  ``Trainer.train`` one step per call. The notebook's checkpoint is saved after the timed steps
+  and the peak memory, as its ``checkpoint_period`` would."""
+  import tempfile
+
+  import jax
+
+  from t5train import partitioning, utils
+  from t5train import trainer as trainer_lib
+  model, host_batch = _t5train_model_and_batch(size_name, batch, input_length, target_length,
+                                               dtype, **model_options)
+  partitioner = partitioning.PjitPartitioner(num_partitions=1)
+  input_shapes = {name: value.shape for name, value in host_batch.items()}
+  init_rng, trainer_rng = jax.random.split(jax.random.PRNGKey(42))
+  with tempfile.TemporaryDirectory() as output_dir:
+    initializer = utils.TrainStateInitializer(
+        optimizer_def=model.optimizer_def, init_fn=model.get_initial_variables,
+        input_shapes=input_shapes, input_types=None, partitioner=partitioner)
+    save_cfg = utils.SaveCheckpointConfig(dtype='float32', keep=5, save_dataset=False)
+    restore_cfg = utils.RestoreCheckpointConfig(dtype='float32', mode='specific', path=None)
+    manager = utils.LegacyCheckpointManager(
+        save_cfg=save_cfg, restore_cfg=restore_cfg,
+        train_state_shape=initializer.global_train_state_shape, partitioner=partitioner,
+        ds_iter=None, model_dir=output_dir)
+    train_state = manager.restore(
+        [restore_cfg.path], restore_cfg,
+        utils.get_fallback_state(restore_cfg,
+                                 lambda rng: initializer.from_scratch(rng).state_dict(), init_rng))
+    if train_state is None:
+      train_state = initializer.from_scratch(init_rng)
+    utils.log_model_info(os.path.join(output_dir, 'model-info.txt'),
+                         initializer.global_train_state_shape, partitioner)
+    t = trainer_lib.Trainer(
+        model=model, train_state=train_state, partitioner=partitioner, eval_names=[],
+        summary_dir=output_dir, train_state_axes=initializer.train_state_axes, rng=trainer_rng,
+        learning_rate_fn=utils.create_learning_rate_scheduler(), num_microbatches=None)
+    device_batch = _device_batch(partitioner, host_batch)
+
+    def timed_step() -> float:
+      start = time.perf_counter()
+      first_step = int(utils.get_local_data(t.train_state.step))
+      t.train(iter([device_batch]), 1, start_step=first_step)
+      return time.perf_counter() - start
+
+    first = timed_step()
+    timed_step()
+    step_secs = [timed_step() for _ in range(steps)]
+    memory = _peak_memory_gib()
+    manager.save(t.train_state, save_cfg.state_transformation_fns)
+    t.close()
+  flops = train_flops_per_step(model_sizes.t5_1_1_size(size_name), batch, input_length,
+                               target_length)
+  row = _summarise(step_secs, first, flops, batch * (input_length + target_length),
+                   _jax_matmul_flops(dtype), memory)
+  row.update(model_options)
+  row.update(system='t5train (notebook API)', device=str(jax.devices()[0].device_kind),
+             jax_version=jax.__version__)
   return row
 
 
@@ -299,7 +388,7 @@ def _measure_transformers(size_name: str, batch: int, input_length: int, target_
                           steps: int, dtype: str) -> dict[str, Any]:
   import torch
   import transformers
-  size = SIZES[size_name]
+  size = model_sizes.t5_1_1_size(size_name)
   model, device = _transformers_t5(size, dtype)
   model = model.train()
   optimizer = transformers.optimization.Adafactor(model.parameters(), lr=1e-3,
@@ -345,8 +434,7 @@ def _measure_t5train_decode(size_name: str, batch: int, input_length: int, targe
   import numpy as np
 
   from t5train import decoding, models, network, partitioning
-  config = network.T5Config(**SIZES[size_name], dtype=dtype, mlp_activations=('gelu', 'linear'),
-                            dropout_rate=0.0, **model_options)
+  config = _t5_config(size_name, dtype, **model_options)
   beams = _beams(method)
   decode_fn = (functools.partial(decoding.temperature_sample, temperature=0.0) if beams == 1
                else functools.partial(decoding.beam_search, num_decodes=beams, alpha=0.6))
@@ -382,7 +470,7 @@ def _measure_transformers_decode(size_name: str, batch: int, input_length: int,
                                  method: str) -> dict[str, Any]:
   import torch
   import transformers
-  size = SIZES[size_name]
+  size = model_sizes.t5_1_1_size(size_name)
   model, device = _transformers_t5(size, dtype)
   model = model.eval()
   gen = torch.Generator().manual_seed(0)
@@ -415,7 +503,8 @@ def _decode_row(secs: list[float], first_secs: float, batch: int, length: int, s
           'compile_and_first_decode_secs': first_secs, **extra}
 
 
-_WORKERS = {'t5train': _measure_t5train, 'transformers': _measure_transformers,
+_WORKERS = {'t5train': _measure_t5train, 't5train_notebook': _measure_t5train_notebook,
+            'transformers': _measure_transformers,
             't5train_checkpoint': _measure_t5train_checkpoint,
             't5train_decode': _measure_t5train_decode,
             'transformers_decode': _measure_transformers_decode}
@@ -438,12 +527,12 @@ def _model_options() -> dict[str, Any]:
 
 def _run_row(worker: str, size: str, batch: int, lengths: Sequence[int], steps: int,
              dtype: str, method: str = 'greedy') -> dict[str, Any]:
-  command = [sys.executable, '-m', 't5train.bench', f'--worker={worker}', f'--sizes={size}',
+  command = [sys.executable, '-m', 'benchmarks.bench', f'--worker={worker}', f'--sizes={size}',
              f'--batch_size={batch}', f'--lengths={lengths[0]},{lengths[1]}',
              f'--steps={steps}', f'--dtype={dtype}', f'--method={method}',
              *(f'--{name}={value}' for name, value in _model_options().items()
                if value is not None)]
-  result = subprocess.run(command, capture_output=True, text=True, check=False)
+  result = subprocess.run(command, capture_output=True, text=True, check=False, cwd=REPO)
   if result.returncode:
     return {'system': worker, 'error': result.stderr.strip().splitlines()[-1:]}
   return json.loads(result.stdout.strip().splitlines()[-1])
@@ -463,6 +552,10 @@ def _ratio(row: dict[str, Any]) -> str:
   return f'{row["speedup_vs_peer"]:.2f}x' if 'speedup_vs_peer' in row else ''
 
 
+def _memory_ratio(row: dict[str, Any]) -> str:
+  return f'{row["memory_vs_peer"]:.2f}' if 'memory_vs_peer' in row else ''
+
+
 def _breakdown(row: dict[str, Any]) -> str:
   """The training loop's seconds per step: waiting for data / computing / checkpointing."""
   phases = [row.get(f'loop_{phase}_secs_per_step') for phase in ('data', 'compute', 'checkpoint')]
@@ -472,7 +565,7 @@ def _breakdown(row: dict[str, Any]) -> str:
 def _table(rows: list[dict[str, Any]]) -> str:
   header = (f'{"system":<30} {"size":<6} {"s/step":>8} {"spread":>15} {"tokens/s":>10} '
             f'{"compile+1st":>11} {"TFLOP/s":>8} {"MFU":>6} {"peak mem":>9} {"vs peer":>8} '
-            f'{"loop data/compute/ckpt s":>24}')
+            f'{"mem/peer":>8} {"loop data/compute/ckpt s":>24}')
   lines = [header, '-' * len(header)]
   for r in rows:
     if 'error' in r:
@@ -483,7 +576,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
         f'{r["system"]:<30} {r["size"]:<6} {r["sec_per_step_median"]:>8.3f} {spread:>15} '
         f'{r["tokens_per_sec"]:>10,.0f} {r["compile_and_first_step_secs"]:>10.1f}s '
         f'{r["achieved_tflops"]:>8.3f} {100 * r["mfu"]:>5.1f}% {r["peak_memory_gib"]:>7.2f}GiB '
-        f'{_ratio(r):>8} {_breakdown(r):>24}')
+        f'{_ratio(r):>8} {_memory_ratio(r):>8} {_breakdown(r):>24}')
   return '\n'.join(lines)
 
 
@@ -504,26 +597,35 @@ def _decode_table(rows: list[dict[str, Any]]) -> str:
   return '\n'.join(lines)
 
 
-def _paired(pair: list[dict[str, Any]]) -> list[dict[str, Any]]:
-  """The t5train row of an A B pair gets its tokens/s over the peer's as ``speedup_vs_peer``."""
-  if len(pair) == 2 and 'error' not in pair[0] and 'error' not in pair[1]:
-    pair[0]['speedup_vs_peer'] = pair[0]['tokens_per_sec'] / pair[1]['tokens_per_sec']
-  return pair
+def _paired(group: list[dict[str, Any]], peer: bool) -> list[dict[str, Any]]:
+  """Each t5train row of a round that ends with the peer's row gets its tokens/s over the
+  peer's as ``speedup_vs_peer`` and its peak memory over the peer's as ``memory_vs_peer``."""
+  if not peer or 'error' in group[-1]:
+    return group
+  for row in group[:-1]:
+    if 'error' not in row:
+      row['speedup_vs_peer'] = row['tokens_per_sec'] / group[-1]['tokens_per_sec']
+      if 'peak_memory_gib' in row:
+        row['memory_vs_peer'] = row['peak_memory_gib'] / group[-1]['peak_memory_gib']
+  return group
 
 
 def _train_rows(peer: bool, lengths: list[int]) -> list[dict[str, Any]]:
-  """t5train and the peer alternate (A B A B), so that drift in the machine hits both."""
+  """t5train (binary's assembly, then notebook API) and the peer take turns (A B C A B C), so
+  that drift in the machine hits all of them."""
+  workers = ['t5train'] + (['t5train_notebook'] if _NOTEBOOK_ROWS.value else [])
+  workers += ['transformers'] if peer else []
   rows = []
   for size in _SIZES.value:
     for _ in range(_TRAIN_ROUNDS.value):
-      pair = []
-      for worker in ['t5train'] + (['transformers'] if peer else []):
+      group = []
+      for worker in workers:
         row = _run_row(worker, size, _BATCH.value, lengths, _STEPS.value, _DTYPE.value)
         row.update(size=size)
-        pair.append(row)
-      for row in _paired(pair):
+        group.append(row)
+      for row in _paired(group, peer):
         print(_table([row]).splitlines()[-1], flush=True)
-      rows.extend(pair)
+      rows.extend(group)
   return rows
 
 
@@ -539,7 +641,7 @@ def _decode_rows(peer: bool, lengths: list[int]) -> list[dict[str, Any]]:
                          method)
           row.update(size=size, method=method, batch=batch)
           pair.append(row)
-        for row in _paired(pair):
+        for row in _paired(pair, peer):
           print(_decode_table([row]).splitlines()[-1], flush=True)
         rows.extend(pair)
   return rows
@@ -583,9 +685,10 @@ def main(argv: Sequence[str]) -> None:
     row = measure(*args, **model_options)
     print(json.dumps(row))
     return
-  unknown = (set(_SIZES.value) | set(_DECODE_SIZES.value) | set(_CHECKPOINT_SIZES.value)) - set(SIZES)
+  known = model_sizes.known_sizes()
+  unknown = (set(_SIZES.value) | set(_DECODE_SIZES.value) | set(_CHECKPOINT_SIZES.value)) - set(known)
   if unknown:
-    raise app.UsageError(f'unknown sizes {sorted(unknown)}; known: {sorted(SIZES)}')
+    raise app.UsageError(f'unknown sizes {sorted(unknown)}; known (gin/models/t5_1_1/): {known}')
   peer = _PEER.value == 'transformers' or (_PEER.value == 'auto' and _peer_available())
   rows = _train_rows(peer, lengths) if 'train' in _WORKLOADS.value else []
   decode_rows = _decode_rows(peer, lengths) if 'decode' in _WORKLOADS.value else []
