@@ -141,6 +141,16 @@ def _cast_floats(tree: Any, dtype: str) -> Any:
       lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
+def _save_decision_policy(config: SaveCheckpointConfig) -> Any:
+  """Orbax's policy for ``config``: every ``period`` steps and at each of ``steps``. Stops on a
+  signal are ``preemption.StopRequest``'s, which saves through ``save(force=True)``."""
+  policies = ocp.checkpoint_managers
+  chosen = [policies.SpecificStepsPolicy(tuple(config.steps))]
+  if config.period is not None:
+    chosen.append(policies.FixedIntervalPolicy(config.period))
+  return policies.AnySavePolicy(chosen)
+
+
 class CheckpointManager:
   """Saves and restores TrainStates in their shardings with ``orbax.checkpoint``.
 
@@ -157,7 +167,8 @@ class CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=save_config.keep, keep_period=save_config.keep_period,
         step_prefix=STEP_PREFIX, create=True, cleanup_tmp_directories=True,
-        enable_async_checkpointing=save_config.use_async)
+        enable_async_checkpointing=save_config.use_async,
+        save_decision_policy=_save_decision_policy(save_config))
     self._manager = ocp.CheckpointManager(paths.resolve(directory), options=options)
 
   @property
@@ -179,10 +190,9 @@ class CheckpointManager:
     self._extra_items[name] = args
 
   def should_save(self, step: int) -> bool:
-    """Whether the policy saves at ``step``: a multiple of the period, or one of ``steps``."""
-    period = self._save_config.period
-    return step > 0 and ((period is not None and step % period == 0) or
-                         step in self._save_config.steps)
+    """Whether the policy saves at ``step``: a multiple of the period, or one of ``steps``,
+    and newer than the newest checkpoint (Orbax decides)."""
+    return step > 0 and self._manager.should_save(step)
 
   def save(self, state: TrainState, force: bool = False) -> bool:
     """Starts saving ``state`` at its step if the policy says so (or ``force``)."""

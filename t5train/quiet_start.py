@@ -7,7 +7,9 @@ first ``import tensorflow`` runs with the process's stderr passed through a filt
 exactly those known lines and forwards every other line at once.
 
 They stay visible with ``--verbosity=1`` (or ``-v=1``) on the command line, or when
-``TF_CPP_MIN_LOG_LEVEL`` is set below 3 before start-up.
+``TF_CPP_MIN_LOG_LEVEL=0`` before start-up. Other values of that variable do not count: JAX sets
+it to 1 when it is imported, so every child of a Python process that imported JAX (a test, a
+notebook, a launcher) inherits a 1 that no one asked for.
 """
 
 from __future__ import annotations
@@ -40,8 +42,7 @@ def wants_startup_logs(argv: Sequence[str], environ: os._Environ | dict[str, str
     match = re.fullmatch(r'(?:--verbosity|-v)=(-?\d+)', arg)
     if match and int(match.group(1)) >= 1:
       return True
-  level = environ.get('TF_CPP_MIN_LOG_LEVEL')
-  return level is not None and level.strip().isdigit() and int(level) < 3
+  return environ.get('TF_CPP_MIN_LOG_LEVEL', '').strip() == '0'
 
 
 @contextlib.contextmanager
@@ -100,6 +101,6 @@ def install() -> None:
   """Quiets TensorFlow's start-up unless the user asked for its logs or it is already loaded."""
   if 'tensorflow' in sys.modules or wants_startup_logs(sys.argv, os.environ):
     return
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')  # later notes (e.g. cuInit on first use)
+  os.environ['TF_CPP_MIN_LOG_LEVEL'] = '3'  # later notes too (e.g. cuInit on first use)
   if not any(isinstance(finder, _QuietTensorFlowImport) for finder in sys.meta_path):
     sys.meta_path.insert(0, _QuietTensorFlowImport())

@@ -31,6 +31,8 @@ def test_verbose_flags_and_tf_log_level_ask_for_the_notes():
   assert quiet_start.wants_startup_logs(['train', '--verbosity=1'], {})
   assert quiet_start.wants_startup_logs(['-v=2'], {})
   assert quiet_start.wants_startup_logs([], {'TF_CPP_MIN_LOG_LEVEL': '0'})
+  # JAX sets 1 when imported, so a child of any process that imported JAX inherits it.
+  assert not quiet_start.wants_startup_logs([], {'TF_CPP_MIN_LOG_LEVEL': '1'})
 
 
 def test_verbose_runs_keep_the_notes():
