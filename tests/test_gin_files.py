@@ -1,4 +1,4 @@
-"""Every gin file in gin/ parses, and the model files give T5 1.1's sizes."""
+"""Every gin file in gin/ parses, and the model files give the published sizes."""
 
 import glob
 import os
@@ -7,15 +7,19 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+import seqio
 
 import gin
 from t5train import gin_utils, models, partitioning
 
 GIN_DIR = os.path.join(gin_utils.REPO_ROOT, 'gin')
+SEQIO_SPM = os.path.join(os.path.dirname(seqio.__file__), 'test_data', 'sentencepiece',
+                         'sentencepiece.model')
 REQUIRED = ["MODEL_DIR = '/tmp/unused'", 'TRAIN_STEPS = 1',
             "INITIAL_CHECKPOINT_PATH = '/tmp/unused/checkpoint_1'",
             "CHECKPOINT_PATH = '/tmp/unused'", "INFER_OUTPUT_DIR = '/tmp/unused'",
-            "EVAL_OUTPUT_DIR = '/tmp/unused'"]
+            "EVAL_OUTPUT_DIR = '/tmp/unused'",
+            f"SENTENCEPIECE_MODEL = '{SEQIO_SPM}'"]
 # Parameter counts of the released T5 1.1 checkpoints (embedding and logits untied).
 T5_1_1_SIZES = {'small': 76_961_152, 'base': 247_577_856, 'large': 783_150_080,
                 'xl': 2_849_757_184, 'xxl': 11_135_332_352, 'tiny': 518_240}
@@ -62,6 +66,45 @@ def test_t5_1_1_sizes(size, expected):
   _parse(f'gin/models/t5_1_1/{size}.gin', 'gin/runs/pretrain.gin', 'gin/tasks/demo.gin')
   model = gin.query_parameter('%MODEL').scoped_configurable_fn()
   assert _num_params(model) == expected
+
+
+# Parameter counts of the released checkpoints of the other families: exact where transformers'
+# num_parameters() of google-t5/t5-*, google/mt5-* and google/byt5-small gives them, else the
+# ByT5 paper's (Xue et al. 2022, table 1) rounded figure, to its last digit.
+PRESET_SIZES = {
+    ('t5_1_0', 'small'): 60_506_624, ('t5_1_0', 'base'): 222_903_552,
+    ('t5_1_0', 'large'): 737_668_096, ('t5_1_0', '3B'): 2_851_598_336,
+    ('t5_1_0', '11B'): 11_307_321_344,
+    ('mt5', 'small'): 300_176_768, ('mt5', 'base'): 582_401_280, ('mt5', 'large'): 1_229_581_312,
+    ('mt5', 'xl'): 3_742_619_648, ('mt5', 'xxl'): 12_921_057_280,
+    ('byt5', 'small'): 299_637_760, ('byt5', 'base'): '582M', ('byt5', 'large'): '1.23B',
+    ('byt5', 'xl'): '3.74B', ('byt5', 'xxl'): '12.9B',
+}
+
+
+def _matches_published(count: int, published: int | str) -> bool:
+  """Exact for a count; for a rounded figure ('1.23B'), equal once rounded to its last digit."""
+  if isinstance(published, int):
+    return count == published
+  number, unit = published[:-1], {'M': 1e6, 'B': 1e9}[published[-1]]
+  decimals = len(number.partition('.')[2])
+  return f'{count / unit:.{decimals}f}' == number
+
+
+VOCABULARIES = {'t5_1_0': seqio.SentencePieceVocabulary, 'mt5': seqio.SentencePieceVocabulary,
+                'byt5': seqio.ByteVocabulary}
+
+
+@pytest.mark.parametrize('family,size', sorted(PRESET_SIZES))
+def test_family_presets_have_the_published_sizes(family, size):
+  _parse(f'gin/models/{family}/{size}.gin')  # alone: the demo task binds its own vocabulary
+  model = gin.query_parameter('%MODEL').scoped_configurable_fn()
+  count = _num_params(model)
+  assert _matches_published(count, PRESET_SIZES[family, size]), (count, PRESET_SIZES[family, size])
+  assert isinstance(model.input_vocabulary, VOCABULARIES[family])
+  assert model.input_vocabulary.extra_ids == (125 if family == 'byt5' else 100)
+  assert model.input_vocabulary.vocab_size <= model.module.config.vocab_size
+  assert model.module.config.logits_via_embedding == (family == 't5_1_0')
 
 
 def test_command_line_bindings_override_files():
