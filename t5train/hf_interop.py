@@ -1,4 +1,5 @@
-"""Hugging Face T5 <-> t5train: parameter names and layouts, and config.json <-> T5Config.
+"""Hugging Face T5 / mT5 / umT5 <-> t5train: parameter names and layouts, and config.json <->
+T5Config.
 
 Pure numpy and dicts, no torch or transformers import: callers pass arrays and
 parsed JSON. Hugging Face stores linear weights as [out, in] and relative
@@ -26,7 +27,9 @@ _ACTIVATIONS = {
     'gated-relu': ('relu', 'linear'),
     'gated-silu': ('silu', 'linear'),
 }
-SUPPORTED_MODEL_TYPES = ('t5', 'mt5')
+SUPPORTED_MODEL_TYPES = ('t5', 'mt5', 'umt5')
+# umT5 gives every layer's self-attention its own relative-position table.
+PER_LAYER_RELPOS_MODEL_TYPE = 'umt5'
 
 
 def _mlp_names(config: T5Config) -> list[str]:
@@ -46,10 +49,14 @@ def name_pairs(config: T5Config) -> list[tuple[str, str]]:
       attentions.append(('EncDecAttention', 'encoder_decoder_attention'))
       norms.append('pre_cross_attention_layer_norm')
     norms.append('pre_mlp_layer_norm')
-    pairs.append((f'{stack}/relpos_bias/rel_embedding',
-                  f'{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight'))
+    if not config.relative_attention_per_layer:
+      pairs.append((f'{stack}/relpos_bias/rel_embedding',
+                    f'{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight'))
     for i in range(num_layers):
       block = f'{stack}.block.{i}'
+      if config.relative_attention_per_layer:
+        pairs.append((f'{stack}/layers_{i}/relpos_bias/rel_embedding',
+                      f'{block}.layer.0.SelfAttention.relative_attention_bias.weight'))
       for sub, (hf_name, name) in enumerate(attentions):
         for hf_proj, proj in _ATTENTION.items():
           pairs.append((f'{stack}/layers_{i}/{name}/{proj}/kernel',
@@ -111,11 +118,12 @@ def _tied(hf_config: Mapping[str, Any]) -> bool:
 
 
 def t5_config_from_hf_config(hf_config: Mapping[str, Any], dtype: str = 'float32') -> T5Config:
-  """The T5Config of a transformers T5 / mT5 / ByT5 config.json; UserError if unsupported."""
+  """The T5Config of a transformers T5 / mT5 / ByT5 / umT5 config.json; UserError if
+  unsupported."""
   model_type = hf_config.get('model_type')
   if model_type not in SUPPORTED_MODEL_TYPES:
     raise UserError(f'unsupported model_type {model_type!r} in config.json; the converter reads '
-                    f'{", ".join(SUPPORTED_MODEL_TYPES)} (T5 v1.0, v1.1, mT5 and ByT5)')
+                    f'{", ".join(SUPPORTED_MODEL_TYPES)} (T5 v1.0, v1.1, mT5, ByT5 and umT5)')
   projection = hf_config.get('feed_forward_proj', 'relu')
   if projection not in _ACTIVATIONS:
     raise UserError(f'unsupported feed_forward_proj {projection!r}; supported: '
@@ -130,19 +138,24 @@ def t5_config_from_hf_config(hf_config: Mapping[str, Any], dtype: str = 'float32
         logits_via_embedding=_tied(hf_config),
         relative_attention_num_buckets=int(hf_config.get('relative_attention_num_buckets', 32)),
         relative_attention_max_distance=int(hf_config.get('relative_attention_max_distance', 128)),
+        relative_attention_per_layer=model_type == PER_LAYER_RELPOS_MODEL_TYPE,
         layer_norm_epsilon=float(hf_config.get('layer_norm_epsilon', 1e-6)))
   except KeyError as e:
     raise UserError(f'config.json lacks {e.args[0]!r}') from e
 
 
 def hf_config_from_t5_config(config: T5Config) -> dict[str, Any]:
-  """A config.json for ``transformers.T5ForConditionalGeneration``."""
+  """A config.json for ``transformers.T5ForConditionalGeneration``, or
+  ``UMT5ForConditionalGeneration`` when every layer has its own relative-position table."""
   projection = {v: k for k, v in _ACTIVATIONS.items()}.get(tuple(config.mlp_activations))
   if projection is None:
     raise UserError(f'mlp_activations {tuple(config.mlp_activations)} have no transformers '
                     f'equivalent; supported: {sorted(_ACTIVATIONS.values())}')
+  per_layer = config.relative_attention_per_layer
   return {
-      'architectures': ['T5ForConditionalGeneration'], 'model_type': 't5',
+      'architectures': ['UMT5ForConditionalGeneration' if per_layer else
+                        'T5ForConditionalGeneration'],
+      'model_type': PER_LAYER_RELPOS_MODEL_TYPE if per_layer else 't5',
       'vocab_size': config.vocab_size, 'd_model': config.emb_dim, 'd_kv': config.head_dim,
       'd_ff': config.mlp_dim, 'num_layers': config.num_encoder_layers,
       'num_decoder_layers': config.num_decoder_layers, 'num_heads': config.num_heads,

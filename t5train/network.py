@@ -45,6 +45,9 @@ class T5Config:
   float32_attention_logits: bool = False
   relative_attention_num_buckets: int = 32
   relative_attention_max_distance: int = 128
+  # umT5: every layer's self-attention has its own relative-position table
+  # (``<stack>/layers_<i>/relpos_bias``) instead of one per stack (``<stack>/relpos_bias``).
+  relative_attention_per_layer: bool = False
   layer_norm_epsilon: float = 1e-6
   # One ``nn.scan`` over each stack's layers: compile time stops growing with depth, and each
   # layer parameter is stored once for the stack, stacked on a leading ``layers`` axis
@@ -207,22 +210,24 @@ def relative_position_bucket(relative_position: np.ndarray, bidirectional: bool,
   return bucket + np.where(is_small, n, large)
 
 
+def position_buckets(query_length: int, key_length: int, bidirectional: bool, num_buckets: int,
+                     max_distance: int) -> np.ndarray:
+  """Bucket ids [query_length, key_length] of every (query, key) pair, queries from position 0."""
+  context = np.arange(query_length, dtype=np.int32)[:, None]
+  memory = np.arange(key_length, dtype=np.int32)[None, :]
+  return relative_position_bucket(memory - context, bidirectional, num_buckets, max_distance)
+
+
 class RelativePositionBiases(nn.Module):
-  """One learned scalar per (bucket, head), shared by every layer of a stack."""
+  """One learned scalar per (bucket, head): one table per stack (T5), or per layer (umT5)."""
 
   num_buckets: int
-  max_distance: int
   num_heads: int
-  bidirectional: bool
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, query_length: int, key_length: int, query_offset: int = 0) -> Array:
-    """Bias [1, heads, query_length, key_length] for queries starting at ``query_offset``."""
-    context = np.arange(query_length, dtype=np.int32)[:, None] + query_offset
-    memory = np.arange(key_length, dtype=np.int32)[None, :]
-    buckets = relative_position_bucket(memory - context, self.bidirectional,
-                                       self.num_buckets, self.max_distance)
+  def __call__(self, buckets: Array) -> Array:
+    """Bias [1, heads, queries, keys] for bucket ids [queries, keys] (see ``position_buckets``)."""
     table = self.param(
         'rel_embedding',
         nn.with_logical_partitioning(nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform'),
@@ -230,6 +235,12 @@ class RelativePositionBiases(nn.Module):
         (self.num_heads, self.num_buckets), jnp.float32)
     bias = jnp.take(table, jnp.asarray(buckets), axis=1)  # [heads, q, k]
     return bias[None].astype(self.dtype)
+
+
+def _relpos_bias(config: T5Config) -> RelativePositionBiases:
+  """The (stack's or layer's) relative-position table module, named as T5X names it."""
+  return RelativePositionBiases(config.relative_attention_num_buckets, config.num_heads,
+                                dtype=config.activation_dtype, name='relpos_bias')
 
 
 def _heads_major(x: Array) -> Array:
@@ -364,8 +375,13 @@ class EncoderLayer(nn.Module):
   config: T5Config
 
   @nn.compact
-  def __call__(self, x: Array, bias: Array, deterministic: bool) -> Array:
+  def __call__(self, x: Array, bias: Array, deterministic: bool,
+               relpos_buckets: Array | None = None) -> Array:
+    """``relpos_buckets``: with ``relative_attention_per_layer``, the bucket ids this layer's own
+    table turns into the bias added to ``bias`` (which then holds only the mask)."""
     cfg = self.config
+    if relpos_buckets is not None:
+      bias = bias + _relpos_bias(cfg)(relpos_buckets)
     dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
     norm = lambda name: LayerNorm(cfg.layer_norm_epsilon, cfg.activation_dtype, name=name)
     h = norm('pre_attention_layer_norm')(x)
@@ -386,9 +402,11 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, y: Array, encoded: Array, self_bias: Array, cross_bias: Array,
-               deterministic: bool, decode: bool = False, cache_index: Array | None = None
-               ) -> Array:
+               deterministic: bool, decode: bool = False, cache_index: Array | None = None,
+               relpos_buckets: Array | None = None) -> Array:
     cfg = self.config
+    if relpos_buckets is not None:  # umT5: this layer's own table (see EncoderLayer)
+      self_bias = self_bias + _relpos_bias(cfg)(relpos_buckets)
     dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
     norm = lambda name: LayerNorm(cfg.layer_norm_epsilon, cfg.activation_dtype, name=name)
     attention = lambda name: MultiHeadAttention(cfg.num_heads, cfg.head_dim, cfg.activation_dtype,
@@ -440,16 +458,18 @@ class Encoder(nn.Module):
   def __call__(self, tokens: Array, segment_ids: Array | None, deterministic: bool) -> Array:
     cfg = self.config
     length = tokens.shape[1]
-    relpos = RelativePositionBiases(cfg.relative_attention_num_buckets,
-                                    cfg.relative_attention_max_distance, cfg.num_heads,
-                                    bidirectional=True, dtype=cfg.activation_dtype,
-                                    name='relpos_bias')(length, length)
+    buckets = position_buckets(length, length, True, cfg.relative_attention_num_buckets,
+                               cfg.relative_attention_max_distance)
     mask = attention_mask(tokens, tokens, segment_ids, segment_ids)
-    bias = relpos + _mask_to_bias(mask, cfg.activation_dtype)
+    bias = _mask_to_bias(mask, cfg.activation_dtype)
+    layer_buckets = buckets if cfg.relative_attention_per_layer else None
+    if layer_buckets is None:
+      bias = _relpos_bias(cfg)(buckets) + bias
     dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
     x = dropout(self.shared_embedding(tokens), deterministic=deterministic)
     x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
-    x = _run_layers(EncoderLayer, cfg, cfg.num_encoder_layers, (3,), x, bias, deterministic)
+    x = _run_layers(EncoderLayer, cfg, cfg.num_encoder_layers, (3,), x, bias, deterministic,
+                    layer_buckets)
     x = LayerNorm(cfg.layer_norm_epsilon, cfg.activation_dtype, name='encoder_norm')(x)
     return dropout(x, deterministic=deterministic)
 
@@ -472,16 +492,18 @@ class Decoder(nn.Module):
                decoder_segment_ids: Array | None, deterministic: bool,
                decode: bool = False, max_decode_length: int | None = None) -> Array:
     cfg = self.config
-    relpos_bias = RelativePositionBiases(cfg.relative_attention_num_buckets,
-                                         cfg.relative_attention_max_distance, cfg.num_heads,
-                                         bidirectional=False, dtype=cfg.activation_dtype,
-                                         name='relpos_bias')
+    buckets = lambda length: position_buckets(length, length, False,
+                                              cfg.relative_attention_num_buckets,
+                                              cfg.relative_attention_max_distance)
     cache_index = None
     if decode and self.has_variable('cache', 'cache_index'):
       if max_decode_length is None:
         raise ValueError('a decoding step needs max_decode_length, the length of the cache')
-      self_bias, cross_bias, cache_index = self._decode_step_biases(
-          relpos_bias, encoder_tokens, max_decode_length)
+      self_bias, cross_bias, cache_index = self._decode_step_masks(encoder_tokens,
+                                                                   max_decode_length)
+      # The cached position's row of the bucket ids.
+      step_buckets = jax.lax.dynamic_slice_in_dim(jnp.asarray(buckets(max_decode_length)),
+                                                  cache_index, 1, axis=0)
     else:
       if decode:  # creating the cache: this call's length is the maximum decode length
         self.put_variable('cache', 'cache_index', jnp.zeros((), jnp.int32))
@@ -492,13 +514,17 @@ class Decoder(nn.Module):
                                  decoder_segment_ids, decoder_segment_ids, causal=True)
       cross_mask = attention_mask(decoder_target_tokens, encoder_tokens,
                                   decoder_segment_ids, encoder_segment_ids)
-      self_bias = relpos_bias(length, length) + _mask_to_bias(self_mask, cfg.activation_dtype)
+      self_bias = _mask_to_bias(self_mask, cfg.activation_dtype)
       cross_bias = _mask_to_bias(cross_mask, cfg.activation_dtype)
+      step_buckets = buckets(length)
+    layer_buckets = step_buckets if cfg.relative_attention_per_layer else None
+    if layer_buckets is None:
+      self_bias = _relpos_bias(cfg)(step_buckets) + self_bias
     dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
     y = dropout(self.shared_embedding(decoder_input_tokens), deterministic=deterministic)
     y = nn.with_logical_constraint(y, ('batch', 'length', 'embed'))
     y = _run_layers(DecoderLayer, cfg, cfg.num_decoder_layers, (5, 6), y, encoded, self_bias,
-                    cross_bias, deterministic, decode, cache_index)
+                    cross_bias, deterministic, decode, cache_index, layer_buckets)
     y = LayerNorm(cfg.layer_norm_epsilon, cfg.activation_dtype, name='decoder_norm')(y)
     y = dropout(y, deterministic=deterministic)
     if cfg.logits_via_embedding:
@@ -510,16 +536,14 @@ class Decoder(nn.Module):
     logits = logits.astype(jnp.float32)
     return nn.with_logical_constraint(logits, ('batch', 'length', 'vocab'))
 
-  def _decode_step_biases(self, relpos_bias: RelativePositionBiases, encoder_tokens: Array,
-                          max_length: int) -> tuple[Array, Array, Array]:
-    """Attention biases for the one query at the cached position, and that position."""
+  def _decode_step_masks(self, encoder_tokens: Array, max_length: int
+                         ) -> tuple[Array, Array, Array]:
+    """Mask biases (self, cross) for the one query at the cached position, and that position."""
     cfg = self.config
     cache_index = self.get_variable('cache', 'cache_index')
     self.put_variable('cache', 'cache_index', cache_index + 1)
-    full = relpos_bias(max_length, max_length)  # [1, heads, max_length, max_length]
-    relpos = jax.lax.dynamic_slice_in_dim(full, cache_index, 1, axis=2)
     visible = jnp.arange(max_length) <= cache_index  # the past and this position
-    self_bias = relpos + _mask_to_bias(visible[None, None, None, :], cfg.activation_dtype)
+    self_bias = _mask_to_bias(visible[None, None, None, :], cfg.activation_dtype)
     cross_mask = (encoder_tokens > 0)[:, None, None, :]
     return self_bias, _mask_to_bias(cross_mask, cfg.activation_dtype), cache_index
 

@@ -18,6 +18,10 @@ FAMILIES = {
                  model_type='mt5'), ('gelu', 'linear'), False),
     'byt5': (dict(d_model=32, d_kv=8, num_heads=4, d_ff=64, feed_forward_proj='gated-gelu',
                   vocab_size=384), ('gelu', 'linear'), False),
+    # Odd shapes here too: d_model 40 != 4 heads x 8, depths 2 and 3 (see hf_model).
+    'umt5': (dict(d_model=40, d_kv=8, num_heads=4, d_ff=56, feed_forward_proj='gated-gelu',
+                  model_type='umt5', relative_attention_num_buckets=24,
+                  relative_attention_max_distance=40), ('gelu', 'linear'), False),
     'd_model_not_heads_times_kv_small_buckets': (
         dict(d_model=48, d_kv=8, num_heads=3, d_ff=40, feed_forward_proj='gated-gelu',
              relative_attention_num_buckets=16, relative_attention_max_distance=20),
@@ -25,14 +29,15 @@ FAMILIES = {
 }
 
 
-def hf_model(name: str) -> transformers.T5ForConditionalGeneration:
+def hf_model(name: str) -> transformers.PreTrainedModel:
   kwargs, _, tied = FAMILIES[name]
   kwargs = dict(kwargs)
   model_type = kwargs.pop('model_type', 't5')
   vocab = kwargs.pop('vocab_size', VOCAB)
-  config_cls, model_cls = ((transformers.MT5Config, transformers.MT5ForConditionalGeneration)
-                           if model_type == 'mt5' else
-                           (transformers.T5Config, transformers.T5ForConditionalGeneration))
+  config_cls, model_cls = {
+      't5': (transformers.T5Config, transformers.T5ForConditionalGeneration),
+      'mt5': (transformers.MT5Config, transformers.MT5ForConditionalGeneration),
+      'umt5': (transformers.UMT5Config, transformers.UMT5ForConditionalGeneration)}[model_type]
   torch.manual_seed(0)
   config = config_cls(vocab_size=vocab, num_layers=2, num_decoder_layers=3, dropout_rate=0.0,
                       layer_norm_epsilon=1e-6, tie_word_embeddings=tied, decoder_start_token_id=0,
@@ -42,8 +47,11 @@ def hf_model(name: str) -> transformers.T5ForConditionalGeneration:
     model.lm_head.weight = torch.nn.Parameter(torch.randn(vocab, kwargs['d_model']) * 0.2)
   with torch.no_grad():  # larger relative-position biases, so a wrong bucket shows in the logits
     for stack in (model.encoder, model.decoder):
-      bias = stack.block[0].layer[0].SelfAttention.relative_attention_bias.weight
-      bias.copy_(torch.randn_like(bias))
+      for block in stack.block:  # umT5 has a table in every layer, the others in the first
+        attention = block.layer[0].SelfAttention
+        if getattr(attention, 'has_relative_attention_bias', False):
+          bias = attention.relative_attention_bias.weight
+          bias.copy_(torch.randn_like(bias))
   return model
 
 
@@ -55,7 +63,8 @@ def t5train_config(name: str) -> network.T5Config:
       head_dim=kwargs['d_kv'], mlp_dim=kwargs['d_ff'], mlp_activations=activations,
       dropout_rate=0.0, logits_via_embedding=tied,
       relative_attention_num_buckets=kwargs.get('relative_attention_num_buckets', 32),
-      relative_attention_max_distance=kwargs.get('relative_attention_max_distance', 128))
+      relative_attention_max_distance=kwargs.get('relative_attention_max_distance', 128),
+      relative_attention_per_layer=kwargs.get('model_type') == 'umt5')
 
 
 def random_batch(vocab: int, seed: int = 0, batch: int = 3, enc_len: int = 40, dec_len: int = 24

@@ -107,6 +107,23 @@ def test_family_presets_have_the_published_sizes(family, size):
   assert model.module.config.logits_via_embedding == (family == 't5_1_0')
 
 
+@pytest.mark.parametrize('size', ['small', 'xxl'])
+def test_umt5_presets_have_a_table_per_layer(size):
+  _parse(f'gin/models/umt5/{size}.gin')
+  model = gin.query_parameter('%MODEL').scoped_configurable_fn()
+  config = model.module.config
+  assert config.relative_attention_per_layer and not config.logits_via_embedding
+  assert model.input_vocabulary.extra_ids == 300 and config.vocab_size == 256_384
+  variables = jax.eval_shape(lambda rng: model.get_initial_variables(
+      rng, {name: (1, 8) for name in ('encoder_input_tokens', 'decoder_input_tokens',
+                                      'decoder_target_tokens')}), jax.random.PRNGKey(0))
+  params = nn.unbox(variables)['params']
+  assert 'relpos_bias' not in params['encoder']
+  last = config.num_decoder_layers - 1
+  assert params['decoder'][f'layers_{last}']['relpos_bias']['rel_embedding'].shape == (
+      config.num_heads, 32)
+
+
 def test_command_line_bindings_override_files():
   _parse('gin/models/t5_1_1/tiny.gin', 'gin/runs/pretrain.gin', 'gin/tasks/demo.gin',
          bindings=['BATCH_SIZE = 4', "MIXTURE_OR_TASK_NAME = 'other'"])

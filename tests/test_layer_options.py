@@ -216,3 +216,24 @@ def test_fused_attention_keeps_dropout_and_decoding_on_the_einsum_path(reference
   # With dropout both take the einsum path: the same ops in the same order, so the same loss.
   assert outputs[0][0] == outputs[1][0]
   np.testing.assert_array_equal(outputs[0][1], outputs[1][1])
+
+
+def test_per_layer_relative_position_tables_scan_and_decode_like_per_layer_ones():
+  """umT5's table in every layer: scanned, it is stacked like any layer parameter, and both the
+  loss and greedy decoding equal the per-layer model's."""
+  batch = testing.random_batch(seed=9)
+  per_layer = testing.tiny_model(testing.tiny_config(relative_attention_per_layer=True))
+  params = nn.unbox(per_layer.get_initial_variables(jax.random.PRNGKey(1),
+                                                    testing.input_shapes(batch))['params'])
+  assert params['decoder']['layers_1']['relpos_bias']['rel_embedding'].shape == (2, 32)
+  scanned = testing.tiny_model(testing.tiny_config(relative_attention_per_layer=True,
+                                                   scan_layers=True))
+  stacked = network.stack_layers(params)
+  assert stacked['encoder']['layers']['relpos_bias']['rel_embedding'].shape == (2, 2, 32)
+  losses = [float(model.loss_fn(p, batch, None)[0]) for model, p in ((per_layer, params),
+                                                                      (scanned, stacked))]
+  testing.assert_trees_close(losses[0], losses[1])
+  inputs = {'encoder_input_tokens': batch['encoder_input_tokens']}
+  decodes = [np.asarray(model.predict_batch(p, inputs, max_decode_length=6))
+             for model, p in ((per_layer, params), (scanned, stacked))]
+  np.testing.assert_array_equal(decodes[0], decodes[1])

@@ -24,15 +24,19 @@ def test_logits_match_transformers(name):
       {'params': params}, jnp.asarray(encoder), jnp.asarray(decoder_inputs),
       jnp.asarray(targets), enable_dropout=False))
   hf_models.assert_logits_close(logits, expected, targets)
+  real = targets > 0
+  # The whole model computed two ways agrees far inside COMPOSITE_RTOL: under 1e-5 of the
+  # largest logit (the figure umT5's support was asked to meet; every family meets it).
+  assert np.abs(logits[real] - expected[real]).max() < 1e-5 * np.abs(expected[real]).max()
 
 
-@pytest.mark.parametrize('name', ['v1_0_relu_tied', 'v1_1_gated_gelu_untied'])
+@pytest.mark.parametrize('name', ['v1_0_relu_tied', 'v1_1_gated_gelu_untied', 'umt5'])
 def test_cached_greedy_decoding_matches_transformers_generate(name):
   import torch  # noqa: PLC0415  (imported only when the test runs)
   hf = hf_models.hf_model(name)
   with torch.no_grad():  # large random weights, so that the decodes vary from step to step
     for parameter in hf.parameters():
-      parameter.copy_(torch.randn_like(parameter) * 0.6)
+      parameter.copy_(torch.randn_like(parameter) * 1.0)
   config = hf_models.t5train_config(name)
   encoder, _, _ = hf_models.random_batch(config.vocab_size)
   length = 12
