@@ -124,7 +124,8 @@ def model_gin_text(config: network.T5Config, source: str, checkpoint: str,
   for field in ('vocab_size', 'dtype', 'emb_dim', 'num_heads', 'num_encoder_layers',
                 'num_decoder_layers', 'head_dim', 'mlp_dim', 'mlp_activations',
                 'logits_via_embedding', 'relative_attention_num_buckets',
-                'relative_attention_max_distance', 'layer_norm_epsilon'):
+                'relative_attention_max_distance', 'relative_attention_per_layer',
+                'layer_norm_epsilon'):
     value = getattr(config, field)
     lines.append(f'  {field} = {tuple(value) if field == "mlp_activations" else repr(value)}')
   if sentencepiece_file:

@@ -17,9 +17,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
+import gin  # noqa: E402
 from t5train import (  # noqa: E402
   checkpoints,
   convert,
+  gin_utils,
   hf_interop,
   models,
   network,
@@ -46,6 +48,13 @@ def test_hf_round_trip(name, tmp_path):
   assert hf_interop.t5_config_from_hf_config(
       json.load(open(tmp_path / 'hf' / 'config.json'))) == config.__class__(
           **{**config.__dict__, 'dtype': 'float32'})
+
+  # The model.gin written beside the checkpoint configures the same network.
+  gin.clear_config()
+  gin_utils.parse_gin([str(tmp_path / 'imported' / 'model.gin')], [])
+  assert gin.get_configurable(network.T5Config)() == config.__class__(
+      **{**config.__dict__, 'dtype': 'float32'})
+  gin.clear_config()
 
   # In: t5train reproduces transformers' logits from the converted checkpoint.
   flat = convert.read_checkpoint_params(checkpoint, config)
