@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import seqio
 
 import gin
 from benchmarks import bench, model_sizes
@@ -93,3 +94,24 @@ def test_train_rows_take_turns_with_the_peer_and_print_every_column(tmp_path):
   for column in ('s/step', 'spread', 'tokens/s', 'compile+1st', 'TFLOP/s', 'MFU', 'peak mem',
                  'vs peer', 'mem/peer', 'loop data/compute/ckpt s'):
     assert column in header
+
+
+def test_pipeline_rows_are_measured(tmp_path):
+  """The input-pipeline row of benchmarks/bench_data.py, on a small text file: every row is a
+  batch of packed span-corruption examples, each holding at least one. (In its own process:
+  bench and bench_data both define --lengths.)"""
+  corpus = tmp_path / 'train.txt'
+  corpus.write_text(''.join(f'Sentence number {i} says something about item {i % 17}.\n'
+                            for i in range(400)))
+  spm = os.path.join(os.path.dirname(seqio.__file__), 'test_data', 'sentencepiece',
+                     'sentencepiece.model')
+  code = ('import json; from benchmarks import bench_data; print(json.dumps('
+          f'bench_data.measure_pipeline({{"train": {str(corpus)!r}, "spm": {spm!r}}}, [64, 16], '
+          'batch=4, num_batches=3)))')
+  result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                          timeout=300, cwd=model_sizes.REPO)
+  assert result.returncode == 0, result.stderr[-3000:]
+  row = json.loads(result.stdout.strip().splitlines()[-1])
+  assert row['rows_per_sec'] == pytest.approx(4 * 3 / row['secs'])
+  assert row['examples_per_sec'] >= row['rows_per_sec'] > 0
+  assert 0 < row['input_tokens_per_sec'] <= 64 * row['rows_per_sec']
