@@ -15,6 +15,7 @@ Every path may be local or a URL that ``etils.epath`` handles.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -152,13 +153,30 @@ def import_hf(input_dir: str, output: str, dtype: str = 'float32') -> str:
 
 def import_t5x(input_dir: str, output: str, dtype: str = 'float32',
                config: network.T5Config | None = None) -> str:
-  """T5X checkpoint -> ``output/checkpoint_<step>`` + ``output/model.gin``."""
+  """T5X checkpoint (per-layer or scanned) -> ``output/checkpoint_<step>`` + ``output/model.gin``,
+  in the layer layout ``config.scan_layers`` asks for (per-layer without a config)."""
   from t5train import t5x_checkpoint  # pylint: disable=g-import-not-at-top
-  flat = t5x_checkpoint.read_t5x_params(input_dir)
+  flat, scanned_counts = t5x_checkpoint.unscan_layers(t5x_checkpoint.read_t5x_params(input_dir))
+  if config is not None:
+    _check_layer_counts(scanned_counts, config, input_dir)
   config = config or t5_config_from_shapes(flat, dtype)
-  check_flat_shapes(flat, config, input_dir)
+  per_layer_config = dataclasses.replace(config, scan_layers=False)
+  check_flat_shapes(flat, per_layer_config, input_dir)
   step = t5x_checkpoint.read_t5x_step(input_dir)
-  return _write_import(hf_interop.nest(flat), step, config, input_dir, output, None)
+  params = hf_interop.nest(flat)
+  if config.scan_layers:
+    params = jax.tree_util.tree_map(np.asarray, network.stack_layers(params))
+  return _write_import(params, step, config, input_dir, output, None)
+
+
+def _check_layer_counts(scanned_counts: Mapping[str, int], config: network.T5Config,
+                        source: str) -> None:
+  """UserError when a scanned stack holds another number of layers than the gin's config."""
+  for stack, count in scanned_counts.items():
+    expected = getattr(config, f'num_{stack}_layers')
+    if count != expected:
+      raise UserError(f'{source}: the scanned {stack} holds {count} layers but the gin file\'s '
+                      f'network.T5Config.num_{stack}_layers is {expected}')
 
 
 def t5_config_from_shapes(flat: Mapping[str, Any], dtype: str = 'float32') -> network.T5Config:
@@ -173,7 +191,9 @@ def t5_config_from_shapes(flat: Mapping[str, Any], dtype: str = 'float32') -> ne
       raise UserError(f'the checkpoint has no {name}; it is not a T5 encoder-decoder')
     return tuple(flat[name].shape)
   vocab_size, emb_dim = shape('token_embedder/embedding')
-  num_heads, num_buckets = shape('encoder/relpos_bias/rel_embedding')
+  per_layer_relpos = 'encoder/relpos_bias/rel_embedding' not in flat
+  num_heads, num_buckets = shape('encoder/layers_0/relpos_bias/rel_embedding' if per_layer_relpos
+                                 else 'encoder/relpos_bias/rel_embedding')
   inner = shape('encoder/layers_0/attention/query/kernel')[1]
   count = lambda stack: len({k.split('/')[1] for k in flat if k.startswith(f'{stack}/layers_')})
   gated = 'encoder/layers_0/mlp/wi_0/kernel' in flat
@@ -184,7 +204,8 @@ def t5_config_from_shapes(flat: Mapping[str, Any], dtype: str = 'float32') -> ne
       head_dim=inner // num_heads, mlp_dim=mlp_dim,
       mlp_activations=('gelu', 'linear') if gated else ('relu',), dropout_rate=0.0,
       logits_via_embedding='decoder/logits_dense/kernel' not in flat,
-      relative_attention_num_buckets=num_buckets)
+      relative_attention_num_buckets=num_buckets,
+      relative_attention_per_layer=per_layer_relpos)
 
 
 def _write_import(params: Mapping[str, Any], step: int, config: network.T5Config, source: str,

@@ -5,7 +5,11 @@ step in a T5X checkpoint directory written either by T5X's native
 ``t5x.checkpoints.Checkpointer`` (msgpack plus TensorStore zarr arrays) or by its
 Orbax path, and returning them as host float32 numpy arrays keyed by t5train's
 '/'-joined parameter paths. T5X and t5train share parameter names and layouts,
-so no renaming or transposing happens here.
+so no transposing happens here. Checkpoints of T5X's scanned models
+(``t5x/examples/scalable_t5``: each stack's layers stacked on axis 1 of every
+parameter under ``<stack>/layers/``, with a relative-position table per layer
+named ``relative_posemb``) are read back into per-layer parameters
+(``unscan_layers``).
 
 Must not: import TensorFlow, place arrays on accelerators, restore or convert the
 optimizer state, write anything, or build t5train train states (callers do
@@ -33,6 +37,37 @@ _ORBAX_STEP_METADATA = '_CHECKPOINT_METADATA'
 _ORBAX_TREE_METADATA = '_METADATA'
 # T5X's Orbax path saves the train state as the item 'state'; Orbax's default item name is 'default'.
 _ORBAX_ITEM_NAMES = ('state', 'default')
+# T5X's scanned layers (nn_partitioning.scan_with_axes): '<stack>/layers/...', the layers on the
+# axis of its T5Config.param_scan_axis, 1 by default.
+_SCANNED = re.compile(r'(encoder|decoder)/layers/(.+)')
+SCAN_AXIS = 1
+# T5X's scalable_t5 names its per-layer relative-position table so; t5train names it relpos_bias.
+_T5X_LAYER_RELPOS = 'relative_posemb/'
+
+
+def unscan_layers(flat: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+  """T5X's scanned parameters as per-layer ones (``<stack>/layers_<i>/...``), and the number of
+  layers each scanned stack holds; parameters that are not scanned pass through."""
+  per_layer: dict[str, np.ndarray] = {}
+  counts: dict[str, int] = {}
+  for name, value in flat.items():
+    match = _SCANNED.fullmatch(name)
+    if match is None:
+      per_layer[name] = value
+      continue
+    stack, rest = match.groups()
+    if value.ndim <= SCAN_AXIS:
+      raise UserError(f'{name} has shape {value.shape}: a scanned T5X parameter needs its layers '
+                      f'on axis {SCAN_AXIS}')
+    count = value.shape[SCAN_AXIS]
+    if counts.setdefault(stack, count) != count:
+      raise UserError(f'{name} stacks {count} layers but other {stack} parameters stack '
+                      f'{counts[stack]}')
+    if rest.startswith(_T5X_LAYER_RELPOS):
+      rest = 'relpos_bias/' + rest[len(_T5X_LAYER_RELPOS):]
+    for i in range(count):
+      per_layer[f'{stack}/layers_{i}/{rest}'] = np.take(value, i, axis=SCAN_AXIS)
+  return per_layer, counts
 
 
 def read_t5x_params(path: str) -> dict[str, np.ndarray]:

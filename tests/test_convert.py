@@ -1,5 +1,6 @@
 """Converting weights: Hugging Face -> t5train -> Hugging Face, T5X -> t5train, and bad input."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -30,6 +31,8 @@ from t5train import (  # noqa: E402
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from t5train.errors import UserError  # noqa: E402
+
 T5X_DATA = os.path.join(REPO, '..', 'shared', 'testdata', 't5x_tiny_v1_1')
 
 
@@ -163,3 +166,71 @@ def test_convert_binary_and_its_errors(tmp_path):
     assert message in result.stderr.strip().splitlines()[-1], result.stderr[-500:]
     assert 'Traceback' not in result.stderr
     assert not out.exists() and not [p for p in os.listdir(tmp_path) if '.tmp-' in p]
+
+
+def _scanned_t5x_checkpoint(directory, per_layer_relpos):
+  """The T5X test checkpoint re-saved as T5X's scanned models save theirs (Orbax format): each
+  stack's layers stacked on axis 1 under '<stack>/layers/', and with ``per_layer_relpos`` the
+  stack's relative-position table copied into every layer as 'relative_posemb'."""
+  import orbax.checkpoint as ocp
+  from etils import epath
+
+  from t5train import t5x_checkpoint
+  flat = t5x_checkpoint.read_t5x_params(os.path.join(T5X_DATA, 't5x_checkpoint', 'checkpoint_2'))
+  for stack in ('encoder', 'decoder'):
+    names = sorted({k.split('/', 2)[2] for k in flat if k.startswith(f'{stack}/layers_0/')})
+    for rest in names:
+      flat[f'{stack}/layers/{rest}'] = np.stack(
+          [flat.pop(f'{stack}/layers_{i}/{rest}') for i in range(2)], axis=1)
+    if per_layer_relpos:
+      table = flat.pop(f'{stack}/relpos_bias/rel_embedding')
+      flat[f'{stack}/layers/relative_posemb/rel_embedding'] = np.stack([table] * 2, axis=1)
+  epath.Path(directory).mkdir(parents=True)
+  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+    checkpointer.save(epath.Path(directory) / 'state', args=ocp.args.PyTreeSave(
+        {'target': hf_interop.nest(flat), 'state': {'step': np.array(2, np.int32)}}))
+  return str(directory)
+
+
+@pytest.mark.skipif(not os.path.isdir(T5X_DATA), reason='T5X test checkpoint not present')
+def test_scanned_t5x_checkpoints_import_as_their_per_layer_weights(tmp_path):
+  reference = np.load(os.path.join(T5X_DATA, 'reference_logits.npz'))
+  batch = [reference[name] for name in ('encoder_input_tokens', 'decoder_input_tokens',
+                                        'decoder_target_tokens')]
+  real = reference['decoder_loss_weights'] > 0
+  per_layer = convert.import_t5x(os.path.join(T5X_DATA, 't5x_checkpoint', 'checkpoint_2'),
+                                 str(tmp_path / 'per_layer'))
+  config = convert.t5_config_from_shapes(checkpoint_reading_flat(per_layer))
+  expected = convert.read_checkpoint_params(per_layer, config)
+
+  # Layers on T5X's scan axis, one table per stack: the per-layer import's weights, bit for bit.
+  scanned = convert.import_t5x(_scanned_t5x_checkpoint(tmp_path / 't5x_scanned', False),
+                               str(tmp_path / 'scanned'))
+  testing.assert_trees_equal(convert.read_checkpoint_params(scanned, config), expected)
+
+  # scalable_t5's table in every layer (copies of the stack's here): umT5's layout, same logits.
+  layered = convert.import_t5x(_scanned_t5x_checkpoint(tmp_path / 't5x_layered', True),
+                               str(tmp_path / 'layered'))
+  layered_config = convert.t5_config_from_shapes(checkpoint_reading_flat(layered))
+  assert layered_config.relative_attention_per_layer
+  logits = _t5train_logits(layered_config,
+                           convert.read_checkpoint_params(layered, layered_config), *batch)
+  testing.assert_trees_close(logits[real], reference['logits'][real])
+
+  # Written in the scanned layout when the gin's config scans; a layer count that disagrees fails.
+  stacked = convert.import_t5x(_scanned_t5x_checkpoint(tmp_path / 't5x_again', False),
+                               str(tmp_path / 'stacked'),
+                               config=dataclasses.replace(config, scan_layers=True))
+  saved = checkpoint_reading_flat(stacked)
+  assert saved['encoder/layers/attention/query/kernel'].shape[0] == 2
+  with pytest.raises(UserError, match=r'scanned encoder holds 2 layers but the gin file\'s '
+                                      r'network.T5Config.num_encoder_layers is 3'):
+    convert.import_t5x(str(tmp_path / 't5x_again'), str(tmp_path / 'bad'),
+                       config=dataclasses.replace(config, num_encoder_layers=3))
+
+
+def checkpoint_reading_flat(checkpoint):
+  """Parameter path -> saved metadata (shape) of a t5train checkpoint."""
+  from t5train import checkpoint_reading
+  return dict(checkpoint_reading.flatten_with_names(
+      checkpoint_reading.saved_tree(checkpoint_reading.item_dir(checkpoint))['params']))
