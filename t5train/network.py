@@ -502,7 +502,7 @@ class Decoder(nn.Module):
       self_bias, cross_bias, cache_index = self._decode_step_masks(encoder_tokens,
                                                                    max_decode_length)
       # The cached position's row of the bucket ids.
-      step_buckets = jax.lax.dynamic_slice_in_dim(jnp.asarray(buckets(max_decode_length)),
+      self_buckets = jax.lax.dynamic_slice_in_dim(jnp.asarray(buckets(max_decode_length)),
                                                   cache_index, 1, axis=0)
     else:
       if decode:  # creating the cache: this call's length is the maximum decode length
@@ -516,10 +516,10 @@ class Decoder(nn.Module):
                                   decoder_segment_ids, encoder_segment_ids)
       self_bias = _mask_to_bias(self_mask, cfg.activation_dtype)
       cross_bias = _mask_to_bias(cross_mask, cfg.activation_dtype)
-      step_buckets = buckets(length)
-    layer_buckets = step_buckets if cfg.relative_attention_per_layer else None
+      self_buckets = buckets(length)
+    layer_buckets = self_buckets if cfg.relative_attention_per_layer else None
     if layer_buckets is None:
-      self_bias = _relpos_bias(cfg)(step_buckets) + self_bias
+      self_bias = _relpos_bias(cfg)(self_buckets) + self_bias
     dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
     y = dropout(self.shared_embedding(decoder_input_tokens), deterministic=deterministic)
     y = nn.with_logical_constraint(y, ('batch', 'length', 'embed'))
