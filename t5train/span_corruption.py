@@ -93,32 +93,46 @@ def spans_to_sentinels(tokens: tf.Tensor, mask: tf.Tensor, vocab_size: int) -> t
   return tf.boolean_mask(tf.where(first, sentinels, tokens), tf.logical_not(later))
 
 
-def _select_random_chunk(dataset: tf.data.Dataset) -> tf.data.Dataset:
-  """Each non-empty document cut to one of its _MAX_CHUNK_LENGTH-token chunks, chosen at random."""
+def _chunk_starts(seeds: tf.Tensor, num_tokens: tf.Tensor) -> tf.Tensor:
+  """Where each document's chunk starts: a multiple of _MAX_CHUNK_LENGTH drawn as T5 draws it
+  from the document's own seed ([documents, 2]), and 0 for a document of one chunk, whose draw
+  can only give 0 (so it is skipped when no document of the batch is longer)."""
+  num_chunks = tf.cast(tf.math.ceil(tf.cast(num_tokens, tf.float32) / _MAX_CHUNK_LENGTH),
+                       tf.int32)
+
+  def draw(args: tuple[tf.Tensor, tf.Tensor]) -> tf.Tensor:
+    seed, chunks = args
+    second = tf.random.experimental.stateless_split(seed)[1]  # T5 uses the second
+    return _MAX_CHUNK_LENGTH * tf.random.stateless_uniform([], maxval=chunks, dtype=tf.int32,
+                                                           seed=second)
+
+  return tf.cond(tf.reduce_any(num_chunks > 1),
+                 lambda: tf.map_fn(draw, (seeds, num_chunks), fn_output_signature=tf.int32),
+                 lambda: tf.zeros_like(num_chunks))
+
+
+def _chunks_concatenated(dataset: tf.data.Dataset) -> tf.data.Dataset:
+  """T5's ``select_random_chunk`` (one random _MAX_CHUNK_LENGTH-token chunk of each non-empty
+  document) then ``reduce_concat_tokens`` (runs of _CONCAT_BATCH chunks joined into one sequence,
+  token 0 dropped as padding), on batches of documents: each document keeps the seed T5 gives it,
+  but the per-document work is done once per batch."""
   @seqio.map_over_dataset(num_seeds=1)
-  def select(example: Example, seed: tf.Tensor) -> Example:
-    seeds = tf.unstack(tf.random.experimental.stateless_split(seed))  # T5 uses the second
-    tokens = example['targets']
-    num_tokens = tf.shape(tokens)[0]
-    num_chunks = tf.cast(tf.math.ceil(tf.cast(num_tokens, tf.float32) / _MAX_CHUNK_LENGTH),
-                         tf.int32)
-    start = _MAX_CHUNK_LENGTH * tf.random.stateless_uniform(
-        [], maxval=num_chunks, dtype=tf.int32, seed=seeds[1])
-    return {'targets': tokens[start:tf.minimum(start + _MAX_CHUNK_LENGTH, num_tokens)]}
-
-  return select(dataset.filter(lambda ex: tf.size(ex['targets']) > 0))
-
-
-def _concatenate(dataset: tf.data.Dataset) -> tf.data.Dataset:
-  """Runs of _CONCAT_BATCH documents joined into one token sequence (token 0 is padding)."""
-  batches = dataset.map(lambda ex: {'targets': ex['targets']}).padded_batch(
-      _CONCAT_BATCH, padded_shapes={'targets': [-1]})
+  def with_seed(example: Example, seed: tf.Tensor) -> Example:
+    return {'targets': example['targets'], 'seed': seed}
 
   def join(batch: Example) -> Example:
-    tokens = tf.reshape(batch['targets'], [-1])
-    return {'targets': tf.boolean_mask(tokens, tf.cast(tokens, tf.bool))}
+    tokens = batch['targets']  # ragged [documents, None]
+    starts = _chunk_starts(batch['seed'], tokens.row_lengths())
+    ends = tf.minimum(starts + _MAX_CHUNK_LENGTH, tf.cast(tokens.row_lengths(), tf.int32))
+    rows = tokens.value_rowids()
+    positions = tf.ragged.range(tokens.row_lengths()).flat_values
+    keep = ((positions >= tf.cast(tf.gather(starts, rows), positions.dtype)) &
+            (positions < tf.cast(tf.gather(ends, rows), positions.dtype)) &
+            tf.cast(tokens.flat_values, tf.bool))
+    return {'targets': tf.boolean_mask(tokens.flat_values, keep)}
 
-  return batches.map(join, num_parallel_calls=tf.data.AUTOTUNE)
+  documents = with_seed(dataset.filter(lambda ex: tf.size(ex['targets']) > 0))
+  return documents.ragged_batch(_CONCAT_BATCH).map(join, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def _split(dataset: tf.data.Dataset, segment_length: int) -> tf.data.Dataset:
@@ -197,7 +211,6 @@ def span_corruption(dataset: tf.data.Dataset, sequence_length: Mapping[str, int]
     raise UserError('span corruption needs one vocabulary for inputs and targets')
   _check_spans(segment_length, noise_density, mean_noise_span_length,
                getattr(vocabulary, 'extra_ids', None))
-  dataset = _select_random_chunk(dataset)
-  dataset = _concatenate(dataset)
+  dataset = _chunks_concatenated(dataset)
   dataset = _split(dataset, segment_length)
   return _noise(dataset, vocabulary.vocab_size, noise_density, mean_noise_span_length)
