@@ -10,6 +10,7 @@ TensorFlow's file system) writes them.
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import socket
 import time
@@ -85,6 +86,9 @@ class MetricsWindow:
     return result
 
 
+_EVENT_FILES = itertools.count()  # distinguishes writers of one process started in the same second
+
+
 class _EventFile:
   """TensorBoard scalars appended to one event file in a local folder, without TensorFlow.
 
@@ -97,7 +101,8 @@ class _EventFile:
     from tensorboard.summary.writer import record_writer  # pylint: disable=g-import-not-at-top
     self._event_pb2 = event_pb2
     os.makedirs(summary_dir, exist_ok=True)
-    name = f'events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.v2'
+    name = (f'events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.'
+            f'{next(_EVENT_FILES)}.v2')
     self._records = record_writer.RecordWriter(open(os.path.join(summary_dir, name), 'ab'))
     self._write(event_pb2.Event(wall_time=time.time(), file_version='brain.Event:2'))
 
