@@ -10,7 +10,7 @@ import sys
 
 LAYERS = {
     'errors': 0, 'host_memory': 0, 'paths': 0, 'quiet_start': 0,
-    'network': 1, 'losses': 1, 'decoding': 1, 'hf_interop': 1,
+    'network': 1, 'decoder_only_network': 1, 'losses': 1, 'decoding': 1, 'hf_interop': 1,
     'models': 2,
     't5x_checkpoint': 3, 'convert': 5,
     'partitioning': 3, 'optimizers': 3, 'train_state': 3, 'checkpoints': 3, 'checkpoint_reading': 3,

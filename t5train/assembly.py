@@ -26,7 +26,7 @@ class TrainingParts:
   """What ``assemble_training`` built. The trainer holds the only reference to the state, so
   that each step can update it in place."""
 
-  model: models.EncoderDecoderModel
+  model: models.BaseTransformerModel
   partitioner: partitioning.PjitPartitioner
   initializer: TrainStateInitializer
   checkpoint_manager: checkpoints.CheckpointManager | None
@@ -53,7 +53,7 @@ class TrainingParts:
       self.checkpoint_manager.close()
 
 
-def assemble_training(model: models.EncoderDecoderModel,
+def assemble_training(model: models.BaseTransformerModel,
                       partitioner: partitioning.PjitPartitioner,
                       input_shapes: Mapping[str, Any], *, model_dir: str | None = None,
                       save_cfg: checkpoints.SaveCheckpointConfig | None = None,

@@ -12,6 +12,11 @@ decode of an example, so they keep one row per example and are never repeated
 or reordered. ``tokens_to_logits`` sees ``batch_size * num_decodes`` token rows. Outputs are
 ``[batch, num_decodes, length]`` token ids, 0 after EOS, and ``[batch, num_decodes]``
 scores, best first.
+
+A decoder-only model continues a prompt whose keys and values are already in the
+cache: ``first_tokens`` [batch] are the tokens fed at the first step (the prompt's
+last; BOS, 0, by default) and ``max_lengths`` [batch] how many tokens each example
+may produce before its cache is full (``max_decode_length`` by default).
 """
 
 from __future__ import annotations
@@ -77,10 +82,18 @@ def sampling_logits(logits: Array, temperature: float, top_k: int, top_p: float)
   return logits
 
 
+def _per_example(values: Array | None, batch_size: int, default: int) -> Array:
+  """``values`` [batch] as int32, or ``default`` for every example."""
+  if values is None:
+    return jnp.full((batch_size,), default, jnp.int32)
+  return jnp.asarray(values, jnp.int32).reshape(batch_size)
+
+
 def temperature_sample(tokens_to_logits: TokensToLogits, cache: Cache, batch_size: int,
                        max_decode_length: int, eos_id: int, *, decode_rng: Array | None = None,
                        num_decodes: int = 1, temperature: float = 1.0, topk: int = 1,
-                       topp: float = 0.0) -> tuple[Array, Array]:
+                       topp: float = 0.0, first_tokens: Array | None = None,
+                       max_lengths: Array | None = None) -> tuple[Array, Array]:
   """Samples ``num_decodes`` continuations per example; scores are their log-likelihoods.
 
   As in T5X, the default ``topk=1`` is greedy decoding, and so is ``temperature=0``.
@@ -90,6 +103,8 @@ def temperature_sample(tokens_to_logits: TokensToLogits, cache: Cache, batch_siz
   """
   rows = batch_size * num_decodes
   cache = _expand_rows(cache, batch_size, num_decodes)
+  first = jnp.repeat(_per_example(first_tokens, batch_size, 0), num_decodes)
+  limit = jnp.repeat(_per_example(max_lengths, batch_size, max_decode_length), num_decodes)
   greedy = temperature == 0.0
   if decode_rng is None:
     decode_rng = jax.random.PRNGKey(0)  # as T5X: the same samples on every call without one
@@ -111,11 +126,11 @@ def temperature_sample(tokens_to_logits: TokensToLogits, cache: Cache, batch_siz
     token_log_prob = jnp.take_along_axis(jax.nn.log_softmax(logits), chosen[:, None], axis=-1)[:, 0]
     log_prob = log_prob + jnp.where(done, 0.0, token_log_prob)
     tokens = jax.lax.dynamic_update_slice(tokens, chosen[:, None], (0, index))
-    return index + 1, tokens, chosen, done | (chosen == eos_id), log_prob, cache, rng
+    done = done | (chosen == eos_id) | (index + 1 >= limit)
+    return index + 1, tokens, chosen, done, log_prob, cache, rng
 
   init = (jnp.zeros((), jnp.int32), jnp.zeros((rows, max_decode_length), jnp.int32),
-          jnp.zeros((rows,), jnp.int32), jnp.zeros((rows,), bool), jnp.zeros((rows,), jnp.float32),
-          cache, decode_rng)
+          first, limit <= 0, jnp.zeros((rows,), jnp.float32), cache, decode_rng)
   _, tokens, _, _, log_prob, _, _ = jax.lax.while_loop(cond, body, init)
   tokens = tokens.reshape(batch_size, num_decodes, max_decode_length)
   log_prob = log_prob.reshape(batch_size, num_decodes)
@@ -146,7 +161,8 @@ def _gather_beams(tree: Any, beam_indices: Array, batch_size: int, old_beams: in
 
 def beam_search(tokens_to_logits: TokensToLogits, cache: Cache, batch_size: int,
                 max_decode_length: int, eos_id: int, *, num_decodes: int = 4, alpha: float = 0.6,
-                decode_rng: Array | None = None) -> tuple[Array, Array]:
+                decode_rng: Array | None = None, first_tokens: Array | None = None,
+                max_lengths: Array | None = None) -> tuple[Array, Array]:
   """Beam search with ``num_decodes`` beams; scores are log-likelihood / brevity_penalty.
 
   A hypothesis ends when it emits EOS among the ``num_decodes`` best candidates of
@@ -158,6 +174,8 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Cache, batch_size: int,
   beams, vocab_rows = num_decodes, batch_size * num_decodes
   cache = _expand_rows(cache, batch_size, num_decodes)
   max_penalty = brevity_penalty(alpha, jnp.asarray(max_decode_length))
+  first = jnp.broadcast_to(_per_example(first_tokens, batch_size, 0)[:, None], (batch_size, beams))
+  limit = _per_example(max_lengths, batch_size, max_decode_length)[:, None]
 
   def cond(state: dict) -> Array:
     best_possible = state['live_log_prob'][:, 0] / max_penalty
@@ -167,7 +185,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Cache, batch_size: int,
 
   def body(state: dict) -> dict:
     index = state['index']
-    last = jnp.where(index == 0, 0, jax.lax.dynamic_index_in_dim(
+    last = jnp.where(index == 0, first, jax.lax.dynamic_index_in_dim(
         state['live_seqs'], jnp.maximum(index - 1, 0), axis=2, keepdims=False))
     logits, cache = tokens_to_logits(last.reshape(vocab_rows, 1), state['cache'])
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32)).reshape(batch_size, beams, -1)
@@ -179,7 +197,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Cache, batch_size: int,
     top_seqs = jax.lax.dynamic_update_slice(
         top_seqs, top_token[:, :, None], (0, 0, index))
     is_eos = top_token == eos_id
-    at_end = index + 1 >= max_decode_length
+    at_end = index + 1 >= limit  # [batch, 1]
     # Finished: EOS among the best `beams` candidates, or any candidate at the last position.
     rank_ok = jnp.arange(2 * beams)[None, :] < beams
     ends = (is_eos & rank_ok) | (at_end & rank_ok)
@@ -192,6 +210,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Cache, batch_size: int,
     finished_flags = jnp.take_along_axis(all_flags, keep, axis=1)
     # Live: the best candidates that did not emit EOS.
     live_scores, live = jax.lax.top_k(jnp.where(is_eos, NEG_INF * 2, top_log_prob), beams)
+    live_scores = jnp.where(at_end, NEG_INF * 2, live_scores)  # nothing continues past its end
     live_seqs = jnp.take_along_axis(top_seqs, live[:, :, None], axis=1)
     parent = jnp.take_along_axis(top_beam, live, axis=1)
     return {'index': index + 1, 'cache': _gather_beams(cache, parent, batch_size, beams),

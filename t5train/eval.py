@@ -42,7 +42,7 @@ def _write_results(path: str, results: AllMetrics) -> None:
   paths.write_text_atomically(path, json.dumps(results, indent=2, sort_keys=True))
 
 
-def evaluate(*, model: models.EncoderDecoderModel, partitioner: partitioning.PjitPartitioner,
+def evaluate(*, model: models.BaseTransformerModel, partitioner: partitioning.PjitPartitioner,
              restore_checkpoint_cfg: checkpoints.RestoreCheckpointConfig, output_dir: str,
              dataset_cfg: Any, num_examples: int | None = None,
              decoder_params: dict[str, Any] | None = None, random_seed: int = 0) -> AllMetrics:

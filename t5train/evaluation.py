@@ -40,7 +40,7 @@ class TeacherForcedEval:
   is skipped with a warning.
   """
 
-  def __init__(self, model: models.EncoderDecoderModel, partitioner: PjitPartitioner,
+  def __init__(self, model: models.BaseTransformerModel, partitioner: PjitPartitioner,
                param_shardings: Any, dataset_cfg: data.DatasetConfig, num_batches: int,
                summary_root: str | None):
     self._batches: dict[str, list[dict[str, jax.Array]]] = {}
@@ -97,7 +97,7 @@ class InferenceEval:
   predictions (``<task>-<step>.jsonl``) there.
   """
 
-  def __init__(self, model: models.EncoderDecoderModel, partitioner: PjitPartitioner,
+  def __init__(self, model: models.BaseTransformerModel, partitioner: PjitPartitioner,
                param_shardings: Any, dataset_cfg: data.DatasetConfig,
                num_examples: int | None = None, log_dir: str | None = None,
                decoder_params: Mapping[str, Any] | None = None, seed: int = 0):

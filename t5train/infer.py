@@ -44,11 +44,11 @@ def _example_text(example: dict[str, Any], feature: str, vocabulary: Any) -> str
   return vocabulary.decode([int(t) for t in example[feature]]) if feature in example else ''
 
 
-def _records(mode: str, examples: Sequence[dict[str, Any]], model: models.EncoderDecoderModel,
+def _records(mode: str, examples: Sequence[dict[str, Any]], model: models.BaseTransformerModel,
              runner: inference.InferenceRunner, params: Any, lengths: dict[str, int],
              include_tokens: bool) -> list[dict[str, Any]]:
   """One JSON object per example, with the fields of ``mode``."""
-  features = [inference.model_features(ex, lengths) for ex in examples]
+  features = [model.example_features(ex, lengths) for ex in examples]
   records = [{'inputs': _example_text(ex, 'inputs', model.input_vocabulary)} for ex in examples]
   for record, example in zip(records, examples):
     if 'targets_pretokenized' in example or 'targets' in example:
@@ -77,7 +77,7 @@ def _write_jsonl(path: str, records: Sequence[dict[str, Any]]) -> None:
       path, ''.join(json.dumps(record, ensure_ascii=False) + '\n' for record in records))
 
 
-def infer(*, model: models.EncoderDecoderModel, partitioner: partitioning.PjitPartitioner,
+def infer(*, model: models.BaseTransformerModel, partitioner: partitioning.PjitPartitioner,
           restore_checkpoint_cfg: checkpoints.RestoreCheckpointConfig, output_dir: str,
           dataset_cfg: Any = None, input_file: str | None = None, mode: str = 'predict',
           num_examples: int | None = None, include_tokens: bool = False,

@@ -22,27 +22,11 @@ from t5train.train_state import TrainStateInitializer
 Features = Mapping[str, np.ndarray]  # one example's model features, padded
 
 
-def _pad(tokens: Any, length: int) -> np.ndarray:
-  tokens = np.asarray(tokens, np.int32)[:length]
-  return np.pad(tokens, (0, length - len(tokens)))
-
-
-def model_features(example: Mapping[str, Any], lengths: Mapping[str, int]) -> dict[str, np.ndarray]:
-  """Padded encoder-decoder features of one task example (``inputs``, optional ``targets``)."""
-  features = {'encoder_input_tokens': _pad(example['inputs'], lengths['inputs'])}
-  if 'targets' in example and 'targets' in lengths:
-    targets = _pad(example['targets'], lengths['targets'])
-    features['decoder_target_tokens'] = targets
-    features['decoder_input_tokens'] = np.pad(targets, (1, 0))[:-1]
-    features['decoder_loss_weights'] = (targets > 0).astype(np.float32)
-  return features
-
-
 def text(value: Any) -> str:
   return value.decode('utf-8', 'replace') if isinstance(value, bytes) else str(value)
 
 
-def params_initializer(model: models.EncoderDecoderModel, partitioner: PjitPartitioner,
+def params_initializer(model: models.BaseTransformerModel, partitioner: PjitPartitioner,
                        batch_size: int, task_feature_lengths: Mapping[str, int]
                        ) -> TrainStateInitializer:
   """Shapes and shardings of the model's state for batches of ``batch_size`` examples."""
@@ -58,7 +42,7 @@ class InferenceRunner:
   the same shape and the functions compile once.
   """
 
-  def __init__(self, model: models.EncoderDecoderModel, partitioner: PjitPartitioner,
+  def __init__(self, model: models.BaseTransformerModel, partitioner: PjitPartitioner,
                param_shardings: Any, batch_size: int, max_decode_length: int,
                decoder_params: Mapping[str, Any] | None = None, seed: int = 0):
     self._model = model
@@ -117,7 +101,7 @@ class Prediction:
   prediction: str
 
 
-def predict_split(model: models.EncoderDecoderModel, partitioner: PjitPartitioner, params: Any,
+def predict_split(model: models.BaseTransformerModel, partitioner: PjitPartitioner, params: Any,
                   param_shardings: Any, dataset_config: data.DatasetConfig,
                   num_examples: int) -> list[Prediction]:
   """Predictions for the first ``num_examples`` of a task split, with their targets."""
@@ -125,7 +109,7 @@ def predict_split(model: models.EncoderDecoderModel, partitioner: PjitPartitione
   examples = data.pretokenized_examples(dataset_config, num_examples)
   runner = InferenceRunner(model, partitioner, param_shardings, dataset_config.batch_size,
                            lengths['targets'])
-  tokens, _ = runner.predict(params, [model_features(ex, lengths) for ex in examples])
+  tokens, _ = runner.predict(params, [model.example_features(ex, lengths) for ex in examples])
   return [Prediction(inputs=text(ex.get('inputs_pretokenized', '')),
                      target=text(ex.get('targets_pretokenized', '')),
                      prediction=model.output_vocabulary.decode(row.tolist()))

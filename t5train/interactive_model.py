@@ -149,7 +149,7 @@ class InteractiveModel:
   """
 
   def __init__(self, batch_size: int, task_feature_lengths: Mapping[str, int], output_dir: str,
-               partitioner: partitioning.PjitPartitioner, model: models.EncoderDecoderModel,
+               partitioner: partitioning.PjitPartitioner, model: models.BaseTransformerModel,
                dtype: str = 'float32', restore_mode: str = 'specific',
                checkpoint_path: str | None = '',
                input_shapes: Mapping[str, Sequence[int]] | None = None,
@@ -210,7 +210,7 @@ class InteractiveModel:
     return self._partitioner
 
   @property
-  def model(self) -> models.EncoderDecoderModel:
+  def model(self) -> models.BaseTransformerModel:
     return self._model
 
   @property
@@ -343,7 +343,7 @@ class InteractiveModel:
     dataset = get_dataset_from_natural_text_examples(
         examples, preprocessors, self._task_feature_lengths, self._features)
     task_examples = list(dataset.as_numpy_iterator())
-    features = [inference.model_features(ex, self._task_feature_lengths) for ex in task_examples]
+    features = [self._model.example_features(ex, self._task_feature_lengths) for ex in task_examples]
     runner = self._runner(inference_kwargs)
     params = self._trainer.train_state.params
     if mode == InferenceType.SCORE:

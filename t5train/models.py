@@ -1,7 +1,9 @@
-"""EncoderDecoderModel: the network plus its loss, metrics, initialisation and decoding.
+"""The models: a network plus its loss, metrics, initialisation, features and decoding.
 
-Holds no training state and does no I/O. seqio is imported lazily (only for
-``FEATURE_CONVERTER_CLS``) so that the model runs where TensorFlow is absent.
+``EncoderDecoderModel`` (T5) and ``DecoderOnlyModel`` (causal or prefix LM) share
+the loss, metrics and scoring of ``BaseTransformerModel``. They hold no training
+state and do no I/O. seqio is imported lazily (only for ``FEATURE_CONVERTER_CLS``)
+so that the models run where TensorFlow is absent.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import clu.metrics as clu_metrics
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from t5train import decoding, losses
 
@@ -22,18 +25,31 @@ Batch = Mapping[str, Array]
 Metrics = dict[str, clu_metrics.Metric]
 
 
-class _SeqioEncDecFeatureConverter:
-  """Resolves to ``seqio.EncDecFeatureConverter`` on first access."""
+class _SeqioFeatureConverter:
+  """Resolves to the named seqio feature converter class on first access."""
+
+  def __init__(self, name: str):
+    self._name = name
 
   def __get__(self, obj: Any, owner: type) -> type:
     import seqio  # pylint: disable=g-import-not-at-top
-    return seqio.EncDecFeatureConverter
+    return getattr(seqio, self._name)
 
 
-class EncoderDecoderModel:
-  """A T5-style encoder-decoder with T5X's constructor and method names."""
+def _pad(tokens: Any, length: int) -> np.ndarray:
+  tokens = np.asarray(tokens, np.int32)[:length]
+  return np.pad(tokens, (0, length - len(tokens)))
 
-  FEATURE_CONVERTER_CLS = _SeqioEncDecFeatureConverter()
+
+class BaseTransformerModel:
+  """Loss, metrics, scoring and shapes shared by the model classes (T5X's names).
+
+  A subclass gives ``logits``, ``get_initial_variables``, ``predict_batch_with_aux``
+  and ``example_features``; its batches hold ``decoder_target_tokens`` and
+  ``decoder_loss_weights``.
+  """
+
+  FEATURE_CONVERTER_CLS: Any = None
 
   def __init__(self, module: nn.Module, input_vocabulary: Any, output_vocabulary: Any,
                optimizer_def: Any, decode_fn: Callable[..., Any] = decoding.temperature_sample,
@@ -55,21 +71,8 @@ class EncoderDecoderModel:
         dict(task_feature_lengths))
     return {name: (batch_size, length) for name, length in lengths.items()}
 
-  def get_initial_variables(self, rng: Array, input_shapes: Mapping[str, Any],
-                            input_types: Mapping[str, Any] | None = None) -> Any:
-    """Initial variables (parameters boxed with their logical axis names)."""
-    input_types = input_types or {}
-    tokens = lambda name: jnp.ones(tuple(input_shapes[name]), input_types.get(name, jnp.int32))
-    return self.module.init(rng, tokens('encoder_input_tokens'), tokens('decoder_input_tokens'),
-                            tokens('decoder_target_tokens'), enable_dropout=False)
-
   def logits(self, params: Any, batch: Batch, dropout_rng: Array | None = None) -> Array:
-    """Teacher-forced logits [batch, target_length, vocab]; dropout only with an rng."""
-    return self.module.apply(
-        {'params': params}, batch['encoder_input_tokens'], batch['decoder_input_tokens'],
-        batch['decoder_target_tokens'], batch.get('encoder_segment_ids'),
-        batch.get('decoder_segment_ids'), enable_dropout=dropout_rng is not None,
-        rngs=None if dropout_rng is None else {'dropout': dropout_rng})
+    raise NotImplementedError
 
   def normalize_loss_weights(self, batch: Batch) -> tuple[dict[str, Array], float | None]:
     """Folds the loss normaliser into ``decoder_loss_weights`` for the whole batch.
@@ -138,6 +141,39 @@ class EncoderDecoderModel:
     return self.predict_batch_with_aux(params, batch, rng, decoder_params,
                                        max_decode_length=max_decode_length)[0]
 
+
+class EncoderDecoderModel(BaseTransformerModel):
+  """A T5-style encoder-decoder with T5X's constructor and method names."""
+
+  FEATURE_CONVERTER_CLS = _SeqioFeatureConverter('EncDecFeatureConverter')
+
+  def example_features(self, example: Mapping[str, Any], lengths: Mapping[str, int]
+                       ) -> dict[str, np.ndarray]:
+    """Padded model features of one task example (``inputs``, optional ``targets``)."""
+    features = {'encoder_input_tokens': _pad(example['inputs'], lengths['inputs'])}
+    if 'targets' in example and 'targets' in lengths:
+      targets = _pad(example['targets'], lengths['targets'])
+      features['decoder_target_tokens'] = targets
+      features['decoder_input_tokens'] = np.pad(targets, (1, 0))[:-1]
+      features['decoder_loss_weights'] = (targets > 0).astype(np.float32)
+    return features
+
+  def get_initial_variables(self, rng: Array, input_shapes: Mapping[str, Any],
+                            input_types: Mapping[str, Any] | None = None) -> Any:
+    """Initial variables (parameters boxed with their logical axis names)."""
+    input_types = input_types or {}
+    tokens = lambda name: jnp.ones(tuple(input_shapes[name]), input_types.get(name, jnp.int32))
+    return self.module.init(rng, tokens('encoder_input_tokens'), tokens('decoder_input_tokens'),
+                            tokens('decoder_target_tokens'), enable_dropout=False)
+
+  def logits(self, params: Any, batch: Batch, dropout_rng: Array | None = None) -> Array:
+    """Teacher-forced logits [batch, target_length, vocab]; dropout only with an rng."""
+    return self.module.apply(
+        {'params': params}, batch['encoder_input_tokens'], batch['decoder_input_tokens'],
+        batch['decoder_target_tokens'], batch.get('encoder_segment_ids'),
+        batch.get('decoder_segment_ids'), enable_dropout=dropout_rng is not None,
+        rngs=None if dropout_rng is None else {'dropout': dropout_rng})
+
   def predict_batch_with_aux(self, params: Any, batch: Batch, rng: Array | None = None,
                              decoder_params: Mapping[str, Any] | None = None,
                              return_all_decodes: bool = False, num_decodes: int | None = None,
@@ -190,6 +226,139 @@ class EncoderDecoderModel:
         enable_dropout=False, decode=True, max_decode_length=length, method=self.module.decode,
         mutable=['cache'])
     return logits[:, 0], variables['cache']
+
+
+class DecoderOnlyModel(BaseTransformerModel):
+  """A decoder-only LM (T5X's ``DecoderOnlyModel``): causal LM on targets-only tasks, prefix LM
+  on tasks with inputs and targets.
+
+  seqio's ``DecoderFeatureConverter`` chooses by the task's feature lengths: with
+  ``inputs`` they are concatenated before the targets and the loss is on the
+  targets only (``PrefixLMFeatureConverter``). ``inputs_bidirectional_attention``
+  lets the inputs part attend in both directions (Raffel et al.'s prefix LM); T5X's
+  default is causal attention everywhere. Decoding continues the inputs: the cache
+  is filled from them in one pass and the outputs are the continuation only.
+  """
+
+  FEATURE_CONVERTER_CLS = _SeqioFeatureConverter('DecoderFeatureConverter')
+
+  def __init__(self, module: nn.Module, vocabulary: Any, optimizer_def: Any,
+               decode_fn: Callable[..., Any] = decoding.temperature_sample,
+               inputs_bidirectional_attention: bool = False,
+               feature_converter_cls: Callable[..., Any] | None = None,
+               label_smoothing: float = 0.0, z_loss: float = 0.0,
+               loss_normalizing_factor: losses.LossNormalizingFactor = None):
+    if feature_converter_cls is not None:
+      self.FEATURE_CONVERTER_CLS = feature_converter_cls  # pylint: disable=invalid-name
+    self.inputs_bidirectional_attention = inputs_bidirectional_attention
+    super().__init__(module, vocabulary, vocabulary, optimizer_def, decode_fn, z_loss,
+                     label_smoothing, loss_normalizing_factor)
+
+  def example_features(self, example: Mapping[str, Any], lengths: Mapping[str, int]
+                       ) -> dict[str, np.ndarray]:
+    """Padded model features of one task example, as seqio's ``DecoderFeatureConverter``
+    makes them unpacked; with inputs but no targets, only what decoding reads."""
+    has_targets = 'targets' in example and 'targets' in lengths
+    targets = np.asarray(example['targets'], np.int32)[:lengths['targets']] if has_targets else []
+    if 'inputs' not in lengths:  # causal LM
+      total = lengths['targets']
+      sequence, prefix = np.asarray(targets, np.int32), 0
+    else:
+      total = lengths['inputs'] + lengths.get('targets', 0)
+      inputs = np.asarray(example['inputs'], np.int32)[:lengths['inputs']]
+      sequence, prefix = np.concatenate([inputs, np.asarray(targets, np.int32)]), len(inputs)
+    target_tokens = _pad(sequence, total)
+    positions = np.arange(total)
+    features = {'decoder_input_tokens': np.pad(target_tokens, (1, 0))[:-1]}
+    if 'inputs' in lengths:
+      features['decoder_causal_attention'] = (positions < prefix + 1).astype(np.int32)
+    if has_targets or 'inputs' not in lengths:
+      features['decoder_target_tokens'] = target_tokens
+      features['decoder_loss_weights'] = ((positions >= prefix) &
+                                          (positions < len(sequence))).astype(np.float32)
+    return features
+
+  def get_initial_variables(self, rng: Array, input_shapes: Mapping[str, Any],
+                            input_types: Mapping[str, Any] | None = None) -> Any:
+    """Initial variables (parameters boxed with their logical axis names)."""
+    shape = tuple(input_shapes['decoder_input_tokens'])
+    dtype = (input_types or {}).get('decoder_input_tokens', jnp.int32)
+    return self.module.init(rng, jnp.ones(shape, dtype), jnp.ones(shape, dtype),
+                            enable_dropout=False)
+
+  def _bidirectional_region(self, batch: Batch) -> Array | None:
+    if not self.inputs_bidirectional_attention:
+      return None
+    if 'decoder_causal_attention' not in batch:
+      raise ValueError('inputs_bidirectional_attention needs the decoder_causal_attention '
+                       'feature: a task with inputs and seqio.PrefixLMFeatureConverter (or '
+                       'DecoderFeatureConverter)')
+    return batch['decoder_causal_attention']
+
+  def logits(self, params: Any, batch: Batch, dropout_rng: Array | None = None) -> Array:
+    """Teacher-forced logits [batch, length, vocab]; dropout only with an rng."""
+    return self.module.apply(
+        {'params': params}, batch['decoder_input_tokens'], batch['decoder_target_tokens'],
+        batch.get('decoder_segment_ids'), batch.get('decoder_positions'),
+        self._bidirectional_region(batch), enable_dropout=dropout_rng is not None,
+        rngs=None if dropout_rng is None else {'dropout': dropout_rng})
+
+  def predict_batch_with_aux(self, params: Any, batch: Batch, rng: Array | None = None,
+                             decoder_params: Mapping[str, Any] | None = None,
+                             return_all_decodes: bool = False, num_decodes: int | None = None,
+                             max_decode_length: int | None = None
+                             ) -> tuple[Array, dict[str, Array]]:
+    """Continues each example's inputs with ``decode_fn``; aux holds the ``scores``.
+
+    The prompt is ``decoder_input_tokens`` where ``decoder_causal_attention`` is 1.
+    Outputs are the continuation only, [batch, max_decode_length] (default: the
+    sequence length); each example stops where its sequence ends. Arguments as
+    ``EncoderDecoderModel.predict_batch_with_aux``.
+    """
+    if 'decoder_causal_attention' not in batch:
+      raise ValueError('decoding continues the inputs, and this batch has no '
+                       'decoder_causal_attention: give the task inputs and targets lengths '
+                       '(seqio.PrefixLMFeatureConverter) to decode')
+    decoder_params = dict(decoder_params or {})
+    if num_decodes is not None:
+      decoder_params['num_decodes'] = num_decodes
+    region = batch['decoder_causal_attention']
+    prompt = batch['decoder_input_tokens'] * region
+    rows, total = prompt.shape
+    prefix = prompt_lengths(region)
+    width = max_decode_length or total
+    cache = self._prefilled_cache(params, prompt, region, prefix)
+    tokens_to_logits = functools.partial(self._decode_step, params, total)
+    eos_id = getattr(self.output_vocabulary, 'eos_id', 1)
+    decodes, scores = self.decode_fn(
+        tokens_to_logits, cache, rows, width, eos_id, decode_rng=rng,
+        first_tokens=jnp.take_along_axis(prompt, prefix[:, None], axis=1)[:, 0],
+        max_lengths=jnp.minimum(width, total - prefix), **decoder_params)
+    if return_all_decodes:
+      return decodes, {'scores': scores}
+    return decodes[:, 0], {'scores': scores[:, 0]}
+
+  def _prefilled_cache(self, params: Any, prompt: Array, region: Array, prefix: Array) -> Any:
+    """The cache with the keys and values of each row's first ``prefix`` positions."""
+    _, variables = self.module.apply(
+        {'params': params}, prompt, region, None, None,
+        region if self.inputs_bidirectional_attention else None, enable_dropout=False,
+        decode=True, prefill_lengths=prefix, mutable=['cache'])
+    return variables['cache']
+
+  def _decode_step(self, params: Any, total: int, tokens: Array, cache: Any
+                   ) -> tuple[Array, Any]:
+    """Logits [rows, vocab] of the token after ``tokens`` [rows, 1], and the new cache."""
+    logits, variables = self.module.apply(
+        {'params': params, 'cache': cache}, tokens, enable_dropout=False, decode=True,
+        max_decode_length=total, mutable=['cache'])
+    return logits[:, 0], variables['cache']
+
+
+def prompt_lengths(decoder_causal_attention: Array) -> Array:
+  """Per row, the prompt positions whose keys and values are prefilled: the prefix region of
+  ``decoder_causal_attention`` less its last position, whose token is fed first."""
+  return jnp.maximum(jnp.sum(decoder_causal_attention > 0, axis=-1) - 1, 0).astype(jnp.int32)
 
 
 def _decode_length(batch: Batch) -> int:

@@ -227,17 +227,20 @@ class RelativePositionBiases(nn.Module):
 
   @nn.compact
   def __call__(self, buckets: Array) -> Array:
-    """Bias [1, heads, queries, keys] for bucket ids [queries, keys] (see ``position_buckets``)."""
+    """Bias [1, heads, queries, keys] for bucket ids [queries, keys] (see ``position_buckets``),
+    or [batch, heads, queries, keys] for per-row ids [batch, queries, keys]."""
     table = self.param(
         'rel_embedding',
         nn.with_logical_partitioning(nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform'),
                                      ('heads', 'relpos_buckets')),
         (self.num_heads, self.num_buckets), jnp.float32)
-    bias = jnp.take(table, jnp.asarray(buckets), axis=1)  # [heads, q, k]
-    return bias[None].astype(self.dtype)
+    buckets = jnp.asarray(buckets)
+    bias = jnp.take(table, buckets, axis=1)  # [heads, (batch,) q, k]
+    bias = bias[None] if buckets.ndim == 2 else jnp.moveaxis(bias, 0, 1)
+    return bias.astype(self.dtype)
 
 
-def _relpos_bias(config: T5Config) -> RelativePositionBiases:
+def relative_position_table(config: T5Config) -> RelativePositionBiases:
   """The (stack's or layer's) relative-position table module, named as T5X names it."""
   return RelativePositionBiases(config.relative_attention_num_buckets, config.num_heads,
                                 dtype=config.activation_dtype, name='relpos_bias')
@@ -319,16 +322,27 @@ class MultiHeadAttention(nn.Module):
     return k, v
 
   def _self_cache(self, k: Array, v: Array, cache_index: Array | None) -> tuple[Array, Array]:
-    k, v = _heads_major(k), _heads_major(v)
+    """Keys and values of every cached position, with this call's written in.
+
+    The creating call stores its own keys and values (a decoder-only model's
+    prompt, computed in one pass); later positions are overwritten as decoding
+    reaches them, and masks hide them until then. ``cache_index`` is one
+    position for every row, or [rows] positions, one per row.
+    """
+    k, v = _heads_major(k).astype(self.dtype), _heads_major(v).astype(self.dtype)
     if not self.has_variable('cache', 'cached_key'):  # creating the cache: max length = k's
-      self.put_variable('cache', 'cached_key', jnp.zeros_like(k))
-      self.put_variable('cache', 'cached_value', jnp.zeros_like(v))
+      self.put_variable('cache', 'cached_key', k)
+      self.put_variable('cache', 'cached_value', v)
       return k, v
-    start = (0, 0, cache_index, 0)
-    k = jax.lax.dynamic_update_slice(self.get_variable('cache', 'cached_key'), k.astype(
-        self.dtype), start)
-    v = jax.lax.dynamic_update_slice(self.get_variable('cache', 'cached_value'), v.astype(
-        self.dtype), start)
+    cached_k = self.get_variable('cache', 'cached_key')
+    cached_v = self.get_variable('cache', 'cached_value')
+    if jnp.ndim(cache_index) == 0:
+      start = (0, 0, cache_index, 0)
+      k = jax.lax.dynamic_update_slice(cached_k, k, start)
+      v = jax.lax.dynamic_update_slice(cached_v, v, start)
+    else:
+      here = (jnp.arange(cached_k.shape[2]) == cache_index[:, None])[:, None, :, None]
+      k, v = jnp.where(here, k, cached_k), jnp.where(here, v, cached_v)
     self.put_variable('cache', 'cached_key', k)
     self.put_variable('cache', 'cached_value', v)
     return k, v
@@ -355,19 +369,30 @@ class MlpBlock(nn.Module):
     return Dense(x.shape[-1], ('mlp', 'embed'), dtype=self.dtype, name='wo')(hidden)
 
 
-def _mask_to_bias(mask: Array, dtype: Any) -> Array:
+def mask_to_bias(mask: Array, dtype: Any) -> Array:
+  """Additive attention bias: 0 where ``mask`` allows, a large negative number elsewhere."""
   return jnp.where(mask, 0.0, _MASKED_LOGIT).astype(dtype)
 
 
 def attention_mask(query_tokens: Array, key_tokens: Array, query_segment_ids: Array | None = None,
-                   key_segment_ids: Array | None = None, causal: bool = False) -> Array:
-  """Boolean mask [batch, 1, q, k]: real tokens, same packed segment and, if causal, the past."""
+                   key_segment_ids: Array | None = None, causal: bool = False,
+                   bidirectional_region: Array | None = None) -> Array:
+  """Boolean mask [batch, 1, q, k]: real tokens, same packed segment and, if causal, the past.
+
+  ``bidirectional_region`` [batch, length] (self-attention only; a prefix LM's
+  ``decoder_causal_attention``) marks positions that also see the later positions
+  of the region, as T5X's ``make_decoder_mask``.
+  """
   mask = (query_tokens > 0)[:, None, :, None] & (key_tokens > 0)[:, None, None, :]
   if query_segment_ids is not None and key_segment_ids is not None:
     mask &= query_segment_ids[:, None, :, None] == key_segment_ids[:, None, None, :]
   if causal:
     q_len, k_len = query_tokens.shape[1], key_tokens.shape[1]
-    mask &= jnp.tril(jnp.ones((q_len, k_len), bool))[None, None]
+    visible = jnp.tril(jnp.ones((q_len, k_len), bool))[None, None]
+    if bidirectional_region is not None:
+      region = bidirectional_region > 0
+      visible = visible | (region[:, None, :, None] & region[:, None, None, :])
+    mask &= visible
   return mask
 
 
@@ -381,7 +406,7 @@ class EncoderLayer(nn.Module):
     table turns into the bias added to ``bias`` (which then holds only the mask)."""
     cfg = self.config
     if relpos_buckets is not None:
-      bias = bias + _relpos_bias(cfg)(relpos_buckets)
+      bias = bias + relative_position_table(cfg)(relpos_buckets)
     dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
     norm = lambda name: LayerNorm(cfg.layer_norm_epsilon, cfg.activation_dtype, name=name)
     h = norm('pre_attention_layer_norm')(x)
@@ -401,12 +426,12 @@ class DecoderLayer(nn.Module):
   config: T5Config
 
   @nn.compact
-  def __call__(self, y: Array, encoded: Array, self_bias: Array, cross_bias: Array,
+  def __call__(self, y: Array, encoded: Array | None, self_bias: Array, cross_bias: Array | None,
                deterministic: bool, decode: bool = False, cache_index: Array | None = None,
                relpos_buckets: Array | None = None) -> Array:
     cfg = self.config
     if relpos_buckets is not None:  # umT5: this layer's own table (see EncoderLayer)
-      self_bias = self_bias + _relpos_bias(cfg)(relpos_buckets)
+      self_bias = self_bias + relative_position_table(cfg)(relpos_buckets)
     dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
     norm = lambda name: LayerNorm(cfg.layer_norm_epsilon, cfg.activation_dtype, name=name)
     attention = lambda name: MultiHeadAttention(cfg.num_heads, cfg.head_dim, cfg.activation_dtype,
@@ -416,10 +441,11 @@ class DecoderLayer(nn.Module):
     h = attention('self_attention')(h, h, self_bias, deterministic,
                                     'self' if decode else None, cache_index)
     y = y + dropout(h, deterministic=deterministic)
-    h = norm('pre_cross_attention_layer_norm')(y)
-    h = attention('encoder_decoder_attention')(h, encoded, cross_bias, deterministic,
-                                               'cross' if decode else None)
-    y = y + dropout(h, deterministic=deterministic)
+    if encoded is not None:  # a decoder-only model has no encoder to attend to
+      h = norm('pre_cross_attention_layer_norm')(y)
+      h = attention('encoder_decoder_attention')(h, encoded, cross_bias, deterministic,
+                                                 'cross' if decode else None)
+      y = y + dropout(h, deterministic=deterministic)
     h = norm('pre_mlp_layer_norm')(y)
     h = MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.activation_dtype, cfg.dropout_rate,
                  name='mlp')(h, deterministic)
@@ -428,8 +454,8 @@ class DecoderLayer(nn.Module):
     return (y, None) if cfg.scan_layers else y
 
 
-def _run_layers(layer: type[nn.Module], config: T5Config, num_layers: int,
-                static_argnums: tuple[int, ...], x: Array, *args: Any) -> Array:
+def run_layers(layer: type[nn.Module], config: T5Config, num_layers: int,
+               static_argnums: tuple[int, ...], x: Array, *args: Any) -> Array:
   """Runs a stack's ``num_layers`` layers on ``x``; called inside the stack's compact method.
 
   ``static_argnums`` are the layer's Python-valued arguments (``self`` is 0). With
@@ -461,17 +487,30 @@ class Encoder(nn.Module):
     buckets = position_buckets(length, length, True, cfg.relative_attention_num_buckets,
                                cfg.relative_attention_max_distance)
     mask = attention_mask(tokens, tokens, segment_ids, segment_ids)
-    bias = _mask_to_bias(mask, cfg.activation_dtype)
+    bias = mask_to_bias(mask, cfg.activation_dtype)
     layer_buckets = buckets if cfg.relative_attention_per_layer else None
     if layer_buckets is None:
-      bias = _relpos_bias(cfg)(buckets) + bias
+      bias = relative_position_table(cfg)(buckets) + bias
     dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
     x = dropout(self.shared_embedding(tokens), deterministic=deterministic)
     x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
-    x = _run_layers(EncoderLayer, cfg, cfg.num_encoder_layers, (3,), x, bias, deterministic,
+    x = run_layers(EncoderLayer, cfg, cfg.num_encoder_layers, (3,), x, bias, deterministic,
                     layer_buckets)
     x = LayerNorm(cfg.layer_norm_epsilon, cfg.activation_dtype, name='encoder_norm')(x)
     return dropout(x, deterministic=deterministic)
+
+
+def output_logits(config: T5Config, embedding: Embed, y: Array) -> Array:
+  """Float32 logits [batch, length, vocab] of the final hidden states; called inside a
+  decoder stack's compact method, which owns ``logits_dense`` when logits are untied."""
+  if config.logits_via_embedding:
+    # Tied output layer (T5 v1.0): rescale so logits keep unit-variance scale.
+    logits = embedding.attend(y) / jnp.sqrt(y.shape[-1]).astype(y.dtype)
+  else:
+    logits = Dense(config.vocab_size, ('embed', 'vocab'), dtype=jnp.float32,
+                   name='logits_dense')(y)
+  logits = logits.astype(jnp.float32)
+  return nn.with_logical_constraint(logits, ('batch', 'length', 'vocab'))
 
 
 class Decoder(nn.Module):
@@ -514,27 +553,20 @@ class Decoder(nn.Module):
                                  decoder_segment_ids, decoder_segment_ids, causal=True)
       cross_mask = attention_mask(decoder_target_tokens, encoder_tokens,
                                   decoder_segment_ids, encoder_segment_ids)
-      self_bias = _mask_to_bias(self_mask, cfg.activation_dtype)
-      cross_bias = _mask_to_bias(cross_mask, cfg.activation_dtype)
+      self_bias = mask_to_bias(self_mask, cfg.activation_dtype)
+      cross_bias = mask_to_bias(cross_mask, cfg.activation_dtype)
       self_buckets = buckets(length)
     layer_buckets = self_buckets if cfg.relative_attention_per_layer else None
     if layer_buckets is None:
-      self_bias = _relpos_bias(cfg)(self_buckets) + self_bias
+      self_bias = relative_position_table(cfg)(self_buckets) + self_bias
     dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
     y = dropout(self.shared_embedding(decoder_input_tokens), deterministic=deterministic)
     y = nn.with_logical_constraint(y, ('batch', 'length', 'embed'))
-    y = _run_layers(DecoderLayer, cfg, cfg.num_decoder_layers, (5, 6), y, encoded, self_bias,
+    y = run_layers(DecoderLayer, cfg, cfg.num_decoder_layers, (5, 6), y, encoded, self_bias,
                     cross_bias, deterministic, decode, cache_index, layer_buckets)
     y = LayerNorm(cfg.layer_norm_epsilon, cfg.activation_dtype, name='decoder_norm')(y)
     y = dropout(y, deterministic=deterministic)
-    if cfg.logits_via_embedding:
-      # Tied output layer (T5 v1.0): rescale so logits keep unit-variance scale.
-      logits = self.shared_embedding.attend(y) / jnp.sqrt(y.shape[-1]).astype(y.dtype)
-    else:
-      logits = Dense(cfg.vocab_size, ('embed', 'vocab'), dtype=jnp.float32,
-                     name='logits_dense')(y)
-    logits = logits.astype(jnp.float32)
-    return nn.with_logical_constraint(logits, ('batch', 'length', 'vocab'))
+    return output_logits(cfg, self.shared_embedding, y)
 
   def _decode_step_masks(self, encoder_tokens: Array, max_length: int
                          ) -> tuple[Array, Array, Array]:
@@ -543,9 +575,9 @@ class Decoder(nn.Module):
     cache_index = self.get_variable('cache', 'cache_index')
     self.put_variable('cache', 'cache_index', cache_index + 1)
     visible = jnp.arange(max_length) <= cache_index  # the past and this position
-    self_bias = _mask_to_bias(visible[None, None, None, :], cfg.activation_dtype)
+    self_bias = mask_to_bias(visible[None, None, None, :], cfg.activation_dtype)
     cross_mask = (encoder_tokens > 0)[:, None, None, :]
-    return self_bias, _mask_to_bias(cross_mask, cfg.activation_dtype), cache_index
+    return self_bias, mask_to_bias(cross_mask, cfg.activation_dtype), cache_index
 
 
 class Transformer(nn.Module):
@@ -595,7 +627,7 @@ def stack_layers(params: Any, num_layers: dict[str, int] | None = None) -> dict[
   the counts; by default they are read off the tree.
   """
   params = dict(params)
-  for stack in ('encoder', 'decoder'):
+  for stack in [name for name in ('encoder', 'decoder') if name in params]:
     tree = dict(params[stack])
     count = sum(1 for name in tree if name.startswith('layers_'))
     if num_layers is not None and num_layers[stack] != count:
@@ -609,7 +641,7 @@ def stack_layers(params: Any, num_layers: dict[str, int] | None = None) -> dict[
 def unstack_layers(params: Any) -> dict[str, Any]:
   """The ``scan_layers`` layout -> per-layer parameters; the inverse of ``stack_layers``."""
   params = dict(params)
-  for stack in ('encoder', 'decoder'):
+  for stack in [name for name in ('encoder', 'decoder') if name in params]:
     tree = dict(params[stack])
     stacked = tree.pop('layers')
     count = jax.tree_util.tree_leaves(stacked)[0].shape[0]

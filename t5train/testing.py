@@ -11,7 +11,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5train import assembly, checkpoints, models, network, optimizers, partitioning
+from t5train import (
+  assembly,
+  checkpoints,
+  decoder_only_network,
+  models,
+  network,
+  optimizers,
+  partitioning,
+)
 
 
 def tiny_config(**overrides: object) -> network.T5Config:
@@ -30,6 +38,17 @@ def tiny_model(config: network.T5Config | None = None,
       network.Transformer(config or tiny_config()), input_vocabulary=None,
       output_vocabulary=None, optimizer_def=optimizer_def or optimizers.AdamW(),
       **model_kwargs)
+
+
+def tiny_decoder_only_model(config: network.T5Config | None = None,
+                            optimizer_def: optimizers.OptimizerDef | None = None,
+                            **model_kwargs: object) -> models.DecoderOnlyModel:
+  """A 2-layer decoder-only model of ``tiny_config``'s width (a prefix LM unless
+  ``inputs_bidirectional_attention=False``)."""
+  model_kwargs.setdefault('inputs_bidirectional_attention', True)
+  return models.DecoderOnlyModel(
+      decoder_only_network.DecoderOnlyTransformer(config or tiny_config(num_encoder_layers=0)),
+      vocabulary=None, optimizer_def=optimizer_def or optimizers.AdamW(), **model_kwargs)
 
 
 def random_batch(batch_size: int = 4, input_length: int = 12, target_length: int = 8,

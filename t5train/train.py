@@ -36,11 +36,11 @@ _GUARD = gin_utils.GinCallGuard()
 DATASET_ITEM = 'dataset'  # the data iterator's item in a checkpoint
 
 
-def _input_shapes(model: models.EncoderDecoderModel, dataset_cfg: Any) -> dict[str, tuple]:
+def _input_shapes(model: models.BaseTransformerModel, dataset_cfg: Any) -> dict[str, tuple]:
   return model.input_shapes(dataset_cfg.batch_size, dataset_cfg.task_feature_lengths)
 
 
-def _training_batches(model: models.EncoderDecoderModel, dataset_cfg: Any, random_seed: int,
+def _training_batches(model: models.BaseTransformerModel, dataset_cfg: Any, random_seed: int,
                       partitioner: partitioning.PjitPartitioner,
                       manager: checkpoints.CheckpointManager, start_step: int,
                       resumed: bool) -> Any:
@@ -109,7 +109,7 @@ class _Evaluations:
   The latest values are kept in ``results`` as ``<kind>/<task>/<metric>``.
   """
 
-  def __init__(self, model: models.EncoderDecoderModel,
+  def __init__(self, model: models.BaseTransformerModel,
                partitioner: partitioning.PjitPartitioner, param_shardings: Any,
                trainer: trainer_lib.Trainer, model_dir: str, train_eval_dataset_cfg: Any,
                eval_steps: int, infer_eval_dataset_cfg: Any, infer_eval_num_examples: int | None):
@@ -143,7 +143,7 @@ class _Evaluations:
       getattr(evaluator, 'close', lambda: None)()
 
 
-def train(*, model: models.EncoderDecoderModel, train_dataset_cfg: Any,
+def train(*, model: models.BaseTransformerModel, train_dataset_cfg: Any,
           partitioner: partitioning.PjitPartitioner,
           checkpoint_cfg: checkpoints.SaveCheckpointConfig, model_dir: str, total_steps: int,
           restore_checkpoint_cfg: checkpoints.RestoreCheckpointConfig | None = None,

@@ -48,7 +48,7 @@ def _split_microbatches(batch: Batch, num_microbatches: int) -> dict[str, jax.Ar
   return {name: split(x) for name, x in batch.items()}
 
 
-def _loss_and_grads(model: models.EncoderDecoderModel, params: Any, batch: Batch,
+def _loss_and_grads(model: models.BaseTransformerModel, params: Any, batch: Batch,
                     dropout_rng: jax.Array, num_microbatches: int | None
                     ) -> tuple[Any, dict[str, jax.Array]]:
   """Gradients of the batch loss and its metric sums, accumulated over microbatches."""
@@ -78,7 +78,7 @@ class PreemptionError(Exception):
   """Training was asked to stop (T5X's name; callers save an emergency checkpoint on it)."""
 
 
-def train_step(model: models.EncoderDecoderModel, tx: optax.GradientTransformation,
+def train_step(model: models.BaseTransformerModel, tx: optax.GradientTransformation,
                learning_rate_fn: LearningRateFn, num_microbatches: int | None,
                skip_nonfinite: bool, state: TrainState, batch: Batch, rng: jax.Array
                ) -> tuple[TrainState, models.Metrics]:
@@ -118,7 +118,7 @@ class Trainer:
   the compiler freed is handed back to the system before the step allocates its own.
   """
 
-  def __init__(self, model: models.EncoderDecoderModel, train_state: TrainState,
+  def __init__(self, model: models.BaseTransformerModel, train_state: TrainState,
                partitioner: PjitPartitioner, train_state_axes: TrainState, rng: jax.Array,
                learning_rate_fn: LearningRateFn, num_microbatches: int | None = None,
                summary_dir: str | None = None, eval_names: tuple[str, ...] = (),

@@ -1,0 +1,114 @@
+"""The T5 decoder-only language model (T5X's ``examples/decoder_only``) as Flax modules.
+
+T5 decoder blocks without cross-attention, one causal relative-position table
+for the stack, and T5X's parameter paths (``decoder/token_embedder/embedding``,
+``decoder/layers_0/self_attention/query/kernel``, ``decoder/decoder_norm/scale``),
+so T5X decoder-only checkpoints line up. The depth is ``T5Config.num_decoder_layers``;
+``num_encoder_layers`` is unused. A prefix LM passes ``decoder_causal_attention``
+(1 on the inputs part): those positions attend to each other in both directions.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from t5train import network
+from t5train.network import Array, T5Config
+
+
+class DecoderOnlyStack(nn.Module):
+  """Embedding, decoder layers, final norm and logits, under one ``decoder`` scope.
+
+  Decoding runs in two kinds of ``decode=True`` calls. The first, with the whole
+  sequence [batch, length] (the prompt, zeros after it), creates the cache: every
+  layer stores its keys and values of all positions, computed in one pass with
+  the prompt's (prefix-LM) mask, and each row's next position is set to its
+  ``prefill_lengths``. Each later call takes one token per row [rows, 1], writes
+  it at that row's position and returns the logits of the next token. A row's
+  position never passes ``max_decode_length`` (the cache's length) in a valid
+  decode.
+  """
+
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, decoder_input_tokens: Array, decoder_target_tokens: Array | None,
+               decoder_segment_ids: Array | None, decoder_causal_attention: Array | None,
+               deterministic: bool, decode: bool = False, max_decode_length: int | None = None,
+               prefill_lengths: Array | None = None) -> Array:
+    cfg = self.config
+    embedding = network.Embed(cfg.vocab_size, cfg.emb_dim, cfg.activation_dtype,
+                              name='token_embedder')
+    cache_index = None
+    if decode and self.has_variable('cache', 'cache_index'):
+      if max_decode_length is None:
+        raise ValueError('a decoding step needs max_decode_length, the length of the cache')
+      bias, buckets, cache_index = self._decode_step_bias(max_decode_length)
+    else:
+      if decode:  # creating the cache from the prompt
+        rows = decoder_input_tokens.shape[0]
+        start = jnp.zeros((rows,), jnp.int32) if prefill_lengths is None else prefill_lengths
+        self.put_variable('cache', 'cache_index', start.astype(jnp.int32))
+      length = decoder_input_tokens.shape[1]
+      mask = network.attention_mask(decoder_target_tokens, decoder_target_tokens,
+                                    decoder_segment_ids, decoder_segment_ids, causal=True,
+                                    bidirectional_region=decoder_causal_attention)
+      bias = network.mask_to_bias(mask, cfg.activation_dtype)
+      buckets = self._buckets(length)
+    layer_buckets = buckets if cfg.relative_attention_per_layer else None
+    if layer_buckets is None:
+      bias = network.relative_position_table(cfg)(buckets) + bias
+    dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
+    y = dropout(embedding(decoder_input_tokens), deterministic=deterministic)
+    y = nn.with_logical_constraint(y, ('batch', 'length', 'embed'))
+    y = network.run_layers(network.DecoderLayer, cfg, cfg.num_decoder_layers, (5, 6), y, None,
+                           bias, None, deterministic, decode, cache_index, layer_buckets)
+    y = network.LayerNorm(cfg.layer_norm_epsilon, cfg.activation_dtype, name='decoder_norm')(y)
+    y = dropout(y, deterministic=deterministic)
+    return network.output_logits(cfg, embedding, y)
+
+  def _buckets(self, length: int) -> Array:
+    cfg = self.config
+    return jnp.asarray(network.position_buckets(length, length, False,
+                                                cfg.relative_attention_num_buckets,
+                                                cfg.relative_attention_max_distance))
+
+  def _decode_step_bias(self, max_length: int) -> tuple[Array, Array, Array]:
+    """Mask bias [rows, 1, 1, max_length] and bucket ids [rows, 1, max_length] for each row's
+    one query at its cached position, and those positions [rows]."""
+    cache_index = self.get_variable('cache', 'cache_index')
+    self.put_variable('cache', 'cache_index', cache_index + 1)
+    visible = jnp.arange(max_length)[None, :] <= cache_index[:, None]  # the past and this position
+    bias = network.mask_to_bias(visible[:, None, None, :], self.config.activation_dtype)
+    buckets = jnp.take(self._buckets(max_length), cache_index, axis=0, mode='clip')[:, None, :]
+    return bias, buckets, cache_index
+
+
+class DecoderOnlyTransformer(nn.Module):
+  """A decoder-only (causal or prefix) LM: token ids in, float32 logits [batch, length, vocab] out.
+
+  The call signature is T5X's ``DecoderWrapper``'s. Positions are accepted for
+  T5X compatibility but unused: relative position biases depend only on distances,
+  which packing leaves unchanged within a segment.
+  """
+
+  config: T5Config
+
+  def setup(self) -> None:
+    self.decoder = DecoderOnlyStack(self.config)
+
+  def __call__(self, decoder_input_tokens: Array, decoder_target_tokens: Array | None = None,
+               decoder_segment_ids: Array | None = None, decoder_positions: Array | None = None,
+               decoder_causal_attention: Array | None = None, *, enable_dropout: bool = True,
+               decode: bool = False, max_decode_length: int | None = None,
+               prefill_lengths: Array | None = None) -> Array:
+    """Teacher-forced logits, or with ``decode=True`` a cache-creating or cached step (see
+    ``DecoderOnlyStack``). Padding is read off ``decoder_target_tokens``."""
+    del decoder_positions
+    if decoder_target_tokens is None:
+      decoder_target_tokens = jnp.ones_like(decoder_input_tokens)
+    return self.decoder(decoder_input_tokens, decoder_target_tokens, decoder_segment_ids,
+                        decoder_causal_attention, not enable_dropout or decode, decode,
+                        max_decode_length, prefill_lengths)
+
