@@ -48,11 +48,15 @@ _DTYPE = flags.DEFINE_string('dtype', 'float32', 'Activation dtype: float32 or b
 _PEER = flags.DEFINE_enum('peer', 'auto', ['auto', 'none', 'transformers'],
                           'Also measure transformers\' PyTorch T5 (auto: if installed).')
 _OUT = flags.DEFINE_string('out', 'docs/bench/cpu.json', 'Where to write the JSON results.')
-_WORKLOADS = flags.DEFINE_list('workloads', ['train', 'decode', 'checkpoint'],
+_WORKLOADS = flags.DEFINE_list('workloads', ['train', 'decoder_only', 'decode', 'checkpoint'],
                                'Any of train, decode, checkpoint.')
 _CHECKPOINT_SIZES = flags.DEFINE_list('checkpoint_sizes', ['small', 'base'],
                                       'Model sizes for the checkpoint rows.')
 _DECODE_SIZES = flags.DEFINE_list('decode_sizes', ['small'], 'Model sizes for decoding.')
+_DECODER_ONLY_SIZES = flags.DEFINE_list(
+    'decoder_only_sizes', ['small'],
+    'gin/models/decoder_only sizes for the decoder-only workload (prefix LM on inputs + '
+    'targets, beside transformers\' Mistral of the same dimensions).')
 _DECODE_BATCHES = flags.DEFINE_list('decode_batch_sizes', ['1', '32'],
                                     'Batch sizes for decoding (latency and throughput).')
 _DECODE_METHODS = flags.DEFINE_list('decode_methods', ['greedy', 'beam4'],
@@ -91,6 +95,20 @@ def train_flops_per_step(size: dict[str, Any], batch: int, input_length: int,
   attention = (enc_layers * 4 * input_length**2 * inner +
                dec_layers * 4 * (target_length**2 + target_length * input_length) * inner)
   forward = 2 * (enc_token * input_length + dec_token * target_length) + attention
+  return 3.0 * forward * batch
+
+
+def decoder_only_train_flops_per_step(size: dict[str, Any], batch: int, length: int) -> float:
+  """Matmul and attention FLOPs of one decoder-only training step on ``length``-token rows.
+
+  Per token and layer: Q, K, V, O (4 d x inner) and the MLP; the logits (d x vocab) once per
+  token; attention 2 x 2 x length**2 x inner per layer. Counted as ``train_flops_per_step``.
+  """
+  d, inner, mlp = size['emb_dim'], size['num_heads'] * size['head_dim'], size['mlp_dim']
+  num_mlp_inputs = len(size.get('mlp_activations', ('relu',)))
+  layers = size['num_decoder_layers']
+  per_token = layers * (4 * d * inner + (num_mlp_inputs + 1) * d * mlp) + d * size['vocab_size']
+  forward = 2 * per_token * length + layers * 4 * length**2 * inner
   return 3.0 * forward * batch
 
 
@@ -419,6 +437,98 @@ def _measure_transformers(size_name: str, batch: int, input_length: int, target_
   return row
 
 
+def _prefix_lm_batch(vocab_size: int, batch: int, input_length: int, target_length: int
+                     ) -> dict[str, Any]:
+  """Random prefix-LM rows: ``input_length`` input tokens then ``target_length`` targets, the
+  loss on the targets only (what seqio's PrefixLMFeatureConverter makes of full examples)."""
+  import numpy as np
+  length = input_length + target_length
+  targets = np.random.default_rng(0).integers(2, vocab_size, (batch, length)).astype(np.int32)
+  positions = np.arange(length)[None, :].repeat(batch, 0)
+  return {'decoder_target_tokens': targets,
+          'decoder_input_tokens': np.pad(targets, ((0, 0), (1, 0)))[:, :-1],
+          'decoder_loss_weights': (positions >= input_length).astype(np.float32),
+          'decoder_causal_attention': (positions <= input_length).astype(np.int32)}
+
+
+def _measure_t5train_decoder_only(size_name: str, batch: int, input_length: int,
+                                  target_length: int, steps: int, dtype: str,
+                                  **model_options: Any) -> dict[str, Any]:
+  """A prefix LM of gin/models/decoder_only/<size>.gin, assembled as the train binary does."""
+  import jax
+
+  from t5train import assembly, decoder_only_network, models, network, optimizers, partitioning
+  size = model_sizes.model_size('decoder_only', size_name)
+  config = network.T5Config(**size, dtype=dtype, dropout_rate=0.0, **model_options)
+  model = models.DecoderOnlyModel(decoder_only_network.DecoderOnlyTransformer(config), None,
+                                  optimizers.Adafactor(), inputs_bidirectional_attention=True,
+                                  z_loss=1e-4)
+  host_batch = _prefix_lm_batch(config.vocab_size, batch, input_length, target_length)
+  partitioner = partitioning.PjitPartitioner()
+  parts = assembly.assemble_training(
+      model, partitioner, {name: value.shape for name, value in host_batch.items()},
+      learning_rate_fn=optimizers.create_learning_rate_scheduler('constant', 1e-3))
+  t, device_batch = parts.trainer, _device_batch(partitioner, host_batch)
+  first = _timed_step(t, device_batch)
+  _timed_step(t, device_batch)
+  step_secs = [_timed_step(t, device_batch) for _ in range(steps)]
+  length = input_length + target_length
+  row = _summarise(step_secs, first, decoder_only_train_flops_per_step(size, batch, length),
+                   batch * length, _jax_matmul_flops(dtype), _peak_memory_gib())
+  row.update(model_options)
+  row.update(system='t5train decoder-only (JAX)', device=str(jax.devices()[0].device_kind),
+             jax_version=jax.__version__)
+  return row
+
+
+def _measure_transformers_causal_lm(size_name: str, batch: int, input_length: int,
+                                    target_length: int, steps: int, dtype: str) -> dict[str, Any]:
+  """transformers' closest decoder-only model to T5X's: Mistral without a sliding window, i.e.
+  Llama's layers (RMS norm, gated MLP, no biases, tied logits) with head_dim free of the width
+  (which Llama's config refuses), rotary positions instead of relative biases."""
+  import torch
+  import transformers
+  size = model_sizes.model_size('decoder_only', size_name)
+  torch.manual_seed(0)
+  config = transformers.MistralConfig(
+      vocab_size=size['vocab_size'], hidden_size=size['emb_dim'],
+      intermediate_size=size['mlp_dim'], num_hidden_layers=size['num_decoder_layers'],
+      num_attention_heads=size['num_heads'], num_key_value_heads=size['num_heads'],
+      head_dim=size['head_dim'], hidden_act='gelu_pytorch_tanh', tie_word_embeddings=True,
+      max_position_embeddings=input_length + target_length, attention_dropout=0.0,
+      sliding_window=None)
+  device = 'cuda' if torch.cuda.is_available() else 'cpu'
+  torch_dtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[dtype]
+  model = transformers.MistralForCausalLM(config).to(device=device, dtype=torch_dtype).train()
+  optimizer = transformers.optimization.Adafactor(model.parameters(), lr=1e-3,
+                                                  relative_step=False, scale_parameter=True,
+                                                  warmup_init=False)
+  host = _prefix_lm_batch(size['vocab_size'], batch, input_length, target_length)
+  tokens = torch.from_numpy(host['decoder_target_tokens']).long().to(device)
+  labels = tokens.clone()
+  labels[:, :input_length] = -100  # the loss on the targets only, as the prefix LM's
+
+  def timed_step() -> float:
+    start = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    model(input_ids=tokens, labels=labels).loss.backward()
+    optimizer.step()
+    if device == 'cuda':
+      torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+  first = timed_step()
+  timed_step()
+  step_secs = [timed_step() for _ in range(steps)]
+  memory = (torch.cuda.max_memory_allocated() / 2**30 if device == 'cuda' else _peak_rss_gib())
+  length = input_length + target_length
+  row = _summarise(step_secs, first, decoder_only_train_flops_per_step(size, batch, length),
+                   batch * length, _jax_matmul_flops(dtype), memory)
+  row.update(system='transformers Mistral (PyTorch)', device=device,
+             torch_version=torch.__version__, transformers_version=transformers.__version__)
+  return row
+
+
 def _beams(method: str) -> int:
   return 1 if method == 'greedy' else int(method.removeprefix('beam'))
 
@@ -507,6 +617,8 @@ _WORKERS = {'t5train': _measure_t5train, 't5train_notebook': _measure_t5train_no
             'transformers': _measure_transformers,
             't5train_checkpoint': _measure_t5train_checkpoint,
             't5train_decode': _measure_t5train_decode,
+            't5train_decoder_only': _measure_t5train_decoder_only,
+            'transformers_causal_lm': _measure_transformers_causal_lm,
             'transformers_decode': _measure_transformers_decode}
 
 
@@ -629,6 +741,23 @@ def _train_rows(peer: bool, lengths: list[int]) -> list[dict[str, Any]]:
   return rows
 
 
+def _decoder_only_rows(peer: bool, lengths: list[int]) -> list[dict[str, Any]]:
+  """t5train's prefix LM and transformers' Mistral take turns, ``train_rounds`` times per size."""
+  workers = ['t5train_decoder_only'] + (['transformers_causal_lm'] if peer else [])
+  rows = []
+  for size in _DECODER_ONLY_SIZES.value:
+    for _ in range(_TRAIN_ROUNDS.value):
+      group = []
+      for worker in workers:
+        row = _run_row(worker, size, _BATCH.value, lengths, _STEPS.value, _DTYPE.value)
+        row.update(size=size)
+        group.append(row)
+      for row in _paired(group, peer):
+        print(_table([row]).splitlines()[-1], flush=True)
+      rows.extend(group)
+  return rows
+
+
 def _decode_rows(peer: bool, lengths: list[int]) -> list[dict[str, Any]]:
   """t5train and the peer alternate (A B A B), so that drift in the machine hits both."""
   rows = []
@@ -689,14 +818,21 @@ def main(argv: Sequence[str]) -> None:
   unknown = (set(_SIZES.value) | set(_DECODE_SIZES.value) | set(_CHECKPOINT_SIZES.value)) - set(known)
   if unknown:
     raise app.UsageError(f'unknown sizes {sorted(unknown)}; known (gin/models/t5_1_1/): {known}')
+  known = model_sizes.known_sizes('decoder_only')
+  if set(_DECODER_ONLY_SIZES.value) - set(known):
+    raise app.UsageError(f'unknown decoder-only sizes '
+                         f'{sorted(set(_DECODER_ONLY_SIZES.value) - set(known))}; known '
+                         f'(gin/models/decoder_only/): {known}')
   peer = _PEER.value == 'transformers' or (_PEER.value == 'auto' and _peer_available())
   rows = _train_rows(peer, lengths) if 'train' in _WORKLOADS.value else []
+  decoder_only_rows = (_decoder_only_rows(peer, lengths)
+                       if 'decoder_only' in _WORKLOADS.value else [])
   decode_rows = _decode_rows(peer, lengths) if 'decode' in _WORKLOADS.value else []
   checkpoint_rows = _checkpoint_rows(lengths) if 'checkpoint' in _WORKLOADS.value else []
   report = {'machine': _machine(),
             'batch_size': _BATCH.value, 'lengths': lengths, 'dtype': _DTYPE.value,
             **_model_options(),
-            'timed_steps': _STEPS.value, 'rows': rows,
+            'timed_steps': _STEPS.value, 'rows': rows, 'decoder_only_rows': decoder_only_rows,
             'decode_repeats': _DECODE_REPEATS.value, 'decode_rows': decode_rows,
             'checkpoint_rows': checkpoint_rows}
   if rows:
@@ -706,6 +842,13 @@ def main(argv: Sequence[str]) -> None:
           'same process; t5train ' +
           ', '.join(f'{name}={value}' for name, value in _model_options().items()))
     print(_table(rows))
+  if decoder_only_rows:
+    print()
+    print(f'decoder-only train: batch {_BATCH.value}, rows of {lengths[0]} input + {lengths[1]} '
+          f'target tokens (loss on the targets), {_DTYPE.value}, Adafactor, median of '
+          f'{_STEPS.value} warm steps; t5train prefix LM (gin/models/decoder_only) beside '
+          "transformers' Mistral of the same dimensions")
+    print(_table(decoder_only_rows))
   if decode_rows:
     print()
     print(f'decode: input length {lengths[0]}, {lengths[1]} new tokens per sequence (full length), '

@@ -49,18 +49,23 @@ def t5_config_bindings(gin_file: str) -> dict[str, Any]:
   return bindings
 
 
-def t5_1_1_size(name: str) -> dict[str, Any]:
-  """``network.T5Config`` fields of T5 1.1 ``name`` (gin/models/t5_1_1/<name>.gin), without its
-  dtype, which the benchmark chooses."""
-  bindings = t5_config_bindings(os.path.join('models', 't5_1_1', f'{name}.gin'))
+def model_size(family: str, name: str) -> dict[str, Any]:
+  """``network.T5Config`` fields of ``gin/models/<family>/<name>.gin``, without its dtype, which
+  the benchmark chooses."""
+  bindings = t5_config_bindings(os.path.join('models', family, f'{name}.gin'))
   bindings.pop('dtype', None)
   if isinstance(bindings.get('mlp_activations'), list):
     bindings['mlp_activations'] = tuple(bindings['mlp_activations'])
   return bindings
 
 
-def known_sizes() -> list[str]:
-  """The T5 1.1 sizes that have a gin file."""
-  directory = os.path.join(GIN_DIR, 'models', 't5_1_1')
+def t5_1_1_size(name: str) -> dict[str, Any]:
+  """``network.T5Config`` fields of T5 1.1 ``name`` (gin/models/t5_1_1/<name>.gin)."""
+  return model_size('t5_1_1', name)
+
+
+def known_sizes(family: str = 't5_1_1') -> list[str]:
+  """The sizes of ``family`` that have a gin file."""
+  directory = os.path.join(GIN_DIR, 'models', family)
   return sorted(name[:-4] for name in os.listdir(directory)
                 if name.endswith('.gin') and name != 'base_architecture.gin')

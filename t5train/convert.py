@@ -27,7 +27,15 @@ import numpy as np
 from absl import flags, logging
 from etils import epath
 
-from t5train import checkpoint_reading, checkpoints, gin_utils, hf_interop, network, paths
+from t5train import (
+  checkpoint_reading,
+  checkpoints,
+  gin_utils,
+  hf_interop,
+  models,
+  network,
+  paths,
+)
 from t5train.errors import UserError
 
 _FROM = flags.DEFINE_enum('from', None, ['hf', 't5x'], 'Import from this format.')
@@ -274,6 +282,9 @@ def _gin_model_and_vocabulary() -> tuple[network.T5Config, str | None]:
   except ValueError as e:
     raise UserError('the gin files must bind MODEL (e.g. --gin_file=OUT/model.gin or '
                     'gin/models/t5_1_1/small.gin)') from e
+  if not isinstance(model, models.EncoderDecoderModel):
+    raise UserError(f'convert moves encoder-decoder weights, and MODEL is a '
+                    f'{type(model).__name__} (transformers has no T5 decoder-only class)')
   vocabulary = model.output_vocabulary
   return model.module.config, getattr(vocabulary, 'sentencepiece_model_file', None)
 

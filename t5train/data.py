@@ -75,6 +75,30 @@ def check_split(config: DatasetConfig, task: seqio.Task | seqio.Mixture | None =
                     f'it has {sorted(task.splits)}{files_hint}')
 
 
+def check_features(config: DatasetConfig, feature_converter_cls: type,
+                   task: seqio.Task | seqio.Mixture | None = None) -> None:
+  """A UserError unless the feature converter reads every feature it needs from the task and
+  drops none of its inputs (a model of the wrong kind for the task)."""
+  task = task or task_for(config)
+  converter = f'seqio.{feature_converter_cls.__name__}'
+  have = set(task.output_features)
+  if issubclass(feature_converter_cls, seqio.DecoderFeatureConverter):
+    reads = {'targets'} | (set(config.task_feature_lengths) & {'inputs'})
+  else:
+    reads = set(feature_converter_cls.TASK_FEATURES)
+  described = f'{converter} reads {sorted(reads)} and {config.mixture_or_task_name!r} has ' \
+              f'{sorted(have)}'
+  if reads - have:
+    hint = (': a targets-only task trains a decoder-only model (gin/models/decoder_only/)'
+            if reads - have == {'inputs'} else '')
+    raise UserError(f'{described}, without {sorted(reads - have)}{hint}')
+  if 'inputs' in have and 'inputs' not in reads:
+    hint = ("give TASK_FEATURE_LENGTHS an 'inputs' length to train a prefix LM"
+            if issubclass(feature_converter_cls, seqio.DecoderFeatureConverter) else
+            'use seqio.DecoderFeatureConverter to train a prefix LM on inputs and targets')
+    raise UserError(f"{described}: its 'inputs' would be dropped; {hint}")
+
+
 def get_dataset(config: DatasetConfig, feature_converter_cls: type, num_epochs: int | None = None,
                 shard_id: int = 0, num_shards: int = 1) -> tf.data.Dataset:
   """This host's share of the batched, feature-converted dataset."""
@@ -83,6 +107,7 @@ def get_dataset(config: DatasetConfig, feature_converter_cls: type, num_epochs: 
     raise UserError(f'BATCH_SIZE {config.batch_size} is not divisible by the {num_shards} data '
                     'shards (hosts)')
   check_split(config, task)
+  check_features(config, feature_converter_cls, task)
   dataset = seqio.get_dataset(
       task, dict(config.task_feature_lengths), feature_converter_cls(pack=config.pack),
       dataset_split=config.split, use_cached=config.use_cached, shuffle=config.shuffle,

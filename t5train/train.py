@@ -170,7 +170,8 @@ def train(*, model: models.BaseTransformerModel, train_dataset_cfg: Any,
   if total_steps < 0:
     raise UserError(f'TRAIN_STEPS must be >= 0, got {total_steps}')
   trainer_lib.check_finite_check_period(finite_check_period)
-  data.task_for(train_dataset_cfg)  # fail fast on a bad name, before any compilation
+  # Fail fast on a bad name or a task the model cannot read, before any compilation.
+  data.check_features(train_dataset_cfg, model.FEATURE_CONVERTER_CLS)
   partitioner.validate()
   partitioner.get_data_layout(train_dataset_cfg.batch_size)  # a UserError if it does not split
   if num_microbatches and train_dataset_cfg.batch_size % num_microbatches:

@@ -34,6 +34,28 @@ def test_small_step_flops():
   assert flops == pytest.approx(200.7e9, rel=2e-3)
 
 
+def test_decoder_only_step_flops():
+  # gin/models/decoder_only/small.gin, batch 8, rows of 128 + 32 tokens: 8 layers of
+  # (4 x 512 x 384 + 3 x 512 x 1024) plus 512 x 32128 logits per token, and attention.
+  flops = bench.decoder_only_train_flops_per_step(model_sizes.model_size('decoder_only', 'small'),
+                                                  8, 160)
+  assert flops == pytest.approx(278.8e9, rel=2e-3)
+
+
+def test_decoder_only_rows_are_measured(tmp_path):
+  out = tmp_path / 'bench.json'
+  result = subprocess.run(
+      [sys.executable, '-m', 'benchmarks.bench', '--workloads=decoder_only',
+       '--decoder_only_sizes=tiny', '--steps=1', '--train_rounds=1', '--peer=none',
+       f'--out={out}', '--lengths=16,8'],
+      capture_output=True, text=True, timeout=600, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert result.returncode == 0, result.stderr[-3000:]
+  (row,) = json.loads(out.read_text())['decoder_only_rows']
+  assert 'error' not in row, row
+  assert row['system'] == 't5train decoder-only (JAX)'
+  assert row['tokens_per_sec'] == pytest.approx(8 * 24 / row['sec_per_step_median'])
+
+
 def test_decode_rows_are_measured(tmp_path):
   out = tmp_path / 'bench.json'
   result = subprocess.run(

@@ -30,7 +30,7 @@ def _parse(*files, bindings=()):
   gin_utils.parse_gin(files, [*REQUIRED, *bindings])
 
 
-def _num_params(model: models.EncoderDecoderModel) -> int:
+def _num_params(model: models.BaseTransformerModel) -> int:
   shapes = {name: (1, 8) for name in ('encoder_input_tokens', 'decoder_input_tokens',
                                       'decoder_target_tokens')}
   variables = jax.eval_shape(lambda rng: model.get_initial_variables(rng, shapes),
@@ -53,7 +53,8 @@ def test_every_gin_file_parses_in_a_full_configuration(path):
     files.append(path)
   _parse(*files)
   model = gin.query_parameter('%MODEL').scoped_configurable_fn()
-  assert isinstance(model, models.EncoderDecoderModel)
+  kind = models.DecoderOnlyModel if '/decoder_only/' in path else models.EncoderDecoderModel
+  assert isinstance(model, kind)
   if path in ('gin/runs/infer.gin', 'gin/runs/eval.gin'):
     binary = 'infer_script.infer' if 'infer' in path else 'eval_script.evaluate'
     config = gin.query_parameter(f'{binary}.dataset_cfg').scoped_configurable_fn()
@@ -65,6 +66,21 @@ def test_every_gin_file_parses_in_a_full_configuration(path):
 def test_t5_1_1_sizes(size, expected):
   _parse(f'gin/models/t5_1_1/{size}.gin', 'gin/runs/pretrain.gin', 'gin/tasks/demo.gin')
   model = gin.query_parameter('%MODEL').scoped_configurable_fn()
+  assert _num_params(model) == expected
+
+
+# Decoder-only presets: vocab * emb (tied logits) + layers * (4 * emb * heads * head_dim
+# + 3 * emb * mlp + 2 * emb) + emb + 32 * heads, from the dimensions of T5X's decoder_only gin
+# files (whose header comments, e.g. 134,307,072 for base, do not match those dimensions).
+DECODER_ONLY_SIZES = {'tiny': 258_728, 'small': 35_332_800, 'base': 109_628_544,
+                      'large': 341_231_104, 'xl': 1_223_527_424, 'xxl': 4_762_310_656}
+
+
+@pytest.mark.parametrize('size,expected', sorted(DECODER_ONLY_SIZES.items()))
+def test_decoder_only_sizes(size, expected):
+  _parse(f'gin/models/decoder_only/{size}.gin', 'gin/runs/pretrain.gin', 'gin/tasks/demo.gin')
+  model = gin.query_parameter('%MODEL').scoped_configurable_fn()
+  assert model.inputs_bidirectional_attention
   assert _num_params(model) == expected
 
 
