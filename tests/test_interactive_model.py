@@ -169,3 +169,28 @@ def test_generated_configs_reproduce_it_in_the_binaries(tmp_path):
                         [tasks.exact_match, tasks.mean_log_likelihood])
   assert binary_metrics['exact_match'] == metrics['exact_match']
   testing.assert_trees_close(binary_metrics['log_likelihood'], metrics['log_likelihood'])
+
+
+def test_a_decoder_only_model_trains_predicts_and_scores(tmp_path):
+  """A prefix LM through the notebook API: the same calls as for the encoder-decoder."""
+  import seqio  # noqa: PLC0415
+
+  from t5train import models, optimizers  # noqa: PLC0415
+  from t5train.decoder_only_network import DecoderOnlyTransformer  # noqa: PLC0415
+  config = testing.tiny_config(vocab_size=384, emb_dim=32, num_heads=4, num_encoder_layers=0)
+  model = models.DecoderOnlyModel(DecoderOnlyTransformer(config), seqio.ByteVocabulary(),
+                                  optimizers.Adafactor(), inputs_bidirectional_attention=True)
+  im = im_lib.InteractiveModel(
+      batch_size=8, task_feature_lengths={'inputs': 64, 'targets': 16}, output_dir=str(tmp_path),
+      partitioner=partitioning.PjitPartitioner(num_partitions=1), model=model,
+      checkpoint_period=0)
+  losses = []
+  for _ in range(50):
+    im.train_step(QA)
+    losses.append(im.train_summary['loss'])
+  assert losses[-1] < 0.95 * losses[0] and losses[-1] < min(losses[:10])
+  predicted, aux = im.predict_with_aux(QA[:3])
+  assert len(predicted) == 3 and all(isinstance(text, bytes) for _, text in predicted)
+  assert all(score < 0 for score in aux['scores'])
+  scores = [score for _, score in im.score(QA[:3])]
+  assert len(scores) == 3 and all(score < 0 for score in scores)

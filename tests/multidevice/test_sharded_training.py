@@ -184,3 +184,33 @@ def test_sharded_decoding_and_scoring_equal_one_device(runs):
   assert tokens.shape == (11, 8)
   np.testing.assert_array_equal(tokens, one_tokens)
   testing.assert_trees_close((scores, score), (one_scores, one_score))
+
+
+def test_a_prefix_lm_trains_alike_under_every_partitioning():
+  """The decoder-only model's parameters and activations follow the same rules: model parallel
+  with 2-D parameter and activation sharding trains as pure data parallelism."""
+  model = testing.tiny_decoder_only_model(
+      testing.tiny_config(num_heads=4, head_dim=4, num_encoder_layers=0),
+      optimizers.Adafactor(min_dim_size_to_factor=8))
+  rng = np.random.default_rng(0)
+  lengths = {'inputs': 12, 'targets': 8}
+
+  def batch():
+    rows = [model.example_features({'inputs': rng.integers(2, 64, rng.integers(3, 12)),
+                                    'targets': rng.integers(2, 64, rng.integers(2, 8))}, lengths)
+            for _ in range(8)]
+    return {name: np.stack([row[name] for row in rows]) for name in rows[0]}
+
+  steps = [batch() for _ in range(NUM_STEPS)]
+  results = []
+  for name in ('data8', 'data4_model2_2d_params_2d_activations'):
+    num_partitions, logical_axis_rules = LAYOUTS[name]
+    partitioner = partitioning.PjitPartitioner(num_partitions=num_partitions,
+                                               logical_axis_rules=logical_axis_rules)
+    trainer = testing.tiny_trainer(model, steps[0], lambda step: 1e-2,
+                                   partitioner=partitioner).trainer
+    losses = [float(trainer.train_step(b)['loss'].compute()) for b in steps]
+    results.append((losses, jax.device_get(trainer.train_state.params)))
+  assert results[0][0][0] > results[0][0][-1]
+  testing.assert_trees_close(results[1][0], results[0][0])
+  testing.assert_trees_close(results[1][1], results[0][1])
