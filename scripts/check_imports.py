@@ -18,7 +18,7 @@ LAYERS = {
     'tasks': 3, 'file_formats': 3, 'file_tasks': 3, 'vocabulary_builder': 3, 'span_corruption': 3,
     'text_metrics': 3, 'settings_check': 3,
     'metrics': 3, 'model_info': 3, 'multihost': 3, 'preemption': 3, 'rng': 3, 'summaries': 3,
-    'trainer': 4, 'assembly': 4, 'inference': 4, 'evaluation': 4, 'testing': 4,
+    'trainer': 4, 'assembly': 4, 'best_checkpoint': 4, 'inference': 4, 'evaluation': 4, 'testing': 4,
     'train': 5, 'infer': 5, 'eval': 5, 'gin_utils': 5, 'utils': 5, 'adafactor': 5,
     'interactive_model': 5, 'vocab': 5,
 }

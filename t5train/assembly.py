@@ -72,11 +72,13 @@ def assemble_training(model: models.BaseTransformerModel,
   init_rng, trainer_rng = jax.random.split(jax.random.PRNGKey(random_seed))
   initializer = TrainStateInitializer(model.optimizer_def, model.get_initial_variables,
                                       input_shapes, input_types, partitioner)
+  optimizers.check_parameter_names(model.optimizer_def, initializer.global_train_state_shape.params)
   manager = None
   if model_dir is not None:
     model_info.log_model_info(paths.join(model_dir, 'model-info.txt'),
                               initializer.global_train_state_shape, partitioner,
-                              initializer.train_state_logical_axes)
+                              initializer.train_state_logical_axes,
+                              optimizers.trainable_fn(model.optimizer_def))
     manager = checkpoints.CheckpointManager(model_dir, save_cfg or checkpoints.SaveCheckpointConfig(),
                                             initializer.train_state_shardings,
                                             initializer.global_train_state_shape)

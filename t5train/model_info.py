@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import numpy as np
 from jax.sharding import PartitionSpec
@@ -30,8 +32,10 @@ def _spec_of(leaf: object) -> PartitionSpec:
 
 
 def model_info_text(state_shape: TrainState, logical_axes: TrainState | None,
-                    partitioner: PjitPartitioner) -> str:
-  """One line per parameter (then per optimiser slot) and their totals.
+                    partitioner: PjitPartitioner,
+                    trainable: Callable[[str], bool] | None = None) -> str:
+  """One line per parameter (then per optimiser slot) and their totals; with ``trainable``,
+  the frozen parameters (no optimiser state, no update) are listed after them.
 
   Without ``logical_axes`` (T5X's three-argument call) the mesh axes come from the
   shapes' own shardings and the logical axes show as ().
@@ -52,13 +56,21 @@ def model_info_text(state_shape: TrainState, logical_axes: TrainState | None,
       lines.append(f'{name:<{width}}  {str(shape):<16} {dtype:<8} {axes:<28} {spec:<20} {count:>12,}')
     lines.append(f'Total {title.lower()}: {sum(r[-1] for r in rows):,}')
     lines.append('')
+    if field == 'params' and trainable is not None:
+      frozen = [(name, count) for name, *_, count in rows if not trainable(name)]
+      lines.append('# Frozen parameters (no optimizer state, no update): name, count')
+      lines.extend(f'{name:<{width}}  {count:>12,}' for name, count in frozen)
+      lines.append(f'Total frozen parameters: {sum(count for _, count in frozen):,} of '
+                   f'{sum(r[-1] for r in rows):,}')
+      lines.append('')
   return '\n'.join(lines)
 
 
 def log_model_info(log_file: str | None, full_train_state: TrainState,
-                   partitioner: PjitPartitioner, logical_axes: TrainState | None = None) -> str:
+                   partitioner: PjitPartitioner, logical_axes: TrainState | None = None,
+                   trainable: Callable[[str], bool] | None = None) -> str:
   """Writes ``model_info_text`` to ``log_file`` (process 0 only) and returns it."""
-  text = model_info_text(full_train_state, logical_axes, partitioner)
+  text = model_info_text(full_train_state, logical_axes, partitioner, trainable)
   if log_file and multihost.is_primary():
     path = paths.resolve(log_file)
     path.parent.mkdir(parents=True, exist_ok=True)

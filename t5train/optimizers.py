@@ -7,12 +7,16 @@ An optimiser definition is a small frozen description (what gin binds); its
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from typing import Protocol
+import re
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 import optax
+from flax import traverse_util
+
+from t5train.errors import UserError
 
 Array = jax.Array
 LearningRateFn = Callable[[Array], Array]
@@ -68,6 +72,75 @@ class AdamW:
     if self.max_grad_norm is None:
       return adamw
     return optax.chain(optax.clip_by_global_norm(self.max_grad_norm), adamw)
+
+
+FROZEN = 'frozen'
+
+
+def param_path(path: tuple[str, ...]) -> str:
+  """A parameter's name as the traversals match it: ``encoder/layers_0/attention/query/kernel``."""
+  return '/'.join(str(part) for part in path)
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiOptimizer:
+  """Different optimisers for different parameters, and frozen ones (T5X's MultiOptimizer).
+
+  Each parameter is updated by the optimiser of the first ``(regex, optimizer)`` pair whose regex
+  matches its whole name (``param_path``), e.g. ``('decoder/.*', Adafactor())``. A parameter
+  that no regex matches is frozen: it gets no optimiser state (``optax.set_to_zero``), no
+  update, and no gradient is computed for it. Built on ``optax.multi_transform``.
+  """
+
+  traversals_and_optimizers: Sequence[tuple[str, OptimizerDef]]
+
+  def __post_init__(self) -> None:
+    for regex, _ in self.traversals_and_optimizers:
+      try:
+        re.compile(regex)
+      except re.error as e:
+        raise UserError(f'MultiOptimizer regex {regex!r} is not a regular expression: {e}') from e
+
+  def label(self, name: str) -> str:
+    """The index (as a string) of the pair that updates parameter ``name``, or ``FROZEN``."""
+    for index, (regex, _) in enumerate(self.traversals_and_optimizers):
+      if re.fullmatch(regex, name):
+        return str(index)
+    return FROZEN
+
+  def trainable(self, name: str) -> bool:
+    return self.label(name) != FROZEN
+
+  def check(self, names: Iterable[str]) -> None:
+    """A UserError naming the first regex that matches no parameter (a typo would otherwise
+    freeze what it meant to train)."""
+    names = list(names)
+    for regex, _ in self.traversals_and_optimizers:
+      if not any(re.fullmatch(regex, name) for name in names):
+        raise UserError(f'MultiOptimizer regex {regex!r} matches no parameter; parameters are '
+                         f'named like {names[0]!r} (see model-info.txt)')
+
+  def _labels(self, params: Any) -> Any:
+    flat = traverse_util.flatten_dict(params)
+    return traverse_util.unflatten_dict({path: self.label(param_path(path)) for path in flat})
+
+  def make(self, learning_rate_fn: LearningRateFn) -> optax.GradientTransformation:
+    transforms = {str(index): optimizer.make(learning_rate_fn)
+                  for index, (_, optimizer) in enumerate(self.traversals_and_optimizers)}
+    transforms[FROZEN] = optax.set_to_zero()
+    return optax.multi_transform(transforms, self._labels)
+
+
+def trainable_fn(optimizer_def: OptimizerDef | None) -> Callable[[str], bool] | None:
+  """Which parameters (by ``param_path``) ``optimizer_def`` updates; None: all of them."""
+  return getattr(optimizer_def, 'trainable', None)
+
+
+def check_parameter_names(optimizer_def: OptimizerDef | None, params: Any) -> None:
+  """A UserError where ``optimizer_def`` names parameters that ``params`` does not have."""
+  check = getattr(optimizer_def, 'check', None)
+  if check is not None:
+    check([param_path(path) for path in traverse_util.flatten_dict(params)])
 
 
 _SCHEDULE_FACTORS = ('constant', 'linear_warmup', 'rsqrt_warmup', 'rsqrt_decay',

@@ -20,6 +20,7 @@ from absl import logging
 import gin
 from t5train import (
   assembly,
+  best_checkpoint,
   checkpoints,
   gin_utils,
   models,
@@ -112,10 +113,12 @@ class _Evaluations:
   def __init__(self, model: models.BaseTransformerModel,
                partitioner: partitioning.PjitPartitioner, param_shardings: Any,
                trainer: trainer_lib.Trainer, model_dir: str, train_eval_dataset_cfg: Any,
-               eval_steps: int, infer_eval_dataset_cfg: Any, infer_eval_num_examples: int | None):
+               eval_steps: int, infer_eval_dataset_cfg: Any, infer_eval_num_examples: int | None,
+               keeper: best_checkpoint.BestCheckpointKeeper | None = None):
     from t5train import evaluation  # pylint: disable=g-import-not-at-top  (TensorFlow is slow)
     self._evaluation = evaluation
     self._trainer = trainer
+    self.keeper = keeper
     self.results: dict[str, float] = {}
     self._evaluators: dict[str, Any] = {}
     if train_eval_dataset_cfg is not None and eval_steps > 0:
@@ -130,17 +133,40 @@ class _Evaluations:
   def __bool__(self) -> bool:
     return bool(self._evaluators)
 
-  def __call__(self, step: int) -> None:
+  def __call__(self, step: int) -> bool:
+    """Evaluates at ``step``; returns whether to stop early."""
     for kind, evaluator in self._evaluators.items():
       metrics = evaluator(self._trainer.train_state.params, step)
       for line in self._evaluation.format_metrics(step, kind, metrics):
         logging.info(line)
       self.results.update({f'{kind}/{task}/{name}': value for task, values in metrics.items()
                            for name, value in values.items()})
+    if self.keeper is None:
+      return False
+    return self.keeper.update(step, self.results, self._trainer.train_state)
 
   def close(self) -> None:
     for evaluator in self._evaluators.values():
       getattr(evaluator, 'close', lambda: None)()
+    if self.keeper is not None:
+      logging.info('Best checkpoint: %s.', self.keeper.describe())
+      self.keeper.close()
+
+
+def _check_best_metric(config: best_checkpoint.BestCheckpointConfig,
+                       model: models.BaseTransformerModel, eval_period: int | None,
+                       eval_steps: int, train_eval_dataset_cfg: Any,
+                       infer_eval_dataset_cfg: Any) -> None:
+  """A UserError, before anything is compiled, unless an evaluation will produce the metric."""
+  from t5train import data  # pylint: disable=g-import-not-at-top  (TensorFlow is slow to import)
+  configs = {'training_eval': train_eval_dataset_cfg if eval_steps > 0 else None,
+             'inference_eval': infer_eval_dataset_cfg}
+  configs = {kind: cfg for kind, cfg in configs.items() if cfg is not None and eval_period}
+  kind = config.metric.split('/')[0]
+  tasks = data.subtask_names(configs[kind]) if kind in configs else []
+  zeros = dict.fromkeys(('loss', 'z_loss', 'per_token_cross_ent_sum', 'num_correct',
+                         'num_tokens', 'num_positions'), 0.0)
+  config.check(configs, tasks, {'training_eval': model.metrics(zeros)})
 
 
 def train(*, model: models.BaseTransformerModel, train_dataset_cfg: Any,
@@ -153,7 +179,9 @@ def train(*, model: models.BaseTransformerModel, train_dataset_cfg: Any,
           eval_steps: int = 20, train_eval_dataset_cfg: Any = None,
           infer_eval_dataset_cfg: Any = None, infer_eval_num_examples: int | None = None,
           skip_nonfinite_steps: bool = False, finite_check_period: int = 10,
-          stop_check_period: int = 10) -> dict[str, float]:
+          stop_check_period: int = 10,
+          best_checkpoint_cfg: best_checkpoint.BestCheckpointConfig | None = None
+          ) -> dict[str, float]:
   """Trains ``model`` to ``total_steps`` in ``model_dir``; returns the last metrics.
 
   Every ``eval_period`` steps (and at the last) it evaluates: teacher-forced on
@@ -163,7 +191,9 @@ def train(*, model: models.BaseTransformerModel, train_dataset_cfg: Any,
   infinite step stops the run (TrainingError), or is skipped and counted with
   ``skip_nonfinite_steps``; the check reads the steps' flags every
   ``finite_check_period`` steps and before each save. With several processes, they agree on
-  a stop every ``stop_check_period`` steps (one small all-gather).
+  a stop every ``stop_check_period`` steps (one small all-gather). With ``best_checkpoint_cfg``
+  the best checkpoint by an evaluation metric is kept in ``model_dir/best`` and training stops
+  early when the metric stops improving (see ``best_checkpoint``).
   """
   _GUARD.enter()
   from t5train import data  # pylint: disable=g-import-not-at-top  (TensorFlow is slow to import)
@@ -177,6 +207,11 @@ def train(*, model: models.BaseTransformerModel, train_dataset_cfg: Any,
   if num_microbatches and train_dataset_cfg.batch_size % num_microbatches:
     raise UserError(f'BATCH_SIZE {train_dataset_cfg.batch_size} is not divisible by '
                     f'num_microbatches={num_microbatches}')
+  train_eval_dataset_cfg = _evaluated_or_none(train_eval_dataset_cfg, 'teacher-forced evaluation')
+  infer_eval_dataset_cfg = _evaluated_or_none(infer_eval_dataset_cfg, 'inference evaluation')
+  if best_checkpoint_cfg is not None:
+    _check_best_metric(best_checkpoint_cfg, model, eval_period, eval_steps,
+                       train_eval_dataset_cfg, infer_eval_dataset_cfg)
   # From here on a stop signal is a request: during set-up too (restoring, compiling).
   with preemption.StopRequest(sync_period=stop_check_period) as stop_request:
     directory = paths.resolve(model_dir)
@@ -191,12 +226,13 @@ def train(*, model: models.BaseTransformerModel, train_dataset_cfg: Any,
     trainer, manager, start_step = parts.trainer, parts.checkpoint_manager, parts.start_step
     summary: dict[str, float] = {}
     evaluations = None
-    train_eval_dataset_cfg = _evaluated_or_none(train_eval_dataset_cfg, 'teacher-forced evaluation')
-    infer_eval_dataset_cfg = _evaluated_or_none(infer_eval_dataset_cfg, 'inference evaluation')
     if eval_period and start_step < total_steps:
+      keeper = (best_checkpoint.BestCheckpointKeeper(
+          best_checkpoint_cfg, model_dir, parts.initializer.train_state_shardings,
+          parts.initializer.global_train_state_shape) if best_checkpoint_cfg else None)
       evaluations = _Evaluations(model, partitioner, parts.initializer.train_state_shardings.params,
                                  trainer, model_dir, train_eval_dataset_cfg, eval_steps,
-                                 infer_eval_dataset_cfg, infer_eval_num_examples)
+                                 infer_eval_dataset_cfg, infer_eval_num_examples, keeper)
     _write_operative_config(model_dir)
     if start_step >= total_steps:
       logging.info('Step %d already reaches TRAIN_STEPS=%d; nothing to train.', start_step,

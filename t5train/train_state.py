@@ -66,6 +66,11 @@ def _moment_spec(leaf: jax.ShapeDtypeStruct, param: jax.ShapeDtypeStruct,
   return PartitionSpec()
 
 
+def _path_keys(path: tuple) -> tuple[str, ...]:
+  """The names along a pytree path (dict keys, attribute names, sequence indices)."""
+  return tuple(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)
+
+
 class TrainStateInitializer:
   """Shapes, logical and mesh axes, and sharded creation of a TrainState."""
 
@@ -106,10 +111,22 @@ class TrainStateInitializer:
         out_shardings=self.train_state_shardings.opt_state)
 
   def _logical_axes(self, param_axes: PyTree) -> TrainState:
+    """Parameters keep their axes; an optimiser slot takes those of the parameter whose path
+    ends its own (``mu/decoder/.../kernel``: the decoder kernel's), through ``_moment_spec``,
+    and anything else (counts, scalars) is replicated. Matching by path rather than by the
+    optimiser's structure also covers ``optax.multi_transform`` (MultiOptimizer)."""
     shape = self.global_train_state_shape
-    opt_axes = optax.tree_map_params(
-        self._tx, _moment_spec, shape.opt_state, shape.params, param_axes,
-        transform_non_params=lambda _: PartitionSpec(), is_leaf=_is_spec)
+    specs = jax.tree_util.tree_leaves(param_axes, is_leaf=_is_spec)
+    params = {_path_keys(path): (leaf, spec) for (path, leaf), spec in
+              zip(jax.tree_util.tree_flatten_with_path(shape.params)[0], specs)}
+
+    def slot_axes(path: tuple, leaf: jax.ShapeDtypeStruct) -> PartitionSpec:
+      keys = _path_keys(path)
+      for start in range(len(keys)):
+        if keys[start:] in params:
+          return _moment_spec(leaf, *params[keys[start:]])
+      return PartitionSpec()
+    opt_axes = jax.tree_util.tree_map_with_path(slot_axes, shape.opt_state)
     return TrainState(step=PartitionSpec(), params=param_axes, opt_state=opt_axes)
 
   def from_scratch(self, rng: jax.Array) -> TrainState:

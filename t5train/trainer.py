@@ -19,9 +19,10 @@ import jax
 import jax.numpy as jnp
 import optax
 from absl import logging
+from flax import traverse_util
 from jax.sharding import PartitionSpec
 
-from t5train import host_memory, models
+from t5train import host_memory, models, optimizers
 from t5train.checkpoints import CheckpointManager
 from t5train.errors import TrainingError, UserError
 from t5train.metrics import MetricsWindow, SummaryWriter
@@ -48,27 +49,47 @@ def _split_microbatches(batch: Batch, num_microbatches: int) -> dict[str, jax.Ar
   return {name: split(x) for name, x in batch.items()}
 
 
+def _trainable_split(params: Any, trainable: Callable[[str], bool] | None
+                     ) -> tuple[Any, Callable[[Any], Any], Callable[[Any], Any]]:
+  """(the parameters to differentiate, a function that rebuilds the whole tree from them, and
+  one that pads their gradients with zeros for the frozen rest)."""
+  if trainable is None:
+    return params, lambda part: part, lambda grads: grads
+  flat = traverse_util.flatten_dict(params)
+  frozen = {path: x for path, x in flat.items() if not trainable(optimizers.param_path(path))}
+  part = {path: x for path, x in flat.items() if path not in frozen}
+  rebuild = lambda part: traverse_util.unflatten_dict({**frozen, **part})
+  pad = lambda grads: traverse_util.unflatten_dict(
+      {**{path: jnp.zeros_like(x) for path, x in frozen.items()}, **grads})
+  return part, rebuild, pad
+
+
 def _loss_and_grads(model: models.BaseTransformerModel, params: Any, batch: Batch,
-                    dropout_rng: jax.Array, num_microbatches: int | None
+                    dropout_rng: jax.Array, num_microbatches: int | None,
+                    trainable: Callable[[str], bool] | None = None
                     ) -> tuple[Any, dict[str, jax.Array]]:
-  """Gradients of the batch loss and its metric sums, accumulated over microbatches."""
+  """Gradients of the batch loss and its metric sums, accumulated over microbatches.
+
+  Only the ``trainable`` parameters are differentiated (all without it); the gradients of the
+  others are zeros, which the optimiser of frozen parameters never reads.
+  """
   batch, factor = model.normalize_loss_weights(batch)
-  grad_fn = jax.value_and_grad(
-      functools.partial(model.loss_fn, loss_normalizing_factor=factor, normalized=True),
-      has_aux=True)
+  part, rebuild, pad = _trainable_split(params, trainable)
+  loss_fn = functools.partial(model.loss_fn, loss_normalizing_factor=factor, normalized=True)
+  grad_fn = jax.value_and_grad(lambda part, *args: loss_fn(rebuild(part), *args), has_aux=True)
   if not num_microbatches or num_microbatches == 1:
-    (_, sums), grads = grad_fn(params, batch, dropout_rng)
-    return grads, sums
+    (_, sums), grads = grad_fn(part, batch, dropout_rng)
+    return pad(grads), sums
 
   def accumulate(grad_sum: Any, micro: tuple[jax.Array, Batch]) -> tuple[Any, dict]:
     index, microbatch = micro
-    (_, sums), grads = grad_fn(params, microbatch, jax.random.fold_in(dropout_rng, index))
+    (_, sums), grads = grad_fn(part, microbatch, jax.random.fold_in(dropout_rng, index))
     return jax.tree_util.tree_map(jnp.add, grad_sum, grads), sums
 
-  zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, part)
   micro = (jnp.arange(num_microbatches), _split_microbatches(batch, num_microbatches))
   grads, stacked = jax.lax.scan(accumulate, zeros, micro)
-  return grads, jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), stacked)
+  return pad(grads), jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), stacked)
 
 
 NONFINITE = 'nonfinite_step_fraction'
@@ -93,7 +114,8 @@ def train_step(model: models.BaseTransformerModel, tx: optax.GradientTransformat
   writes the new value in place instead of copying all parameters first.
   """
   dropout_rng = jax.random.fold_in(rng, state.step)
-  grads, sums = _loss_and_grads(model, state.params, batch, dropout_rng, num_microbatches)
+  grads, sums = _loss_and_grads(model, state.params, batch, dropout_rng, num_microbatches,
+                                optimizers.trainable_fn(model.optimizer_def))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   grads_finite = jnp.isfinite(sums['loss']) & jnp.isfinite(optax.global_norm(grads))
@@ -259,20 +281,23 @@ def _timed(windows: Sequence[MetricsWindow], phase: str) -> Iterator[None]:
       window.add_seconds(phase, time.perf_counter() - start)
 
 
+EARLY_STOPPING = 'early stopping'
+
+
 @dataclasses.dataclass
 class LoopResult:
   """What ``run_training`` did: the last window's metrics, the last step, a signal if stopped."""
 
   summary: dict[str, float]
   last_step: int
-  stopped_by: str | None = None
+  stopped_by: str | None = None  # a signal's name, or EARLY_STOPPING
 
 
 def run_training(trainer: Trainer, batches: Iterator[Batch], first_step: int, last_step: int,
                  checkpoints: CheckpointManager | None, summary_period: int,
                  log_every_secs: float = 5.0, batch_shapes: Mapping[str, tuple] | None = None,
                  log_fn: Callable[[str], None] = logging.info,
-                 evaluate: Callable[[int], None] | None = None,
+                 evaluate: Callable[[int], bool | None] | None = None,
                  eval_period: int | None = None, stop_request: StopRequest | None = None,
                  finite_check_period: int = 10,
                  data_scalars_fn: Callable[[], dict[str, float]] | None = None) -> LoopResult:
@@ -284,8 +309,8 @@ def run_training(trainer: Trainer, batches: Iterator[Batch], first_step: int, la
   them also act at the last step, and no period needs to divide another. A
   non-finite step raises TrainingError: the steps' flags are read every
   ``finite_check_period`` steps (so the host does not wait on each step) and
-  always before a save. When ``stop_request`` says so, the loop saves a
-  checkpoint at the current step and returns. ``data_scalars_fn`` adds the input
+  always before a save. When ``stop_request`` says so, or ``evaluate`` returns True (early
+  stopping), the loop saves a checkpoint at the current step and returns. ``data_scalars_fn`` adds the input
   pipeline's counters to each summary.
   """
   shapes = batch_shapes or {}
@@ -308,10 +333,11 @@ def run_training(trainer: Trainer, batches: Iterator[Batch], first_step: int, la
     log_window.add(metrics)
     evaluating = evaluate is not None and eval_period and (step % eval_period == 0 or
                                                            step == last_step)
+    stop_early = False
     if evaluating:
       with _timed(windows, 'evaluation'):
-        evaluate(step)
-    stop = stop_request is not None and stop_request.requested(step)
+        stop_early = bool(evaluate(step))
+    stop = stop_early or (stop_request is not None and stop_request.requested(step))
     if checkpoints is not None and (checkpoints.should_save(step) or step == last_step or stop):
       finite_checks.check()
       with _timed(windows, 'checkpoint'):
@@ -325,14 +351,15 @@ def run_training(trainer: Trainer, batches: Iterator[Batch], first_step: int, la
       log_window.reset()
       last_log = time.perf_counter()
     if stop:
-      stopped_by = stop_request.signal_name or 'a signal on another process'
+      stopped_by = (EARLY_STOPPING if stop_early else
+                    stop_request.signal_name or 'a signal on another process')
       break
   finite_checks.check()
   if checkpoints is not None:
     checkpoints.wait_until_finished()
   if stopped_by is not None:
     summary = summary_window.summary() or summary
-    log_fn(f'Stopped by {stopped_by} after step {step}: checkpoint_{step} is saved; rerun the '
-           'same command to resume.')
+    log_fn(f'Stopped by {stopped_by} after step {step}: checkpoint_{step} is saved' +
+           ('.' if stopped_by == EARLY_STOPPING else '; rerun the same command to resume.'))
   trainer.flush()
   return LoopResult(summary=summary, last_step=step, stopped_by=stopped_by)

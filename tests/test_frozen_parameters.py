@@ -1,0 +1,71 @@
+"""MultiOptimizer: optimisers by parameter regex, and frozen parameters."""
+
+import re
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from t5train import model_info, optimizers, testing
+from t5train.errors import UserError
+
+ENCODER_FROZEN = optimizers.MultiOptimizer([('decoder/.*', optimizers.AdamW())])
+
+
+def _flat(tree):
+  return {optimizers.param_path(path): np.asarray(x)
+          for path, x in traverse_util.flatten_dict(jax.device_get(tree)).items()}
+
+
+def _train(optimizer_def, steps=3):
+  batch = testing.random_batch()
+  parts = testing.tiny_trainer(testing.tiny_model(optimizer_def=optimizer_def), batch)
+  before = _flat(parts.trainer.train_state.params)
+  for _ in range(steps):
+    parts.trainer.train_step(batch)
+  return parts, before, _flat(parts.trainer.train_state.params)
+
+
+@pytest.fixture(scope='module')
+def encoder_frozen():
+  return _train(ENCODER_FROZEN)
+
+
+def test_frozen_parameters_stay_bit_identical_and_the_rest_trains(encoder_frozen):
+  _, before, after = encoder_frozen
+  for name in before:
+    if name.startswith('decoder/'):
+      assert not np.array_equal(after[name], before[name]), name
+    else:  # the encoder and the shared embedding
+      np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+
+
+def test_frozen_parameters_have_no_optimizer_state(encoder_frozen):
+  parts, before, _ = encoder_frozen
+  state_size = sum(x.size for x in jax.tree_util.tree_leaves(parts.trainer.train_state.opt_state)
+                   if hasattr(x, 'size') and x.ndim > 0)
+  decoder_size = sum(x.size for name, x in before.items() if name.startswith('decoder/'))
+  assert state_size == 2 * decoder_size  # AdamW's two moments, of the decoder only
+  text = model_info.model_info_text(parts.initializer.global_train_state_shape,
+                                    parts.initializer.train_state_logical_axes, parts.partitioner,
+                                    ENCODER_FROZEN.trainable)
+  frozen_section = text.split('# Frozen parameters')[1].split('Total frozen parameters')[0]
+  assert 'encoder/layers_0/attention/query/kernel' in frozen_section
+  assert 'decoder/layers_0' not in frozen_section
+
+
+def test_one_pair_matching_everything_trains_as_its_optimizer():
+  _, _, single = _train(optimizers.AdamW(), steps=2)
+  _, _, multi = _train(optimizers.MultiOptimizer([('.*', optimizers.AdamW())]), steps=2)
+  testing.assert_trees_equal(multi, single)
+
+
+@pytest.mark.parametrize('regex, message', [
+    ('decoder/layers_9/.*', "regex 'decoder/layers_9/.*' matches no parameter"),
+    ('decoder/(', 'is not a regular expression'),
+])
+def test_a_regex_that_names_nothing_is_a_user_error(regex, message):
+  with pytest.raises(UserError, match=re.escape(message)):
+    multi = optimizers.MultiOptimizer([(regex, optimizers.AdamW())])
+    testing.tiny_trainer(testing.tiny_model(optimizer_def=multi))
