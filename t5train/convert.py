@@ -254,11 +254,19 @@ def read_checkpoint_params(checkpoint: str, config: network.T5Config) -> dict[st
 
 def export_hf(checkpoint: str, config: network.T5Config, output: str,
               sentencepiece_file: str | None = None) -> None:
-  """t5train checkpoint -> HF directory (config.json, model.safetensors, tokenizer files)."""
+  """t5train checkpoint -> HF directory (config.json, model.safetensors, tokenizer files).
+
+  A model with LoRA adapters (``config.lora``) is written merged: transformers' plain T5
+  computes what the adapted model does.
+  """
   from safetensors.numpy import save  # pylint: disable=g-import-not-at-top
+  flat = read_checkpoint_params(checkpoint, config)
+  if config.lora is not None:
+    merged = network.merge_lora(hf_interop.nest(flat), config.lora)
+    flat = {name: np.asarray(value) for name, value in checkpoint_reading.flatten_with_names(merged)}
+    config = dataclasses.replace(config, lora=None)
   hf_config = hf_interop.hf_config_from_t5_config(config)
-  state_dict = hf_interop.hf_state_dict_from_flat_params(
-      read_checkpoint_params(checkpoint, config), config)
+  state_dict = hf_interop.hf_state_dict_from_flat_params(flat, config)
   with atomic_output(output) as staging:
     staging = epath.Path(staging)
     (staging / HF_WEIGHTS).write_bytes(save(state_dict, metadata={'format': 'pt'}))

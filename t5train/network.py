@@ -10,6 +10,7 @@ so checkpoints and converters line up.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -25,6 +26,38 @@ Initializer = Callable[..., Array]
 # Added to attention logits where attention is not allowed. Large but finite so
 # that fully masked rows (padding queries) still give a valid softmax.
 _MASKED_LOGIT = -1e10
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """Low-rank adapters (LoRA, Hu et al. 2021) beside the kernels whose names match ``targets``.
+
+  A matched kernel W [in, out] gets ``lora_a`` [in, rank] (random) and ``lora_b`` [rank, out]
+  (zeros, so training starts from the base model) next to it, and its projection becomes
+  ``x W + (alpha / rank) (x lora_a) lora_b``, as PEFT's ``LoraConfig(r, lora_alpha)``.
+  ``targets`` is a regex over whole parameter names (``optimizers.param_path``), e.g. the
+  default's query and value kernels of every attention.
+  """
+
+  rank: int = 8
+  alpha: float = 8.0
+  targets: str = r'.*/(query|value)/kernel'
+
+  def __post_init__(self) -> None:
+    if self.rank < 1:
+      raise ValueError(f'LoraConfig.rank must be >= 1, not {self.rank}')
+    try:
+      re.compile(self.targets)
+    except re.error as e:
+      raise ValueError(f'LoraConfig.targets {self.targets!r} is not a regular expression: '
+                       f'{e}') from e
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
+
+  def applies_to(self, name: str) -> bool:
+    return re.fullmatch(self.targets, name) is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +92,8 @@ class T5Config:
   # jax.nn.dot_product_attention with that implementation (cuDNN's fused attention on NVIDIA
   # GPUs, bfloat16 or float16) for every call without attention dropout or a decoding cache.
   attention_implementation: str | None = None
+  # Low-rank adapters beside chosen kernels (fine-tuning within memory); see LoraConfig.
+  lora: LoraConfig | None = None
 
   def __post_init__(self) -> None:
     if self.remat_policy not in REMAT_POLICIES:
@@ -151,18 +186,32 @@ _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 class Dense(nn.Module):
-  """A bias-free projection whose 2-D float32 kernel is cast to ``dtype`` for the matmul."""
+  """A bias-free projection whose 2-D float32 kernel is cast to ``dtype`` for the matmul; with
+  ``lora`` naming its kernel, plus a low-rank adapter (see ``LoraConfig``)."""
 
   features: int
   kernel_axes: tuple[str, str]
   kernel_init: Initializer = _fan_in_truncated_normal()
   dtype: Any = jnp.float32
+  lora: LoraConfig | None = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     kernel = self.param('kernel', nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
                         (x.shape[-1], self.features), jnp.float32)
-    return _matmul(x.astype(self.dtype), kernel.astype(self.dtype))
+    x = x.astype(self.dtype)
+    y = _matmul(x, kernel.astype(self.dtype))
+    if self.lora is None or not self.lora.applies_to('/'.join(self.scope.path) + '/kernel'):
+      return y
+    rank = self.lora.rank
+    lora_a = self.param('lora_a', nn.with_logical_partitioning(_fan_in_normal(),
+                                                               (self.kernel_axes[0], None)),
+                        (x.shape[-1], rank), jnp.float32)
+    lora_b = self.param('lora_b', nn.with_logical_partitioning(nn.initializers.zeros,
+                                                               (None, self.kernel_axes[1])),
+                        (rank, self.features), jnp.float32)
+    low_rank = jnp.dot(jnp.dot(x, lora_a.astype(self.dtype)), lora_b.astype(self.dtype))
+    return y + (self.lora.scale * low_rank).astype(y.dtype)
 
 
 class Embed(nn.Module):
@@ -271,13 +320,15 @@ class MultiHeadAttention(nn.Module):
   dropout_rate: float = 0.0
   float32_logits: bool = False
   implementation: str | None = None  # T5Config.attention_implementation
+  lora: LoraConfig | None = None
 
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_kv: Array, bias: Array, deterministic: bool,
                cache: str | None = None, cache_index: Array | None = None) -> Array:
     inner = self.num_heads * self.head_dim
     query_init = _fan_in_normal(1.0 / self.head_dim)  # variance 1/(fan_in * head_dim)
-    projection = lambda name, init: Dense(inner, ('embed', 'joined_kv'), init, self.dtype, name=name)
+    projection = lambda name, init: Dense(inner, ('embed', 'joined_kv'), init, self.dtype,
+                                          self.lora, name=name)
     split = lambda x: x.reshape(x.shape[:2] + (self.num_heads, self.head_dim))
     constrain = lambda x: nn.with_logical_constraint(x, ('batch', 'length', 'heads', 'kv'))
     q = constrain(split(projection('query', query_init)(inputs_q)))  # [batch, length, heads, kv]
@@ -311,7 +362,7 @@ class MultiHeadAttention(nn.Module):
     out = nn.with_logical_constraint(out, ('batch', 'length', 'heads', 'kv'))
     out = out.reshape(out.shape[:2] + (inner,))
     return Dense(inputs_q.shape[-1], ('joined_kv', 'embed'), _fan_in_normal(), self.dtype,
-                 name='out')(out)
+                 self.lora, name='out')(out)
 
   def _cross_cache(self, key_value: Callable[[], tuple[Array, Array]]) -> tuple[Array, Array]:
     if self.has_variable('cache', 'cross_key'):
@@ -355,6 +406,7 @@ class MlpBlock(nn.Module):
   activations: Sequence[str]
   dtype: Any = jnp.float32
   dropout_rate: float = 0.0
+  lora: LoraConfig | None = None
 
   @nn.compact
   def __call__(self, x: Array, deterministic: bool) -> Array:
@@ -362,11 +414,12 @@ class MlpBlock(nn.Module):
     for i, name in enumerate(self.activations):
       dense_name = 'wi' if len(self.activations) == 1 else f'wi_{i}'
       h = _activation(name)(Dense(self.mlp_dim, ('embed', 'mlp'), dtype=self.dtype,
-                                  name=dense_name)(x))
+                                  lora=self.lora, name=dense_name)(x))
       hidden = h if hidden is None else hidden * h
     hidden = nn.with_logical_constraint(hidden, ('batch', 'length', 'mlp'))
     hidden = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(hidden, deterministic=deterministic)
-    return Dense(x.shape[-1], ('mlp', 'embed'), dtype=self.dtype, name='wo')(hidden)
+    return Dense(x.shape[-1], ('mlp', 'embed'), dtype=self.dtype, lora=self.lora,
+                 name='wo')(hidden)
 
 
 def mask_to_bias(mask: Array, dtype: Any) -> Array:
@@ -411,12 +464,12 @@ class EncoderLayer(nn.Module):
     norm = lambda name: LayerNorm(cfg.layer_norm_epsilon, cfg.activation_dtype, name=name)
     h = norm('pre_attention_layer_norm')(x)
     h = MultiHeadAttention(cfg.num_heads, cfg.head_dim, cfg.activation_dtype, cfg.dropout_rate,
-                           cfg.float32_attention_logits, cfg.attention_implementation,
+                           cfg.float32_attention_logits, cfg.attention_implementation, cfg.lora,
                            name='attention')(h, h, bias, deterministic)
     x = x + dropout(h, deterministic=deterministic)
     h = norm('pre_mlp_layer_norm')(x)
     h = MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.activation_dtype, cfg.dropout_rate,
-                 name='mlp')(h, deterministic)
+                 cfg.lora, name='mlp')(h, deterministic)
     x = x + dropout(h, deterministic=deterministic)
     x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
     return (x, None) if cfg.scan_layers else x
@@ -436,7 +489,7 @@ class DecoderLayer(nn.Module):
     norm = lambda name: LayerNorm(cfg.layer_norm_epsilon, cfg.activation_dtype, name=name)
     attention = lambda name: MultiHeadAttention(cfg.num_heads, cfg.head_dim, cfg.activation_dtype,
                                                 cfg.dropout_rate, cfg.float32_attention_logits,
-                                                cfg.attention_implementation, name=name)
+                                                cfg.attention_implementation, cfg.lora, name=name)
     h = norm('pre_self_attention_layer_norm')(y)
     h = attention('self_attention')(h, h, self_bias, deterministic,
                                     'self' if decode else None, cache_index)
@@ -448,7 +501,7 @@ class DecoderLayer(nn.Module):
       y = y + dropout(h, deterministic=deterministic)
     h = norm('pre_mlp_layer_norm')(y)
     h = MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.activation_dtype, cfg.dropout_rate,
-                 name='mlp')(h, deterministic)
+                 cfg.lora, name='mlp')(h, deterministic)
     y = y + dropout(h, deterministic=deterministic)
     y = nn.with_logical_constraint(y, ('batch', 'length', 'embed'))
     return (y, None) if cfg.scan_layers else y
@@ -507,7 +560,7 @@ def output_logits(config: T5Config, embedding: Embed, y: Array) -> Array:
     # Tied output layer (T5 v1.0): rescale so logits keep unit-variance scale.
     logits = embedding.attend(y) / jnp.sqrt(y.shape[-1]).astype(y.dtype)
   else:
-    logits = Dense(config.vocab_size, ('embed', 'vocab'), dtype=jnp.float32,
+    logits = Dense(config.vocab_size, ('embed', 'vocab'), dtype=jnp.float32, lora=config.lora,
                    name='logits_dense')(y)
   logits = logits.astype(jnp.float32)
   return nn.with_logical_constraint(logits, ('batch', 'length', 'vocab'))
@@ -649,3 +702,17 @@ def unstack_layers(params: Any) -> dict[str, Any]:
       tree[f'layers_{i}'] = jax.tree_util.tree_map(lambda x, i=i: x[i], stacked)
     params[stack] = tree
   return params
+
+
+def merge_lora(params: Any, lora: LoraConfig) -> dict[str, Any]:
+  """The parameters of the plain model that computes what the adapted one does: each kernel with
+  adapters becomes ``W + scale * lora_a @ lora_b`` (per layer when scanned) and the adapters go."""
+  def merge(tree: Any) -> Any:
+    if not isinstance(tree, dict) and not hasattr(tree, 'items'):
+      return tree
+    tree = {name: merge(value) for name, value in tree.items()}
+    if 'lora_a' in tree:
+      delta = jnp.matmul(tree.pop('lora_a'), tree.pop('lora_b'))
+      tree['kernel'] = tree['kernel'] + lora.scale * delta
+    return tree
+  return merge(params)
