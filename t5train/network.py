@@ -94,6 +94,9 @@ class T5Config:
   attention_implementation: str | None = None
   # Low-rank adapters beside chosen kernels (fine-tuning within memory); see LoraConfig.
   lora: LoraConfig | None = None
+  # Prompt tuning (Lester et al. 2021): this many learned embeddings (``encoder/prompt/prompt``)
+  # go before every encoder input; the encoder's length grows by as many positions.
+  num_prompts: int = 0
 
   def __post_init__(self) -> None:
     if self.remat_policy not in REMAT_POLICIES:
@@ -529,6 +532,30 @@ def run_layers(layer: type[nn.Module], config: T5Config, num_layers: int,
   return scanned(config, name='layers')(x, *args)[0]
 
 
+class Prompts(nn.Module):
+  """``num_prompts`` learned input embeddings, the same for every example (prompt tuning),
+  initialised uniformly in [-0.5, 0.5] as in Lester et al. 2021."""
+
+  num_prompts: int
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, batch_size: int) -> Array:
+    init = lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -0.5, 0.5)
+    prompts = self.param('prompt', nn.with_logical_partitioning(init, (None, 'embed')),
+                         (self.num_prompts, self.features), jnp.float32)
+    return jnp.broadcast_to(prompts.astype(self.dtype)[None], (batch_size,) + prompts.shape)
+
+
+def with_prompt_positions(tokens: Array, num_prompts: int) -> Array:
+  """Encoder token ids with ``num_prompts`` non-padding placeholders (1) in front: what the
+  masks of an encoder with prompts read padding from."""
+  if not num_prompts:
+    return tokens
+  return jnp.concatenate([jnp.ones((tokens.shape[0], num_prompts), tokens.dtype), tokens], axis=1)
+
+
 class Encoder(nn.Module):
   config: T5Config
   shared_embedding: Embed
@@ -536,6 +563,14 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, tokens: Array, segment_ids: Array | None, deterministic: bool) -> Array:
     cfg = self.config
+    embedded = self.shared_embedding(tokens)
+    if cfg.num_prompts:
+      if segment_ids is not None:
+        raise ValueError('prompt tuning prepends the prompts to each input; pack=False is needed')
+      prompts = Prompts(cfg.num_prompts, cfg.emb_dim, cfg.activation_dtype,
+                        name='prompt')(tokens.shape[0])
+      embedded = jnp.concatenate([prompts, embedded], axis=1)
+      tokens = with_prompt_positions(tokens, cfg.num_prompts)
     length = tokens.shape[1]
     buckets = position_buckets(length, length, True, cfg.relative_attention_num_buckets,
                                cfg.relative_attention_max_distance)
@@ -545,7 +580,7 @@ class Encoder(nn.Module):
     if layer_buckets is None:
       bias = relative_position_table(cfg)(buckets) + bias
     dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
-    x = dropout(self.shared_embedding(tokens), deterministic=deterministic)
+    x = dropout(embedded, deterministic=deterministic)
     x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
     x = run_layers(EncoderLayer, cfg, cfg.num_encoder_layers, (3,), x, bias, deterministic,
                     layer_buckets)
@@ -653,6 +688,7 @@ class Transformer(nn.Module):
              decoder_segment_ids: Array | None = None, *, enable_dropout: bool = True,
              decode: bool = False, max_decode_length: int | None = None) -> Array:
     """Decoder logits; with ``decode=True``, one cached step (see ``Decoder``)."""
+    encoder_input_tokens = with_prompt_positions(encoder_input_tokens, self.config.num_prompts)
     return self.decoder(encoded, encoder_input_tokens, decoder_input_tokens,
                         decoder_target_tokens, encoder_segment_ids, decoder_segment_ids,
                         not enable_dropout or decode, decode, max_decode_length)

@@ -209,6 +209,10 @@ def train(*, model: models.BaseTransformerModel, train_dataset_cfg: Any,
                     f'num_microbatches={num_microbatches}')
   train_eval_dataset_cfg = _evaluated_or_none(train_eval_dataset_cfg, 'teacher-forced evaluation')
   infer_eval_dataset_cfg = _evaluated_or_none(infer_eval_dataset_cfg, 'inference evaluation')
+  if getattr(getattr(model.module, 'config', None), 'num_prompts', 0) and train_dataset_cfg.pack:
+    raise UserError('prompt tuning (num_prompts > 0) puts the prompts before each input, so the '
+                    'examples cannot be packed; set train/data.DatasetConfig.pack = False '
+                    '(finetune.gin does)')
   if best_checkpoint_cfg is not None:
     _check_best_metric(best_checkpoint_cfg, model, eval_period, eval_steps,
                        train_eval_dataset_cfg, infer_eval_dataset_cfg)

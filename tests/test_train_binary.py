@@ -123,8 +123,10 @@ def test_finetune_starts_from_an_initial_checkpoint(smoke_run, tmp_path):
     (SMOKE + ["--gin.MODEL_DIR='/tmp/t5train_bad'", '--gin.TRAIN_STEPS=2',
               "--gin.TASK_FEATURE_LENGTHS={'inputs': -3, 'targets': 8}"],
      "TASK_FEATURE_LENGTHS['inputs'] must be an integer >= 1, not -3"),
+    (SMOKE + ['--gin_file=gin/models/prompt_tuning.gin', "--gin.MODEL_DIR='/tmp/t5train_bad'",
+              '--gin.TRAIN_STEPS=2'], 'the examples cannot be packed'),
 ], ids=['unknown_configurable', 'missing_required_macro', 'missing_gin_file', 'unknown_task',
-        'cudnn_attention_without_a_gpu', 'negative_feature_length'])
+        'cudnn_attention_without_a_gpu', 'negative_feature_length', 'packed_prompt_tuning'])
 def test_bad_input_exits_2_with_a_short_message(args, message):
   result = run_train(*args)
   assert result.returncode == 2, result.stderr[-3000:]
