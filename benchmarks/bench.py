@@ -48,11 +48,18 @@ _DTYPE = flags.DEFINE_string('dtype', 'float32', 'Activation dtype: float32 or b
 _PEER = flags.DEFINE_enum('peer', 'auto', ['auto', 'none', 'transformers'],
                           'Also measure transformers\' PyTorch T5 (auto: if installed).')
 _OUT = flags.DEFINE_string('out', 'docs/bench/cpu.json', 'Where to write the JSON results.')
-_WORKLOADS = flags.DEFINE_list('workloads', ['train', 'decoder_only', 'decode', 'checkpoint'],
+_WORKLOADS = flags.DEFINE_list('workloads', ['train', 'decoder_only', 'finetune', 'decode',
+                                               'checkpoint'],
                                'Any of train, decode, checkpoint.')
 _CHECKPOINT_SIZES = flags.DEFINE_list('checkpoint_sizes', ['small', 'base'],
                                       'Model sizes for the checkpoint rows.')
 _DECODE_SIZES = flags.DEFINE_list('decode_sizes', ['small'], 'Model sizes for decoding.')
+_FINETUNE_SIZES = flags.DEFINE_list('finetune_sizes', ['base'],
+                                     'T5 1.1 sizes for the fine-tuning workload.')
+_FINETUNE_METHODS = flags.DEFINE_list(
+    'finetune_methods', ['full_adafactor', 'full_adamw', 'lora', 'prompt'],
+    'Fine-tuning rows: full fine-tuning with Adafactor or AdamW, LoRA rank 8 on query and '
+    'value (beside PEFT on transformers), prompt tuning with 100 prompts.')
 _DECODER_ONLY_SIZES = flags.DEFINE_list(
     'decoder_only_sizes', ['small'],
     'gin/models/decoder_only sizes for the decoder-only workload (prefix LM on inputs + '
@@ -529,6 +536,105 @@ def _measure_transformers_causal_lm(size_name: str, batch: int, input_length: in
   return row
 
 
+LORA_RANK, LORA_ALPHA, NUM_PROMPTS = 8, 16.0, 100
+
+
+def _finetune_model(size_name: str, dtype: str, method: str, **model_options: Any) -> Any:
+  """T5 1.1 of ``size_name`` set up for one way of fine-tuning (see --finetune_methods)."""
+  from t5train import models, network, optimizers
+  adapters = {}
+  optimizer: Any = optimizers.Adafactor()
+  if method == 'full_adamw':
+    optimizer = optimizers.AdamW()
+  elif method == 'lora':
+    adapters = dict(lora=network.LoraConfig(rank=LORA_RANK, alpha=LORA_ALPHA))
+    optimizer = optimizers.MultiOptimizer([(r'.*/lora_[ab]', optimizers.AdamW())])
+  elif method == 'prompt':
+    adapters = dict(num_prompts=NUM_PROMPTS)
+    optimizer = optimizers.MultiOptimizer([('encoder/prompt/prompt', optimizers.Adafactor())])
+  elif method != 'full_adafactor':
+    raise ValueError(f'unknown fine-tuning method {method!r}')
+  config = _t5_config(size_name, dtype, **adapters, **model_options)
+  return models.EncoderDecoderModel(network.Transformer(config), None, None, optimizer,
+                                    z_loss=1e-4)
+
+
+FINETUNE_SYSTEMS = {'full_adafactor': 't5train full (Adafactor)',
+                    'full_adamw': 't5train full (AdamW)',
+                    'lora': f't5train LoRA r{LORA_RANK} q,v (AdamW)',
+                    'prompt': f't5train prompt tuning ({NUM_PROMPTS})'}
+
+
+def _measure_t5train_finetune(size_name: str, batch: int, input_length: int, target_length: int,
+                              steps: int, dtype: str, method: str,
+                              **model_options: Any) -> dict[str, Any]:
+  """One fine-tuning step of T5 1.1 ``size_name`` by ``method``, assembled as the binary does."""
+  import jax
+
+  from t5train import assembly, optimizers, partitioning
+  model = _finetune_model(size_name, dtype, method, **model_options)
+  _, host_batch = _t5train_model_and_batch(size_name, batch, input_length, target_length, dtype)
+  partitioner = partitioning.PjitPartitioner()
+  parts = assembly.assemble_training(
+      model, partitioner, {name: value.shape for name, value in host_batch.items()},
+      learning_rate_fn=optimizers.create_learning_rate_scheduler('constant', 1e-3))
+  t, device_batch = parts.trainer, _device_batch(partitioner, host_batch)
+  first = _timed_step(t, device_batch)
+  _timed_step(t, device_batch)
+  step_secs = [_timed_step(t, device_batch) for _ in range(steps)]
+  memory = _peak_memory_gib()
+  leaves = lambda tree: jax.tree_util.tree_leaves(tree)
+  row = _summarise(step_secs, first, train_flops_per_step(model_sizes.t5_1_1_size(size_name),
+                                                          batch, input_length, target_length),
+                   batch * (input_length + target_length), _jax_matmul_flops(dtype), memory)
+  row.update(model_options)
+  row.update(system=FINETUNE_SYSTEMS[method], method=method,
+             optimizer_state_floats=sum(x.size for x in leaves(t.train_state.opt_state)),
+             parameter_floats=sum(x.size for x in leaves(t.train_state.params)),
+             device=str(jax.devices()[0].device_kind), jax_version=jax.__version__)
+  return row
+
+
+def _measure_transformers_lora(size_name: str, batch: int, input_length: int, target_length: int,
+                               steps: int, dtype: str, method: str = 'lora') -> dict[str, Any]:
+  """PEFT's LoRA (rank 8, alpha 16, on q and v) on transformers' T5 1.1, with torch's AdamW."""
+  del method
+  import peft
+  import torch
+  import transformers
+  size = model_sizes.t5_1_1_size(size_name)
+  model, device = _transformers_t5(size, dtype)
+  model = peft.get_peft_model(model, peft.LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA,
+                                                     target_modules=['q', 'v'], lora_dropout=0.0))
+  model = model.train()
+  optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3,
+                                weight_decay=0.0)
+  gen = torch.Generator().manual_seed(0)
+  inputs = torch.randint(2, size['vocab_size'], (batch, input_length), generator=gen).to(device)
+  labels = torch.randint(2, size['vocab_size'], (batch, target_length), generator=gen).to(device)
+
+  def timed_step() -> float:
+    start = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    model(input_ids=inputs, labels=labels).loss.backward()
+    optimizer.step()
+    if device == 'cuda':
+      torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+  first = timed_step()
+  timed_step()
+  step_secs = [timed_step() for _ in range(steps)]
+  memory = (torch.cuda.max_memory_allocated() / 2**30 if device == 'cuda' else _peak_rss_gib())
+  row = _summarise(step_secs, first, train_flops_per_step(size, batch, input_length,
+                                                          target_length),
+                   batch * (input_length + target_length), _jax_matmul_flops(dtype), memory)
+  row.update(system=f'transformers + PEFT LoRA r{LORA_RANK} q,v', method='lora', device=device,
+             torch_version=torch.__version__, transformers_version=transformers.__version__,
+             peft_version=peft.__version__)
+  return row
+
+
 def _beams(method: str) -> int:
   return 1 if method == 'greedy' else int(method.removeprefix('beam'))
 
@@ -618,6 +724,8 @@ _WORKERS = {'t5train': _measure_t5train, 't5train_notebook': _measure_t5train_no
             't5train_checkpoint': _measure_t5train_checkpoint,
             't5train_decode': _measure_t5train_decode,
             't5train_decoder_only': _measure_t5train_decoder_only,
+            't5train_finetune': _measure_t5train_finetune,
+            'transformers_lora': _measure_transformers_lora,
             'transformers_causal_lm': _measure_transformers_causal_lm,
             'transformers_decode': _measure_transformers_decode}
 
@@ -758,6 +866,24 @@ def _decoder_only_rows(peer: bool, lengths: list[int]) -> list[dict[str, Any]]:
   return rows
 
 
+def _finetune_rows(peer: bool, lengths: list[int]) -> list[dict[str, Any]]:
+  """Each fine-tuning method once per size; t5train's LoRA and PEFT's take turns."""
+  rows = []
+  for size in _FINETUNE_SIZES.value:
+    for method in _FINETUNE_METHODS.value:
+      group = [_run_row('t5train_finetune', size, _BATCH.value, lengths, _STEPS.value,
+                        _DTYPE.value, method)]
+      if method == 'lora' and peer:
+        group.append(_run_row('transformers_lora', size, _BATCH.value, lengths, _STEPS.value,
+                              _DTYPE.value, method))
+      for row in group:
+        row.update(size=size)
+      for row in _paired(group, peer and len(group) > 1):
+        print(_table([row]).splitlines()[-1], flush=True)
+      rows.extend(group)
+  return rows
+
+
 def _decode_rows(peer: bool, lengths: list[int]) -> list[dict[str, Any]]:
   """t5train and the peer alternate (A B A B), so that drift in the machine hits both."""
   rows = []
@@ -808,7 +934,7 @@ def main(argv: Sequence[str]) -> None:
   if _WORKER.value:
     measure = _WORKERS[_WORKER.value]
     args = (_SIZES.value[0], _BATCH.value, lengths[0], lengths[1], _STEPS.value, _DTYPE.value)
-    if _WORKER.value.endswith('_decode'):
+    if _WORKER.value.endswith(('_decode', '_finetune', '_lora')):
       args += (_METHOD.value,)
     model_options = (_model_options() if _WORKER.value.startswith('t5train') else {})
     row = measure(*args, **model_options)
@@ -827,12 +953,14 @@ def main(argv: Sequence[str]) -> None:
   rows = _train_rows(peer, lengths) if 'train' in _WORKLOADS.value else []
   decoder_only_rows = (_decoder_only_rows(peer, lengths)
                        if 'decoder_only' in _WORKLOADS.value else [])
+  finetune_rows = _finetune_rows(peer, lengths) if 'finetune' in _WORKLOADS.value else []
   decode_rows = _decode_rows(peer, lengths) if 'decode' in _WORKLOADS.value else []
   checkpoint_rows = _checkpoint_rows(lengths) if 'checkpoint' in _WORKLOADS.value else []
   report = {'machine': _machine(),
             'batch_size': _BATCH.value, 'lengths': lengths, 'dtype': _DTYPE.value,
             **_model_options(),
             'timed_steps': _STEPS.value, 'rows': rows, 'decoder_only_rows': decoder_only_rows,
+            'finetune_rows': finetune_rows,
             'decode_repeats': _DECODE_REPEATS.value, 'decode_rows': decode_rows,
             'checkpoint_rows': checkpoint_rows}
   if rows:
@@ -849,6 +977,11 @@ def main(argv: Sequence[str]) -> None:
           f'{_STEPS.value} warm steps; t5train prefix LM (gin/models/decoder_only) beside '
           "transformers' Mistral of the same dimensions")
     print(_table(decoder_only_rows))
+  if finetune_rows:
+    print()
+    print(f'fine-tuning: batch {_BATCH.value}, lengths {lengths[0]}/{lengths[1]}, {_DTYPE.value}, '
+          f'median of {_STEPS.value} warm steps; peak memory is the process\'s peak RSS on CPU')
+    print(_table(finetune_rows))
   if decode_rows:
     print()
     print(f'decode: input length {lengths[0]}, {lengths[1]} new tokens per sequence (full length), '
