@@ -42,18 +42,26 @@ def test_decoder_only_step_flops():
   assert flops == pytest.approx(278.8e9, rel=2e-3)
 
 
-def test_decoder_only_rows_are_measured(tmp_path):
+def test_decoder_only_and_finetune_rows_are_measured(tmp_path):
   out = tmp_path / 'bench.json'
   result = subprocess.run(
-      [sys.executable, '-m', 'benchmarks.bench', '--workloads=decoder_only',
-       '--decoder_only_sizes=tiny', '--steps=1', '--train_rounds=1', '--peer=none',
-       f'--out={out}', '--lengths=16,8'],
+      [sys.executable, '-m', 'benchmarks.bench', '--workloads=decoder_only,finetune',
+       '--decoder_only_sizes=tiny', '--finetune_sizes=tiny', '--finetune_methods=lora,prompt',
+       '--steps=1', '--train_rounds=1', '--peer=none', f'--out={out}', '--lengths=16,8'],
       capture_output=True, text=True, timeout=600, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
   assert result.returncode == 0, result.stderr[-3000:]
-  (row,) = json.loads(out.read_text())['decoder_only_rows']
+  report = json.loads(out.read_text())
+  (row,) = report['decoder_only_rows']
   assert 'error' not in row, row
   assert row['system'] == 't5train decoder-only (JAX)'
   assert row['tokens_per_sec'] == pytest.approx(8 * 24 / row['sec_per_step_median'])
+  lora, prompt = report['finetune_rows']
+  assert 'error' not in lora and 'error' not in prompt, (lora, prompt)
+  # LoRA keeps AdamW's two moments (and two step counts) for the adapters only: rank 8 beside
+  # the query and value kernels (8 wide, 12 inner) of 2 encoder and 2 x 2 decoder attentions.
+  adapter_floats = 6 * 2 * 8 * (8 + 12)
+  assert lora['optimizer_state_floats'] == 2 * adapter_floats + 2
+  assert prompt['method'] == 'prompt' and prompt['optimizer_state_floats'] < 100 * 8 + 10
 
 
 def test_decode_rows_are_measured(tmp_path):
