@@ -588,7 +588,12 @@ def _measure_t5train_finetune(size_name: str, batch: int, input_length: int, tar
                                                           batch, input_length, target_length),
                    batch * (input_length + target_length), _jax_matmul_flops(dtype), memory)
   row.update(model_options)
+  analysis = next(iter(t._compiled.values())).memory_analysis()  # pylint: disable=protected-access
   row.update(system=FINETUNE_SYSTEMS[method], method=method,
+             # What the compiled step holds: its inputs (the state, in place) and its scratch
+             # space (activations, and gradients and updates of what it trains).
+             step_arguments_gib=analysis.argument_size_in_bytes / 2**30,
+             step_temp_gib=analysis.temp_size_in_bytes / 2**30,
              optimizer_state_floats=sum(x.size for x in leaves(t.train_state.opt_state)),
              parameter_floats=sum(x.size for x in leaves(t.train_state.params)),
              device=str(jax.devices()[0].device_kind), jax_version=jax.__version__)

@@ -64,6 +64,13 @@ def _trainable_split(params: Any, trainable: Callable[[str], bool] | None
   return part, rebuild, pad
 
 
+def _trained_mask(params: Any, trainable: Callable[[str], bool] | None) -> Any:
+  """A tree of bools like ``params``: which parameters the optimiser updates."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: trainable is None or trainable(optimizers.param_path(
+          tuple(getattr(k, 'key', k) for k in path))), params)
+
+
 def _loss_and_grads(model: models.BaseTransformerModel, params: Any, batch: Batch,
                     dropout_rng: jax.Array, num_microbatches: int | None,
                     trainable: Callable[[str], bool] | None = None
@@ -114,15 +121,22 @@ def train_step(model: models.BaseTransformerModel, tx: optax.GradientTransformat
   writes the new value in place instead of copying all parameters first.
   """
   dropout_rng = jax.random.fold_in(rng, state.step)
+  trainable = optimizers.trainable_fn(model.optimizer_def)
   grads, sums = _loss_and_grads(model, state.params, batch, dropout_rng, num_microbatches,
-                                optimizers.trainable_fn(model.optimizer_def))
+                                trainable)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  grads_finite = jnp.isfinite(sums['loss']) & jnp.isfinite(optax.global_norm(grads))
-  finite = grads_finite & jnp.isfinite(optax.global_norm(updates))
+  # Frozen parameters are read, never written: their (zero) gradients and updates are left out
+  # of the norms and the new state, so XLA computes none of them and keeps the old buffers.
+  trained = _trained_mask(state.params, trainable)
+  of_trained = lambda tree: [x for x, keep in zip(jax.tree_util.tree_leaves(tree),
+                                                  jax.tree_util.tree_leaves(trained)) if keep]
+  grads_finite = jnp.isfinite(sums['loss']) & jnp.isfinite(optax.global_norm(of_trained(grads)))
+  finite = grads_finite & jnp.isfinite(optax.global_norm(of_trained(updates)))
   use_new = finite if skip_nonfinite else grads_finite
   pick = lambda new, old: jnp.where(use_new, new, old)
-  params = jax.tree_util.tree_map(pick, params, state.params)
+  params = jax.tree_util.tree_map(lambda keep, new, old: pick(new, old) if keep else old,
+                                  trained, params, state.params)
   if skip_nonfinite:  # always picking the state too makes XLA copy it instead (AdamW's moments)
     opt_state = jax.tree_util.tree_map(pick, opt_state, state.opt_state)
   metrics = model.metrics(sums)
