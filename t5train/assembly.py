@@ -16,8 +16,17 @@ from typing import Any
 
 import jax
 
-from t5train import checkpoints, model_info, models, optimizers, partitioning, paths
+from t5train import (
+  checkpoint_reading,
+  checkpoints,
+  model_info,
+  models,
+  optimizers,
+  partitioning,
+  paths,
+)
 from t5train import trainer as trainer_lib
+from t5train.errors import UserError
 from t5train.train_state import TrainState, TrainStateInitializer
 
 
@@ -53,6 +62,19 @@ class TrainingParts:
       self.checkpoint_manager.close()
 
 
+def _check_parameter_names(model: models.BaseTransformerModel, params: Any) -> None:
+  """A UserError, before anything is compiled, where the optimiser or the LoRA targets name
+  parameters the model does not have."""
+  optimizers.check_parameter_names(model.optimizer_def, params)
+  lora = getattr(getattr(model.module, 'config', None), 'lora', None)
+  if lora is not None:
+    names = [name for name, _ in checkpoint_reading.flatten_with_names(params)]
+    try:
+      lora.check_targets(names)
+    except ValueError as e:
+      raise UserError(str(e)) from None
+
+
 def assemble_training(model: models.BaseTransformerModel,
                       partitioner: partitioning.PjitPartitioner,
                       input_shapes: Mapping[str, Any], *, model_dir: str | None = None,
@@ -72,7 +94,7 @@ def assemble_training(model: models.BaseTransformerModel,
   init_rng, trainer_rng = jax.random.split(jax.random.PRNGKey(random_seed))
   initializer = TrainStateInitializer(model.optimizer_def, model.get_initial_variables,
                                       input_shapes, input_types, partitioner)
-  optimizers.check_parameter_names(model.optimizer_def, initializer.global_train_state_shape.params)
+  _check_parameter_names(model, initializer.global_train_state_shape.params)
   manager = None
   if model_dir is not None:
     model_info.log_model_info(paths.join(model_dir, 'model-info.txt'),

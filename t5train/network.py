@@ -59,6 +59,19 @@ class LoraConfig:
   def applies_to(self, name: str) -> bool:
     return re.fullmatch(self.targets, name) is not None
 
+  def check_targets(self, names: Sequence[str]) -> None:
+    """A ValueError unless ``targets`` names at least one kernel and nothing else of the
+    parameter names ``names`` (those of the model with its adapters)."""
+    matched = [name for name in names if '/lora_' not in name and self.applies_to(name)]
+    if not matched:
+      raise ValueError(f'LoraConfig.targets {self.targets!r} matches no parameter; kernels are '
+                       "named like 'encoder/layers_0/attention/query/kernel' (see "
+                       'model-info.txt)')
+    others = [name for name in matched if not name.endswith('/kernel')]
+    if others:
+      raise ValueError(f'LoraConfig.targets {self.targets!r} matches {others[0]!r}: LoRA '
+                       'adapts 2-D kernels (names ending in /kernel) only')
+
 
 @dataclasses.dataclass(frozen=True)
 class T5Config:

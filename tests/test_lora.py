@@ -151,3 +151,14 @@ def test_export_to_transformers_writes_the_merged_weights(adapted, tmp_path):
   batch = _batch(config)
   hf_models.assert_logits_close(_logits(config, params, batch),
                                 hf_models.hf_logits(reloaded, batch[0], batch[1]), batch[2])
+
+
+@pytest.mark.parametrize('targets, message', [
+    (r'.*/no_such_layer/kernel', 'matches no parameter'),
+    (r'.*/pre_mlp_layer_norm/scale', 'LoRA adapts 2-D kernels'),
+])
+def test_targets_that_name_no_kernel_are_user_errors(targets, message):
+  from t5train.errors import UserError  # noqa: PLC0415
+  config = testing.tiny_config(lora=network.LoraConfig(targets=targets))
+  with pytest.raises(UserError, match=message):
+    testing.tiny_trainer(testing.tiny_model(config))
