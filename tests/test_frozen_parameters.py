@@ -69,3 +69,25 @@ def test_a_regex_that_names_nothing_is_a_user_error(regex, message):
   with pytest.raises(UserError, match=re.escape(message)):
     multi = optimizers.MultiOptimizer([(regex, optimizers.AdamW())])
     testing.tiny_trainer(testing.tiny_model(optimizer_def=multi))
+
+
+def test_a_run_with_frozen_parameters_resumes_exactly(tmp_path):
+  """The masked optimizer state (no slots for frozen parameters) saves and restores: a resumed
+  run takes the next step exactly as the uninterrupted one."""
+  from t5train import checkpoints  # noqa: PLC0415
+  model = testing.tiny_model(optimizer_def=ENCODER_FROZEN)
+  batch = testing.random_batch()
+  save_cfg = checkpoints.SaveCheckpointConfig(period=None, save_dataset=False, use_async=False)
+  first = testing.tiny_trainer(model, batch, model_dir=str(tmp_path), save_cfg=save_cfg)
+  for _ in range(2):
+    first.trainer.train_step(batch)
+  first.checkpoint_manager.save(first.trainer.train_state, force=True)
+  first.checkpoint_manager.wait_until_finished()
+  first.trainer.train_step(batch)
+  resumed = testing.tiny_trainer(model, batch, model_dir=str(tmp_path), save_cfg=save_cfg)
+  assert resumed.resumed and int(resumed.train_state.step) == 2
+  resumed.trainer.train_step(batch)
+  testing.assert_trees_equal(jax.device_get(resumed.train_state.params),
+                             jax.device_get(first.train_state.params))
+  testing.assert_trees_equal(jax.device_get(resumed.train_state.opt_state),
+                             jax.device_get(first.train_state.opt_state))

@@ -186,22 +186,9 @@ def test_sharded_decoding_and_scoring_equal_one_device(runs):
   testing.assert_trees_close((scores, score), (one_scores, one_score))
 
 
-def test_a_prefix_lm_trains_alike_under_every_partitioning():
-  """The decoder-only model's parameters and activations follow the same rules: model parallel
-  with 2-D parameter and activation sharding trains as pure data parallelism."""
-  model = testing.tiny_decoder_only_model(
-      testing.tiny_config(num_heads=4, head_dim=4, num_encoder_layers=0),
-      optimizers.Adafactor(min_dim_size_to_factor=8))
-  rng = np.random.default_rng(0)
-  lengths = {'inputs': 12, 'targets': 8}
-
-  def batch():
-    rows = [model.example_features({'inputs': rng.integers(2, 64, rng.integers(3, 12)),
-                                    'targets': rng.integers(2, 64, rng.integers(2, 8))}, lengths)
-            for _ in range(8)]
-    return {name: np.stack([row[name] for row in rows]) for name in rows[0]}
-
-  steps = [batch() for _ in range(NUM_STEPS)]
+def _trains_alike_under_model_parallelism(model, steps):
+  """The model trains on ``steps`` (batches of 8) as pure data parallelism does under model
+  parallelism with 2-D parameter and activation sharding."""
   results = []
   for name in ('data8', 'data4_model2_2d_params_2d_activations'):
     num_partitions, logical_axis_rules = LAYOUTS[name]
@@ -214,3 +201,29 @@ def test_a_prefix_lm_trains_alike_under_every_partitioning():
   assert results[0][0][0] > results[0][0][-1]
   testing.assert_trees_close(results[1][0], results[0][0])
   testing.assert_trees_close(results[1][1], results[0][1])
+
+
+def test_a_prefix_lm_trains_alike_under_every_partitioning():
+  """The decoder-only model's parameters and activations follow the same rules."""
+  model = testing.tiny_decoder_only_model(
+      testing.tiny_config(num_heads=4, head_dim=4, num_encoder_layers=0),
+      optimizers.Adafactor(min_dim_size_to_factor=8))
+  rng = np.random.default_rng(0)
+  lengths = {'inputs': 12, 'targets': 8}
+
+  def batch():
+    rows = [model.example_features({'inputs': rng.integers(2, 64, rng.integers(3, 12)),
+                                    'targets': rng.integers(2, 64, rng.integers(2, 8))}, lengths)
+            for _ in range(8)]
+    return {name: np.stack([row[name] for row in rows]) for name in rows[0]}
+
+  _trains_alike_under_model_parallelism(model, [batch() for _ in range(NUM_STEPS)])
+
+
+def test_lora_trains_alike_under_every_partitioning():
+  """Adapters are sharded by their kernel's axes; the frozen base is never updated."""
+  from t5train import network  # noqa: PLC0415
+  config = testing.tiny_config(num_heads=4, head_dim=4, lora=network.LoraConfig(rank=4))
+  model = testing.tiny_model(config, optimizers.MultiOptimizer(
+      [(r'.*/lora_[ab]', optimizers.AdamW())]))
+  _trains_alike_under_model_parallelism(model, batches())
