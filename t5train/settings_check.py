@@ -70,6 +70,9 @@ MACROS: dict[str, Rule] = {
     'Z_LOSS': Rule(float, 0),
     'NOISE_DENSITY': Rule(float, 0, 1, exclusive_minimum=True, exclusive_maximum=True),
     'MEAN_NOISE_SPAN_LENGTH': Rule(float, 1),
+    'LORA_RANK': _COUNT,
+    'LORA_ALPHA': Rule(float, 0, exclusive_minimum=True),
+    'NUM_PROMPTS': Rule(int, 0),
 }
 # Settings the run gin files bind directly rather than through a macro (gin selectors).
 BINDINGS: dict[str, Rule] = {
@@ -82,6 +85,7 @@ BINDINGS: dict[str, Rule] = {
     'PjitPartitioner.num_partitions': Rule(int, 1, none_ok=True),
     'SaveCheckpointConfig.keep': Rule(int, 1, none_ok=True),
     'SaveCheckpointConfig.keep_period': Rule(int, 1, none_ok=True),
+    'BestCheckpointConfig.patience': Rule(int, 1, none_ok=True),
 }
 FEATURE_LENGTHS = 'TASK_FEATURE_LENGTHS'
 

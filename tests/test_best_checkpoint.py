@@ -44,14 +44,18 @@ def test_keeps_the_best_and_stops_when_patience_runs_out(tmp_path):
   assert [step for step, _ in selected] == [best_step]
 
 
-def test_a_metric_no_evaluation_produces_exits_2_before_training(tmp_path):
-  result = run_train(*SMOKE, *BEST[:1], f"--gin.MODEL_DIR='{tmp_path}'", '--gin.TRAIN_STEPS=2',
-                     "--gin.best_checkpoint.BestCheckpointConfig.metric="
-                     "'training_eval/sort_digits/bleu'")
-  assert result.returncode == 2, result.stderr[-3000:]
-  last = result.stderr.strip().splitlines()[-1]
-  assert "training_eval has no metric 'bleu'" in last, last
-  assert not any(name.startswith('checkpoint') for name in os.listdir(tmp_path))
+def test_the_train_binary_checks_the_metric_before_training():
+  """What train() runs before anything is compiled (a UserError: exit status 2)."""
+  from t5train import data, testing  # noqa: PLC0415
+  from t5train import train as train_lib  # noqa: PLC0415
+  validation = data.DatasetConfig('sort_digits', {'inputs': 8, 'targets': 8}, split='validation')
+  check = lambda metric: train_lib._check_best_metric(  # pylint: disable=protected-access
+      BestCheckpointConfig(metric), testing.tiny_model(), 10, 2, validation, None)
+  check('training_eval/sort_digits/accuracy')
+  with pytest.raises(UserError, match="training_eval has no metric 'bleu'"):
+    check('training_eval/sort_digits/bleu')
+  with pytest.raises(UserError, match='no inference_eval runs in this training'):
+    check('inference_eval/sort_digits/exact_match')
 
 
 @pytest.mark.parametrize('metric, message', [
