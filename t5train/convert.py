@@ -3,9 +3,12 @@
     python -m t5train.convert --from=hf --input=HF_DIR --output=OUT
     python -m t5train.convert --from=t5x --input=T5X_CHECKPOINT_DIR --output=OUT
     python -m t5train.convert --to=hf --input=OUT/checkpoint_0 --gin_file=OUT/model.gin --output=HF_DIR
+    python -m t5train.convert --to=merged --input=LORA_RUN/checkpoint_N \
+        --gin_file=MODEL.gin --gin_file=gin/models/lora.gin --output=MERGED
 
 Imports write ``OUT/checkpoint_<step>/`` (parameters only: fine-tuning starts the
-optimiser fresh) and ``OUT/model.gin`` binding the matching T5Config. Every
+optimiser fresh) and ``OUT/model.gin`` binding the matching T5Config; so does
+``--to=merged``, with a LoRA-adapted checkpoint's adapters merged into its kernels. Every
 local output is built in a temporary directory beside OUT and renamed at the end, so
 a failed conversion leaves nothing behind; on a bucket (``gs://``), which has no
 rename, the files are written in place and ``model.gin`` / ``config.json`` last.
@@ -18,6 +21,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -39,7 +43,9 @@ from t5train import (
 from t5train.errors import UserError
 
 _FROM = flags.DEFINE_enum('from', None, ['hf', 't5x'], 'Import from this format.')
-_TO = flags.DEFINE_enum('to', None, ['hf'], 'Export a t5train checkpoint to this format.')
+_TO = flags.DEFINE_enum('to', None, ['hf', 'merged'],
+                        'Export a t5train checkpoint to this format (merged: a t5train checkpoint '
+                        'with LoRA adapters merged into the kernels).')
 _INPUT = flags.DEFINE_string('input', None, 'The directory to read.')
 _OUTPUT = flags.DEFINE_string('output', None, 'The directory to create; it must not exist.')
 _DTYPE = flags.DEFINE_enum('activation_dtype', 'float32', ['float32', 'bfloat16'],
@@ -252,6 +258,34 @@ def read_checkpoint_params(checkpoint: str, config: network.T5Config) -> dict[st
   return dict(checkpoint_reading.flatten_with_names(restored['params']))
 
 
+def _merged(flat: Mapping[str, np.ndarray], config: network.T5Config
+            ) -> tuple[dict[str, np.ndarray], network.T5Config]:
+  """The parameters and config of the plain model that computes what the LoRA-adapted one does
+  (``flat`` and ``config`` themselves without adapters)."""
+  if config.lora is None:
+    return dict(flat), config
+  merged = network.merge_lora(hf_interop.nest(flat), config.lora)
+  flat = {name: np.asarray(value) for name, value in checkpoint_reading.flatten_with_names(merged)}
+  return flat, dataclasses.replace(config, lora=None)
+
+
+def export_merged(checkpoint: str, config: network.T5Config, output: str,
+                  sentencepiece_file: str | None = None) -> str:
+  """A LoRA-adapted t5train checkpoint -> ``output/checkpoint_<step>`` with the adapters merged
+  into the kernels, and ``output/model.gin`` for the plain model."""
+  if config.lora is None:
+    raise UserError('--to=merged merges LoRA adapters, and the gin files bind no '
+                    'network.T5Config.lora (add gin/models/lora.gin after the model file)')
+  match = re.fullmatch(rf'{checkpoint_reading.STEP_PREFIX}_(\d+)',
+                       epath.Path(checkpoint).name)
+  if match is None:
+    raise UserError(f'--input {checkpoint} is not a {checkpoint_reading.STEP_PREFIX}_<step> '
+                    'directory')
+  flat, config = _merged(read_checkpoint_params(checkpoint, config), config)
+  return _write_import(hf_interop.nest(flat), int(match.group(1)), config, checkpoint, output,
+                       sentencepiece_file)
+
+
 def export_hf(checkpoint: str, config: network.T5Config, output: str,
               sentencepiece_file: str | None = None) -> None:
   """t5train checkpoint -> HF directory (config.json, model.safetensors, tokenizer files).
@@ -260,11 +294,7 @@ def export_hf(checkpoint: str, config: network.T5Config, output: str,
   computes what the adapted model does.
   """
   from safetensors.numpy import save  # pylint: disable=g-import-not-at-top
-  flat = read_checkpoint_params(checkpoint, config)
-  if config.lora is not None:
-    merged = network.merge_lora(hf_interop.nest(flat), config.lora)
-    flat = {name: np.asarray(value) for name, value in checkpoint_reading.flatten_with_names(merged)}
-    config = dataclasses.replace(config, lora=None)
+  flat, config = _merged(read_checkpoint_params(checkpoint, config), config)
   hf_config = hf_interop.hf_config_from_t5_config(config)
   state_dict = hf_interop.hf_state_dict_from_flat_params(flat, config)
   with atomic_output(output) as staging:
@@ -301,7 +331,7 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
   if (_FROM.value is None) == (_TO.value is None):
-    raise UserError('give exactly one of --from=hf|t5x or --to=hf')
+    raise UserError('give exactly one of --from=hf|t5x or --to=hf|merged')
   if not _INPUT.value or not _OUTPUT.value:
     raise UserError('--input and --output are required')
   if not epath.Path(_INPUT.value).is_dir():
@@ -311,6 +341,9 @@ def main(argv: Sequence[str]) -> None:
   elif _FROM.value == 't5x':
     config = _gin_model_and_vocabulary()[0] if flags.FLAGS.gin_file else None
     written = import_t5x(_INPUT.value, _OUTPUT.value, _DTYPE.value, config)
+  elif _TO.value == 'merged':
+    config, sentencepiece_file = _gin_model_and_vocabulary()
+    written = export_merged(_INPUT.value, config, _OUTPUT.value, sentencepiece_file)
   else:
     config, sentencepiece_file = _gin_model_and_vocabulary()
     export_hf(_INPUT.value, config, _OUTPUT.value, sentencepiece_file)

@@ -162,3 +162,21 @@ def test_targets_that_name_no_kernel_are_user_errors(targets, message):
   config = testing.tiny_config(lora=network.LoraConfig(targets=targets))
   with pytest.raises(UserError, match=message):
     testing.tiny_trainer(testing.tiny_model(config))
+
+
+def test_convert_to_merged_writes_a_plain_checkpoint_with_the_adapted_logits(adapted, tmp_path):
+  from t5train import checkpoints, convert  # noqa: PLC0415
+  from t5train.errors import UserError  # noqa: PLC0415
+  config, params = adapted
+  checkpoints.save_params(str(tmp_path / 'run'), params, 7)
+  written = convert.export_merged(str(tmp_path / 'run' / 'checkpoint_7'), config,
+                                  str(tmp_path / 'merged'))
+  assert written.endswith('merged/checkpoint_7')
+  assert 'lora' not in (tmp_path / 'merged' / 'model.gin').read_text()
+  plain = _config(lora=None)
+  merged = convert.read_checkpoint_params(written, plain)  # a UserError if adapters were left
+  batch = _batch(config)
+  testing.assert_trees_close(_logits(plain, hf_interop.nest(merged), batch),
+                             _logits(config, params, batch), rtol=1e-6)
+  with pytest.raises(UserError, match='bind no network.T5Config.lora'):
+    convert.export_merged(written, plain, str(tmp_path / 'again'))
