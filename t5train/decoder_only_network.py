@@ -96,6 +96,9 @@ class DecoderOnlyTransformer(nn.Module):
   config: T5Config
 
   def setup(self) -> None:
+    if self.config.num_prompts:
+      raise ValueError('prompt tuning (T5Config.num_prompts) is available for encoder-decoder '
+                       'models only')
     self.decoder = DecoderOnlyStack(self.config)
 
   def __call__(self, decoder_input_tokens: Array, decoder_target_tokens: Array | None = None,
