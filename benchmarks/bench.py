@@ -409,6 +409,38 @@ def _transformers_t5(size: dict[str, Any], dtype: str) -> tuple[Any, str]:
   return model.to(device=device, dtype=torch_dtype), device
 
 
+def _torch_t5_batch(size: dict[str, Any], batch: int, input_length: int, target_length: int,
+                    device: str) -> tuple[Any, Any]:
+  """Random encoder inputs and labels (seed 0) for transformers' T5 of ``size``."""
+  import torch
+  gen = torch.Generator().manual_seed(0)
+  inputs = torch.randint(2, size['vocab_size'], (batch, input_length), generator=gen).to(device)
+  labels = torch.randint(2, size['vocab_size'], (batch, target_length), generator=gen).to(device)
+  return inputs, labels
+
+
+def _torch_steps(model: Any, optimizer: Any, device: str, steps: int, input_ids: Any,
+                 labels: Any) -> tuple[float, list[float], float]:
+  """(first step's seconds, ``steps`` timed warm steps' seconds after one untimed one, peak
+  memory in GiB) of eager PyTorch training steps on one batch."""
+  import torch
+
+  def timed_step() -> float:
+    start = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    model(input_ids=input_ids, labels=labels).loss.backward()
+    optimizer.step()
+    if device == 'cuda':
+      torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+  first = timed_step()
+  timed_step()
+  step_secs = [timed_step() for _ in range(steps)]
+  memory = (torch.cuda.max_memory_allocated() / 2**30 if device == 'cuda' else _peak_rss_gib())
+  return first, step_secs, memory
+
+
 def _measure_transformers(size_name: str, batch: int, input_length: int, target_length: int,
                           steps: int, dtype: str) -> dict[str, Any]:
   import torch
@@ -419,23 +451,9 @@ def _measure_transformers(size_name: str, batch: int, input_length: int, target_
   optimizer = transformers.optimization.Adafactor(model.parameters(), lr=1e-3,
                                                   relative_step=False, scale_parameter=True,
                                                   warmup_init=False)
-  gen = torch.Generator().manual_seed(0)
-  inputs = torch.randint(2, size['vocab_size'], (batch, input_length), generator=gen).to(device)
-  labels = torch.randint(2, size['vocab_size'], (batch, target_length), generator=gen).to(device)
+  inputs, labels = _torch_t5_batch(size, batch, input_length, target_length, device)
 
-  def timed_step() -> float:
-    start = time.perf_counter()
-    optimizer.zero_grad(set_to_none=True)
-    model(input_ids=inputs, labels=labels).loss.backward()
-    optimizer.step()
-    if device == 'cuda':
-      torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-  first = timed_step()
-  timed_step()
-  step_secs = [timed_step() for _ in range(steps)]
-  memory = (torch.cuda.max_memory_allocated() / 2**30 if device == 'cuda' else _peak_rss_gib())
+  first, step_secs, memory = _torch_steps(model, optimizer, device, steps, inputs, labels)
   flops = train_flops_per_step(size, batch, input_length, target_length)
   row = _summarise(step_secs, first, flops, batch * (input_length + target_length),
                    _jax_matmul_flops(dtype), memory)
@@ -515,19 +533,7 @@ def _measure_transformers_causal_lm(size_name: str, batch: int, input_length: in
   labels = tokens.clone()
   labels[:, :input_length] = -100  # the loss on the targets only, as the prefix LM's
 
-  def timed_step() -> float:
-    start = time.perf_counter()
-    optimizer.zero_grad(set_to_none=True)
-    model(input_ids=tokens, labels=labels).loss.backward()
-    optimizer.step()
-    if device == 'cuda':
-      torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-  first = timed_step()
-  timed_step()
-  step_secs = [timed_step() for _ in range(steps)]
-  memory = (torch.cuda.max_memory_allocated() / 2**30 if device == 'cuda' else _peak_rss_gib())
+  first, step_secs, memory = _torch_steps(model, optimizer, device, steps, tokens, labels)
   length = input_length + target_length
   row = _summarise(step_secs, first, decoder_only_train_flops_per_step(size, batch, length),
                    batch * length, _jax_matmul_flops(dtype), memory)
@@ -614,23 +620,9 @@ def _measure_transformers_lora(size_name: str, batch: int, input_length: int, ta
   model = model.train()
   optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3,
                                 weight_decay=0.0)
-  gen = torch.Generator().manual_seed(0)
-  inputs = torch.randint(2, size['vocab_size'], (batch, input_length), generator=gen).to(device)
-  labels = torch.randint(2, size['vocab_size'], (batch, target_length), generator=gen).to(device)
+  inputs, labels = _torch_t5_batch(size, batch, input_length, target_length, device)
 
-  def timed_step() -> float:
-    start = time.perf_counter()
-    optimizer.zero_grad(set_to_none=True)
-    model(input_ids=inputs, labels=labels).loss.backward()
-    optimizer.step()
-    if device == 'cuda':
-      torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-  first = timed_step()
-  timed_step()
-  step_secs = [timed_step() for _ in range(steps)]
-  memory = (torch.cuda.max_memory_allocated() / 2**30 if device == 'cuda' else _peak_rss_gib())
+  first, step_secs, memory = _torch_steps(model, optimizer, device, steps, inputs, labels)
   row = _summarise(step_secs, first, train_flops_per_step(size, batch, input_length,
                                                           target_length),
                    batch * (input_length + target_length), _jax_matmul_flops(dtype), memory)

@@ -134,6 +134,22 @@ class BaseTransformerModel:
     weights = (targets > 0) if weights is None else weights
     return jnp.sum(token_log_probs * weights, axis=-1)
 
+  def _decode(self, tokens_to_logits: decoding.TokensToLogits, cache: Any, rows: int,
+              length: int, rng: Array | None, decoder_params: Mapping[str, Any] | None,
+              num_decodes: int | None, return_all_decodes: bool, **extra: Any
+              ) -> tuple[Array, dict[str, Array]]:
+    """Runs ``decode_fn`` with ``decoder_params`` (and ``num_decodes`` when given, else
+    ``decode_fn``'s own); the best decode and its score, or all of them, best first."""
+    decoder_params = dict(decoder_params or {})
+    if num_decodes is not None:
+      decoder_params['num_decodes'] = num_decodes
+    eos_id = getattr(self.output_vocabulary, 'eos_id', 1)
+    decodes, scores = self.decode_fn(tokens_to_logits, cache, rows, length, eos_id,
+                                     decode_rng=rng, **extra, **decoder_params)
+    if return_all_decodes:
+      return decodes, {'scores': scores}
+    return decodes[:, 0], {'scores': scores[:, 0]}
+
   def predict_batch(self, params: Any, batch: Batch, rng: Array | None = None,
                     decoder_params: Mapping[str, Any] | None = None,
                     max_decode_length: int | None = None) -> Array:
@@ -187,21 +203,14 @@ class EncoderDecoderModel(BaseTransformerModel):
     ``decoder_target_tokens`` or ``decoder_input_tokens`` in the batch. With
     ``return_all_decodes`` the outputs are [batch, num_decodes, ...], best first.
     """
-    decoder_params = dict(decoder_params or {})
-    if num_decodes is not None:
-      decoder_params['num_decodes'] = num_decodes
     length = max_decode_length or _decode_length(batch)
     inputs = batch['encoder_input_tokens']
     encoded = self.module.apply({'params': params}, inputs, enable_dropout=False,
                                 method=self.module.encode)
     cache = self._initial_cache(params, encoded, inputs, length)
     tokens_to_logits = functools.partial(self._decode_step, params, encoded, inputs, length)
-    eos_id = getattr(self.output_vocabulary, 'eos_id', 1)
-    decodes, scores = self.decode_fn(tokens_to_logits, cache, inputs.shape[0], length, eos_id,
-                                     decode_rng=rng, **decoder_params)
-    if return_all_decodes:
-      return decodes, {'scores': scores}
-    return decodes[:, 0], {'scores': scores[:, 0]}
+    return self._decode(tokens_to_logits, cache, inputs.shape[0], length, rng, decoder_params,
+                        num_decodes, return_all_decodes)
 
   def _initial_cache(self, params: Any, encoded: Array, encoder_tokens: Array,
                      length: int) -> Any:
@@ -319,9 +328,6 @@ class DecoderOnlyModel(BaseTransformerModel):
       raise ValueError('decoding continues the inputs, and this batch has no '
                        'decoder_causal_attention: give the task inputs and targets lengths '
                        '(seqio.PrefixLMFeatureConverter) to decode')
-    decoder_params = dict(decoder_params or {})
-    if num_decodes is not None:
-      decoder_params['num_decodes'] = num_decodes
     region = batch['decoder_causal_attention']
     prompt = batch['decoder_input_tokens'] * region
     rows, total = prompt.shape
@@ -329,14 +335,11 @@ class DecoderOnlyModel(BaseTransformerModel):
     width = max_decode_length or total
     cache = self._prefilled_cache(params, prompt, region, prefix)
     tokens_to_logits = functools.partial(self._decode_step, params, total)
-    eos_id = getattr(self.output_vocabulary, 'eos_id', 1)
-    decodes, scores = self.decode_fn(
-        tokens_to_logits, cache, rows, width, eos_id, decode_rng=rng,
+    return self._decode(
+        tokens_to_logits, cache, rows, width, rng, decoder_params, num_decodes,
+        return_all_decodes,
         first_tokens=jnp.take_along_axis(prompt, prefix[:, None], axis=1)[:, 0],
-        max_lengths=jnp.minimum(width, total - prefix), **decoder_params)
-    if return_all_decodes:
-      return decodes, {'scores': scores}
-    return decodes[:, 0], {'scores': scores[:, 0]}
+        max_lengths=jnp.minimum(width, total - prefix))
 
   def _prefilled_cache(self, params: Any, prompt: Array, region: Array, prefix: Array) -> Any:
     """The cache with the keys and values of each row's first ``prefix`` positions."""
