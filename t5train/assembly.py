@@ -104,7 +104,12 @@ def assemble_training(model: models.BaseTransformerModel,
     manager = checkpoints.CheckpointManager(model_dir, save_cfg or checkpoints.SaveCheckpointConfig(),
                                             initializer.train_state_shardings,
                                             initializer.global_train_state_shape)
-  state, resumed = checkpoints.restore_or_initialize(manager, initializer, restore_cfg, init_rng)
+  state, resumed, restored_from = checkpoints.restore_or_initialize(manager, initializer,
+                                                                   restore_cfg, init_rng)
+  if manager is not None:
+    checkpoints.frozen_reference_for(manager, optimizers.trainable_fn(model.optimizer_def),
+                                     initializer.global_train_state_shape.params, resumed,
+                                     restored_from)
   trainer = trainer_lib.Trainer(
       model, state, partitioner, initializer.train_state_axes, trainer_rng,
       learning_rate_fn or optimizers.create_learning_rate_scheduler(), num_microbatches,

@@ -80,13 +80,15 @@ class BestCheckpointKeeper:
   patience has run out."""
 
   def __init__(self, config: BestCheckpointConfig, model_dir: str, shardings: TrainState,
-               shapes: TrainState):
+               shapes: TrainState,
+               frozen_reference: checkpoints.FrozenReference | None = None):
     self.config = config
     self.directory = paths.join(model_dir, BEST_DIR)
     self._manager = checkpoints.CheckpointManager(
         self.directory, checkpoints.SaveCheckpointConfig(period=None, keep=1, save_dataset=False,
                                                          use_async=False),
         shardings, shapes)
+    self._manager.frozen_reference = frozen_reference  # leave out what the run's checkpoints do
     self.record = self._read_record()
 
   def _record_path(self) -> epath.Path:

@@ -29,6 +29,9 @@ AssignmentMap = Sequence[tuple[str, str | None]]
 STATE_ITEM = 'state'
 # Orbax's mark of a complete save on an object store, where it cannot rename into place.
 COMMIT_FILE = 'commit_success.txt'
+# A checkpoint that leaves out its frozen parameters names the checkpoint holding them in this
+# item (JSON: {"base_checkpoint": path, "frozen_parameters": count}).
+BASE_ITEM = 'base'
 
 
 def checkpoint_dir(model_dir: str, step: int) -> str:
@@ -144,12 +147,53 @@ def read_errors(path: str) -> Iterator[None]:
     raise _restore_error(path, e) from e
 
 
-def _restore_partial(path: str, wanted: dict[str, Any]) -> dict[str, Any]:
-  """The items of ``wanted`` (abstract arrays with shardings) read from checkpoint ``path``."""
+def base_checkpoint(path: str) -> str | None:
+  """The checkpoint holding the frozen parameters that checkpoint ``path`` leaves out (None: it
+  holds all of its parameters)."""
+  item = paths.resolve(path) / BASE_ITEM
+  if not item.is_dir():
+    return None
+  with read_errors(path), ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
+    base = checkpointer.restore(os.fspath(item))['base_checkpoint']
+  if not paths.resolve(base).is_dir():
+    raise UserError(f'{path} holds only its trained parameters, and the checkpoint holding the '
+                    f'frozen ones, {base}, does not exist any more')
+  return base
+
+
+def restore_partial(path: str, wanted: dict[str, Any]) -> dict[str, Any]:
+  """The items of ``wanted`` (abstract arrays with shardings) read from checkpoint ``path``, and
+  the parameters it leaves out from its base checkpoint."""
+  base = base_checkpoint(path)
+  if base is not None and 'params' in wanted:
+    return _restore_with_base(path, base, wanted)
+  return _read(path, wanted)
+
+
+def _read(path: str, wanted: dict[str, Any]) -> dict[str, Any]:
+  """The items of ``wanted`` read from the train-state item of checkpoint ``path`` alone."""
   args = ocp.args.PyTreeRestore(item=wanted, partial_restore=True,
                                 restore_args=ocp.checkpoint_utils.construct_restore_args(wanted))
   with read_errors(path), ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
     return checkpointer.restore(item_dir(path), args=args)
+
+
+def _restore_with_base(path: str, base: str, wanted: dict[str, Any]) -> dict[str, Any]:
+  """``restore_partial`` of a checkpoint that leaves its frozen parameters to ``base``."""
+  own_names = {name for name, _ in flatten_with_names(saved_tree(item_dir(path)).get('params', {}))}
+  names_and_leaves = flatten_with_names(wanted['params'])
+  own = {name: leaf for name, leaf in names_and_leaves if name in own_names}
+  frozen = {name: leaf for name, leaf in names_and_leaves if name not in own_names}
+  rest = {key: value for key, value in wanted.items() if key != 'params'}
+  restored = _read(path, {**rest, 'params': hf_interop.nest(own)} if own else rest) if own or rest else {}
+  values = dict(flatten_with_names(restored.get('params', {})))
+  if frozen:
+    values.update(flatten_with_names(
+        restore_partial(base, {'params': hf_interop.nest(frozen)})['params']))
+  restored['params'] = jax.tree_util.tree_unflatten(
+      jax.tree_util.tree_structure(wanted['params']),
+      [values[name] for name, _ in names_and_leaves])
+  return restored
 
 
 def _is_abandoned_read(report: Any) -> bool:
@@ -177,10 +221,17 @@ def _ignore_abandoned_reads() -> None:
 
 
 def saved_state_tree(path: str) -> dict[str, Any]:
-  """The metadata tree of the train state saved in checkpoint ``path``."""
+  """The metadata tree of the train state saved in checkpoint ``path``; its parameters include
+  the frozen ones it leaves to its base checkpoint."""
   if not paths.resolve(path).is_dir():
     raise UserError(f'checkpoint {path!r} does not exist or is not a directory')
-  return saved_tree(item_dir(path))
+  saved = saved_tree(item_dir(path))
+  base = base_checkpoint(path)
+  if base is not None:
+    params = dict(flatten_with_names(saved_state_tree(base).get('params', {})))
+    params.update(flatten_with_names(saved.get('params', {})))
+    saved['params'] = hf_interop.nest(params)
+  return saved
 
 
 def item_dir(path: str) -> str:
@@ -242,7 +293,7 @@ def _restore_converted(path: str, saved: dict[str, Any], abstract: TrainState,
                     f'({e!r})') from e
   check_shapes(dict(flatten_with_names(abstract.params)), dict(flatten_with_names(converted)),
                path)
-  restored = _restore_partial(path, {'step': abstract.step, 'params': wanted})
+  restored = restore_partial(path, {'step': abstract.step, 'params': wanted})
   shardings = jax.tree_util.tree_map(lambda leaf: leaf.sharding, abstract.params)
   params = jax.jit(convert, out_shardings=shardings)(restored['params'])
   logging.warning('%s was saved %s scanned layers and the model %s them: its parameters were '
@@ -260,7 +311,7 @@ def restore_params(path: str, initializer: TrainStateInitializer) -> Any:
   if convert is not None:
     return _restore_converted(path, saved, abstract, convert)[1]
   check_params(path, abstract.params, saved)
-  return _restore_partial(path, {'params': abstract.params})['params']
+  return restore_partial(path, {'params': abstract.params})['params']
 
 
 def _mapped_sources(names: Sequence[str], assignment_map: AssignmentMap) -> dict[str, str | None]:
@@ -284,7 +335,7 @@ def _restore_mapped_params(path: str, initializer: TrainStateInitializer,
   sources = _mapped_sources(list(expected), assignment_map)
   wanted = {source: expected[name] for name, source in sources.items() if source is not None}
   check_shapes(wanted, {source: saved[source] for source in wanted if source in saved}, path)
-  restored = dict(flatten_with_names(_restore_partial(path, {'params': hf_interop.nest(wanted)})['params']))
+  restored = dict(flatten_with_names(restore_partial(path, {'params': hf_interop.nest(wanted)})['params']))
   fresh = initializer.from_scratch(init_rng)
   fresh_flat = dict(flatten_with_names(fresh.params))
   skipped = sorted(name for name, source in sources.items() if source is None)
@@ -338,7 +389,7 @@ def restore_train_state(path: str, abstract: TrainState, saved: dict[str, Any]
   wanted = {'step': abstract.step, 'params': abstract.params}
   if with_optimizer:
     wanted['opt_state'] = abstract.opt_state
-  return _restore_partial(path, wanted), with_optimizer
+  return restore_partial(path, wanted), with_optimizer
 
 
 def _same_structure(saved: Any, expected: Any) -> bool:

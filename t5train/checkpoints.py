@@ -14,7 +14,7 @@ import contextlib
 import dataclasses
 import errno
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from t5train import checkpoint_reading, paths
+from t5train import checkpoint_reading, hf_interop, paths
 from t5train.checkpoint_reading import STATE_ITEM, STEP_PREFIX, checkpoint_dir
 from t5train.errors import TrainingError, UserError
 from t5train.train_state import TrainState, TrainStateInitializer
@@ -39,6 +39,9 @@ class SaveCheckpointConfig:
   whose step is a multiple of ``keep_period`` is never deleted. ``dtype`` is the
   dtype of the saved parameters. ``save_dataset`` also saves each host's data
   iterator, for exact resumes. ``use_async`` writes while training goes on.
+  ``save_frozen_params=False`` leaves the frozen parameters (those no MultiOptimizer
+  regex trains, e.g. a LoRA run's base weights) out of every checkpoint, which
+  names the checkpoint they were restored from instead (see ``FrozenReference``).
   """
 
   period: int | None = 1000
@@ -48,6 +51,7 @@ class SaveCheckpointConfig:
   dtype: str = 'float32'
   save_dataset: bool = True
   use_async: bool = True
+  save_frozen_params: bool = True
   # Functions state_dict -> state_dict applied before ``LegacyCheckpointManager.save``.
   state_transformation_fns: tuple[Callable[[dict[str, Any]], dict[str, Any]], ...] = ()
 
@@ -151,6 +155,24 @@ def _save_decision_policy(config: SaveCheckpointConfig) -> Any:
   return policies.AnySavePolicy(chosen)
 
 
+@dataclasses.dataclass(frozen=True)
+class FrozenReference:
+  """Frozen parameters that checkpoints leave out, and the checkpoint that holds them."""
+
+  base_checkpoint: str
+  names: frozenset[str]
+
+  def trained_only(self, params: Any) -> Any:
+    """``params`` without the frozen ones."""
+    return hf_interop.nest({name: leaf for name, leaf in
+                            checkpoint_reading.flatten_with_names(params)
+                            if name not in self.names})
+
+  def save_args(self) -> Any:
+    return ocp.args.JsonSave({'base_checkpoint': self.base_checkpoint,
+                              'frozen_parameters': len(self.names)})
+
+
 class CheckpointManager:
   """Saves and restores TrainStates in their shardings with ``orbax.checkpoint``.
 
@@ -163,6 +185,8 @@ class CheckpointManager:
     self._save_config = save_config
     self._abstract_state = checkpoint_reading.abstract_state(state_shape, state_shardings)
     self._extra_items: dict[str, Any] = {}
+    # Set by ``frozen_reference_for`` when checkpoints leave out the frozen parameters.
+    self.frozen_reference: FrozenReference | None = None
     self._writing = 0  # the step of the newest save started
     options = ocp.CheckpointManagerOptions(
         max_to_keep=save_config.keep, keep_period=save_config.keep_period,
@@ -201,7 +225,11 @@ class CheckpointManager:
       return False
     state_dict = state.state_dict()
     state_dict['params'] = _cast_floats(state_dict['params'], self._save_config.dtype)
-    items = {STATE_ITEM: ocp.args.StandardSave(state_dict), **self._extra_items}
+    items = {**self._extra_items}
+    if self.frozen_reference is not None:
+      state_dict['params'] = self.frozen_reference.trained_only(state_dict['params'])
+      items[checkpoint_reading.BASE_ITEM] = self.frozen_reference.save_args()
+    items[STATE_ITEM] = ocp.args.StandardSave(state_dict)
     with self._write_errors(step):
       saved = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
     self._writing = step
@@ -228,6 +256,10 @@ class CheckpointManager:
       return None
     path = checkpoint_dir(self.directory, step)
     checkpoint_reading.check_resumable(path, self._abstract_state.params)
+    if checkpoint_reading.base_checkpoint(path) is not None:
+      restored = checkpoint_reading.restore_train_state(
+          path, self._abstract_state, checkpoint_reading.saved_state_tree(path))[0]
+      return self._abstract_state.replace_state_dict(restored)
     args = ocp.args.Composite(
         **{STATE_ITEM: ocp.args.StandardRestore(self._abstract_state.state_dict())})
     with checkpoint_reading.read_errors(path):
@@ -249,14 +281,20 @@ class CheckpointManager:
     self._manager.close()
 
 
+class StartingPoint(NamedTuple):
+  """The state a run starts from, whether it is the model directory's own newest checkpoint (a
+  resume), and the checkpoint it was restored from otherwise (None: fresh)."""
+
+  state: TrainState
+  resumed: bool
+  restored_from: str | None = None
+
+
 def restore_or_initialize(manager: CheckpointManager | None, initializer: TrainStateInitializer,
                           restore_cfg: RestoreCheckpointConfig | None,
-                          init_rng: jax.Array) -> tuple[TrainState, bool]:
-  """The state to start from, and whether it is the directory's own (a resume).
-
-  The newest checkpoint in the manager's directory wins (if there is a manager);
-  then ``restore_cfg``'s path; then a fresh state from ``init_rng``.
-  """
+                          init_rng: jax.Array) -> StartingPoint:
+  """The state to start from: the newest checkpoint in the manager's directory (if there is a
+  manager); then ``restore_cfg``'s path; then a fresh state from ``init_rng``."""
   state = manager.restore() if manager is not None else None
   if state is not None:
     step = int(state.step)
@@ -265,7 +303,7 @@ def restore_or_initialize(manager: CheckpointManager | None, initializer: TrainS
       logging.warning('*** %s already has checkpoints, so the run resumes from step %d and '
                       'the initial checkpoint %s is IGNORED. Use a new directory to start from '
                       'it. ***', manager.directory, step, restore_cfg.path)
-    return state, True
+    return StartingPoint(state, True)
   if restore_cfg is not None and restore_cfg.path:
     try:
       _, path = select_checkpoints(restore_cfg)[-1]
@@ -273,11 +311,50 @@ def restore_or_initialize(manager: CheckpointManager | None, initializer: TrainS
       if not restore_cfg.fallback_to_scratch:
         raise
       logging.warning('%s; starting from scratch (fallback_to_scratch).', e)
-      return initializer.from_scratch(init_rng), False
+      return StartingPoint(initializer.from_scratch(init_rng), False)
     logging.info('Initialising from %s.', path)
-    return checkpoint_reading.restore_from_path(path, initializer, restore_cfg.assignment_map,
-                                                init_rng), False
+    return StartingPoint(checkpoint_reading.restore_from_path(
+        path, initializer, restore_cfg.assignment_map, init_rng), False, path)
   logging.info('Initialising from scratch.')
-  return initializer.from_scratch(init_rng), False
+  return StartingPoint(initializer.from_scratch(init_rng), False)
 
 
+def frozen_reference_for(manager: CheckpointManager, trainable: Callable[[str], bool] | None,
+                         params: Any, resumed: bool, restored_from: str | None) -> None:
+  """Sets ``manager.frozen_reference`` when its config leaves the frozen parameters out.
+
+  They come from the checkpoint the run started from (``restored_from``), or from the one its
+  own checkpoints already name on a resume, and must be there under their own names.
+  """
+  if manager.save_config.save_frozen_params:
+    return
+  names = frozenset(name for name, _ in checkpoint_reading.flatten_with_names(params)
+                    if trainable is not None and not trainable(name))
+  if not names:
+    logging.info('save_frozen_params=False, but no parameter is frozen: checkpoints hold them all.')
+    return
+  base = None
+  if resumed:
+    base = checkpoint_reading.base_checkpoint(checkpoint_dir(manager.directory,
+                                                             manager.latest_step()))
+    if base is None:
+      logging.warning('save_frozen_params=False, but %s holds every parameter: checkpoints go '
+                      'on holding them all.', manager.directory)
+      return
+  elif restored_from is not None:
+    base = checkpoint_reading.base_checkpoint(restored_from) or restored_from
+  if base is None:
+    raise UserError('SaveCheckpointConfig.save_frozen_params=False leaves the frozen parameters '
+                    'to the checkpoint they come from, and this run initialises them from '
+                    'scratch: set INITIAL_CHECKPOINT_PATH, or save_frozen_params=True')
+  saved = dict(checkpoint_reading.flatten_with_names(
+      checkpoint_reading.saved_state_tree(base).get('params', {})))
+  missing = sorted(names - set(saved))
+  if missing:
+    raise UserError(f'SaveCheckpointConfig.save_frozen_params=False: the frozen parameter '
+                    f'{missing[0]} is not in {base} under that name (renamed by the assignment '
+                    'map, or another layer layout), so checkpoints cannot leave it out; set '
+                    'save_frozen_params=True')
+  manager.frozen_reference = FrozenReference(base, names)
+  logging.info('Checkpoints hold the trained parameters only; the %d frozen ones stay in %s.',
+               len(names), base)

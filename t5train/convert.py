@@ -240,22 +240,18 @@ def _write_import(params: Mapping[str, Any], step: int, config: network.T5Config
 
 def read_checkpoint_params(checkpoint: str, config: network.T5Config) -> dict[str, np.ndarray]:
   """Float32 numpy parameters (flat) of a t5train checkpoint, checked against ``config``."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  item_dir = checkpoint_reading.item_dir(checkpoint)
-  if not epath.Path(item_dir).is_dir():
+  if not epath.Path(checkpoint_reading.item_dir(checkpoint)).is_dir():
     raise UserError(f'{checkpoint} is not a t5train checkpoint '
                     f'(no {checkpoint_reading.STATE_ITEM}/)')
   expected = expected_params(config)
-  saved_params = checkpoint_reading.saved_tree(item_dir).get('params', {})
-  saved = dict(checkpoint_reading.flatten_with_names(saved_params))
+  saved = dict(checkpoint_reading.flatten_with_names(
+      checkpoint_reading.saved_state_tree(checkpoint).get('params', {})))
   check_flat_shapes(saved, config, checkpoint)
   wanted = {'params': hf_interop.nest({name: np.zeros(leaf.shape, np.float32)
                                        for name, leaf in expected.items()})}
-  restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
-  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
-    restored = checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(
-        item=wanted, restore_args=restore_args, partial_restore=True))
-  return dict(checkpoint_reading.flatten_with_names(restored['params']))
+  restored = checkpoint_reading.restore_partial(checkpoint, wanted)
+  return {name: np.asarray(value)
+          for name, value in checkpoint_reading.flatten_with_names(restored['params'])}
 
 
 def _merged(flat: Mapping[str, np.ndarray], config: network.T5Config

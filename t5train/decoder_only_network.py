@@ -28,6 +28,10 @@ class DecoderOnlyStack(nn.Module):
   it at that row's position and returns the logits of the next token. A row's
   position never passes ``max_decode_length`` (the cache's length) in a valid
   decode.
+
+  With ``num_prompts`` (prompt tuning), N learned embeddings (``decoder/prompt/prompt``) come
+  before every sequence: they belong to the prefix (bidirectional in a prefix LM), the cache
+  holds them in front of the sequence, and the logits are those of the sequence alone.
   """
 
   config: T5Config
@@ -38,19 +42,31 @@ class DecoderOnlyStack(nn.Module):
                deterministic: bool, decode: bool = False, max_decode_length: int | None = None,
                prefill_lengths: Array | None = None) -> Array:
     cfg = self.config
+    num_prompts = cfg.num_prompts
+    if num_prompts and decoder_segment_ids is not None:
+      raise ValueError('prompt tuning prepends the prompts to each sequence; pack=False is needed')
     embedding = network.Embed(cfg.vocab_size, cfg.emb_dim, cfg.activation_dtype,
                               name='token_embedder')
+    y = embedding(decoder_input_tokens)
     cache_index = None
-    if decode and self.has_variable('cache', 'cache_index'):
+    decode_step = decode and self.has_variable('cache', 'cache_index')
+    if decode_step:
       if max_decode_length is None:
         raise ValueError('a decoding step needs max_decode_length, the length of the cache')
-      bias, buckets, cache_index = self._decode_step_bias(max_decode_length)
+      bias, buckets, cache_index = self._decode_step_bias(max_decode_length + num_prompts)
     else:
+      rows = decoder_input_tokens.shape[0]
+      if num_prompts:
+        y = jnp.concatenate([network.Prompts(num_prompts, cfg.emb_dim, cfg.activation_dtype,
+                                             name='prompt')(rows), y], axis=1)
+        decoder_target_tokens = network.with_prompt_positions(decoder_target_tokens, num_prompts)
+        if decoder_causal_attention is not None:
+          decoder_causal_attention = network.with_prompt_positions(decoder_causal_attention,
+                                                                   num_prompts)
       if decode:  # creating the cache from the prompt
-        rows = decoder_input_tokens.shape[0]
         start = jnp.zeros((rows,), jnp.int32) if prefill_lengths is None else prefill_lengths
-        self.put_variable('cache', 'cache_index', start.astype(jnp.int32))
-      length = decoder_input_tokens.shape[1]
+        self.put_variable('cache', 'cache_index', start.astype(jnp.int32) + num_prompts)
+      length = y.shape[1]
       mask = network.attention_mask(decoder_target_tokens, decoder_target_tokens,
                                     decoder_segment_ids, decoder_segment_ids, causal=True,
                                     bidirectional_region=decoder_causal_attention)
@@ -60,13 +76,14 @@ class DecoderOnlyStack(nn.Module):
     if layer_buckets is None:
       bias = network.relative_position_table(cfg)(buckets) + bias
     dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
-    y = dropout(embedding(decoder_input_tokens), deterministic=deterministic)
+    y = dropout(y, deterministic=deterministic)
     y = nn.with_logical_constraint(y, ('batch', 'length', 'embed'))
     y = network.run_layers(network.DecoderLayer, cfg, cfg.num_decoder_layers, (5, 6), y, None,
                            bias, None, deterministic, decode, cache_index, layer_buckets)
     y = network.LayerNorm(cfg.layer_norm_epsilon, cfg.activation_dtype, name='decoder_norm')(y)
     y = dropout(y, deterministic=deterministic)
-    return network.output_logits(cfg, embedding, y)
+    logits = network.output_logits(cfg, embedding, y)
+    return logits if decode_step else logits[:, num_prompts:]
 
   def _buckets(self, length: int) -> Array:
     cfg = self.config
@@ -96,9 +113,6 @@ class DecoderOnlyTransformer(nn.Module):
   config: T5Config
 
   def setup(self) -> None:
-    if self.config.num_prompts:
-      raise ValueError('prompt tuning (T5Config.num_prompts) is available for encoder-decoder '
-                       'models only')
     self.decoder = DecoderOnlyStack(self.config)
 
   def __call__(self, decoder_input_tokens: Array, decoder_target_tokens: Array | None = None,

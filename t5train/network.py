@@ -562,8 +562,8 @@ class Prompts(nn.Module):
 
 
 def with_prompt_positions(tokens: Array, num_prompts: int) -> Array:
-  """Encoder token ids with ``num_prompts`` non-padding placeholders (1) in front: what the
-  masks of an encoder with prompts read padding from."""
+  """Token ids (or a 0/1 prefix region) with ``num_prompts`` non-padding placeholders (1) in
+  front: what the masks of a stack with prompts read padding (and the prefix) from."""
   if not num_prompts:
     return tokens
   return jnp.concatenate([jnp.ones((tokens.shape[0], num_prompts), tokens.dtype), tokens], axis=1)

@@ -233,7 +233,8 @@ def train(*, model: models.BaseTransformerModel, train_dataset_cfg: Any,
     if eval_period and start_step < total_steps:
       keeper = (best_checkpoint.BestCheckpointKeeper(
           best_checkpoint_cfg, model_dir, parts.initializer.train_state_shardings,
-          parts.initializer.global_train_state_shape) if best_checkpoint_cfg else None)
+          parts.initializer.global_train_state_shape, manager.frozen_reference)
+                if best_checkpoint_cfg else None)
       evaluations = _Evaluations(model, partitioner, parts.initializer.train_state_shardings.params,
                                  trainer, model_dir, train_eval_dataset_cfg, eval_steps,
                                  infer_eval_dataset_cfg, infer_eval_num_examples, keeper)

@@ -159,7 +159,7 @@ def test_initial_checkpoint_fallback_and_the_warning_when_model_dir_wins(tmp_pat
     checkpoints.restore_or_initialize(empty, initializer, missing, rng)
   fallback = checkpoints.RestoreCheckpointConfig(path=str(tmp_path / 'nope'),
                                                  fallback_to_scratch=True)
-  state, resumed = checkpoints.restore_or_initialize(empty, initializer, fallback, rng)
+  state, resumed, _ = checkpoints.restore_or_initialize(empty, initializer, fallback, rng)
   assert not resumed and int(state.step) == 0
   jax.tree_util.tree_map(np.testing.assert_array_equal, state.params,
                          initializer.from_scratch(rng).params)
@@ -167,7 +167,7 @@ def test_initial_checkpoint_fallback_and_the_warning_when_model_dir_wins(tmp_pat
   empty.save(state.replace(step=jax.numpy.asarray(3, jax.numpy.int32)), force=True)
   empty.wait_until_finished()
   with caplog.at_level('WARNING'):
-    state, resumed = checkpoints.restore_or_initialize(empty, initializer, missing, rng)
+    state, resumed, _ = checkpoints.restore_or_initialize(empty, initializer, missing, rng)
   empty.close()
   assert resumed and int(state.step) == 3
   assert f'{tmp_path / "run"} already has checkpoints' in caplog.text and 'IGNORED' in caplog.text

@@ -91,3 +91,49 @@ def test_a_run_with_frozen_parameters_resumes_exactly(tmp_path):
                              jax.device_get(first.train_state.params))
   testing.assert_trees_equal(jax.device_get(resumed.train_state.opt_state),
                              jax.device_get(first.train_state.opt_state))
+
+
+def test_checkpoints_can_leave_the_frozen_parameters_to_the_base(tmp_path):
+  """With save_frozen_params=False a checkpoint holds the trained parameters only and names the
+  checkpoint the frozen ones came from; resuming from it (and saving again) is exact."""
+  from t5train import checkpoint_reading, checkpoints  # noqa: PLC0415
+  model = testing.tiny_model(optimizer_def=ENCODER_FROZEN)
+  batch = testing.random_batch()
+  base = checkpoints.save_params(str(tmp_path / 'base'), testing.tiny_trainer(model, batch)
+                                 .train_state.params, 0)
+  save_cfg = checkpoints.SaveCheckpointConfig(period=None, save_dataset=False, use_async=False,
+                                              save_frozen_params=False)
+  restore_cfg = checkpoints.RestoreCheckpointConfig(path=base, mode='specific')
+  run = str(tmp_path / 'run')
+  first = testing.tiny_trainer(model, batch, model_dir=run, save_cfg=save_cfg,
+                               restore_cfg=restore_cfg)
+  for _ in range(2):
+    first.trainer.train_step(batch)
+  first.checkpoint_manager.save(first.trainer.train_state, force=True)
+  first.checkpoint_manager.wait_until_finished()
+  first.trainer.train_step(batch)
+  saved = checkpoints.checkpoint_dir(run, 2)
+  names = [name for name, _ in checkpoint_reading.flatten_with_names(
+      checkpoint_reading.saved_tree(checkpoint_reading.item_dir(saved))['params'])]
+  assert names and all(name.startswith('decoder/') for name in names)
+  assert checkpoint_reading.base_checkpoint(saved) == base
+
+  resumed = testing.tiny_trainer(model, batch, model_dir=run, save_cfg=save_cfg,
+                                 restore_cfg=restore_cfg)
+  assert resumed.resumed and int(resumed.train_state.step) == 2
+  resumed.trainer.train_step(batch)
+  testing.assert_trees_equal(jax.device_get(resumed.train_state.params),
+                             jax.device_get(first.train_state.params))
+  testing.assert_trees_equal(jax.device_get(resumed.train_state.opt_state),
+                             jax.device_get(first.train_state.opt_state))
+  resumed.checkpoint_manager.save(resumed.trainer.train_state, force=True)
+  resumed.close()
+  assert checkpoint_reading.base_checkpoint(checkpoints.checkpoint_dir(run, 3)) == base
+  initializer = resumed.initializer
+  testing.assert_trees_equal(
+      jax.device_get(checkpoint_reading.restore_params(checkpoints.checkpoint_dir(run, 3),
+                                                       initializer)),
+      jax.device_get(first.train_state.params))
+
+  with pytest.raises(UserError, match='initialises them from scratch'):
+    testing.tiny_trainer(model, batch, model_dir=str(tmp_path / 'scratch'), save_cfg=save_cfg)
