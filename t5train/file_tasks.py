@@ -36,16 +36,20 @@ _TOKENIZE_BATCH = 256  # records per SentencePiece call
 
 
 def tokenize_in_batches(dataset: tf.data.Dataset, output_features: Mapping[str, seqio.Feature],
-                        copy_pretokenized: bool = True) -> tf.data.Dataset:
+                        copy_pretokenized: bool = True, drop_empty: bool = False
+                        ) -> tf.data.Dataset:
   """``seqio.preprocessors.tokenize`` (same ids, same ``*_pretokenized`` copies) with one
   SentencePiece call per batch of records instead of per record: lines of text are short, and
-  the per-record cost of a tf.data map was most of the tokenizing. Other vocabularies (bytes)
-  encode one string at a time, so they go through seqio's own."""
+  the per-record cost of a tf.data map was most of the tokenizing. ``drop_empty`` also drops the
+  records whose 'targets' have no tokens, in the same batches. Other vocabularies (bytes) encode
+  one string at a time, so they go through seqio's own."""
   keys = [key for key in output_features if key in dataset.element_spec]
   if not all(isinstance(output_features[key].vocabulary, seqio.SentencePieceVocabulary)
              for key in keys):
-    return seqio.preprocessors.tokenize(dataset, output_features,
-                                        copy_pretokenized=copy_pretokenized)
+    tokenized = seqio.preprocessors.tokenize(dataset, output_features,
+                                             copy_pretokenized=copy_pretokenized)
+    return (tokenized.filter(lambda ex: tf.size(ex['targets']) > 0) if drop_empty
+            else tokenized)
 
   def encode(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     encoded = dict(batch)
@@ -53,6 +57,10 @@ def tokenize_in_batches(dataset: tf.data.Dataset, output_features: Mapping[str, 
       if copy_pretokenized:
         encoded[f'{key}_pretokenized'] = batch[key]
       encoded[key] = output_features[key].vocabulary.encode_tf(batch[key])
+    if drop_empty:
+      nonempty = encoded['targets'].row_lengths() > 0
+      encoded = {key: tf.ragged.boolean_mask(value, nonempty) if isinstance(value, tf.RaggedTensor)
+                 else tf.boolean_mask(value, nonempty) for key, value in encoded.items()}
     return encoded
 
   return dataset.batch(_TOKENIZE_BATCH).map(encode, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
@@ -127,38 +135,32 @@ class FilesDataSource(seqio.DataSource):
     keys = self._keys
 
     def parsed(numbers: tf.Tensor, raw: tf.Tensor) -> dict[str, tf.Tensor]:
-      *fields, keep = tf.py_function(parse, [path, numbers, raw],
-                                     [tf.string] * len(keys) + [tf.bool])
-      record = {key: tf.ensure_shape(field, [None]) for key, field in zip(keys, fields)}
-      return record | {'_keep': tf.ensure_shape(keep, [None])}
+      fields = tf.py_function(parse, [path, numbers, raw], [tf.string] * len(keys))
+      return {key: tf.ensure_shape(field, [None]) for key, field in zip(keys, fields)}
 
-    records = batches.map(parsed).unbatch()
-    return records.filter(lambda r: r['_keep']).map(
-        lambda r: {key: r[key] for key in keys})
+    return batches.map(parsed).unbatch()
 
   def _parse(self, path: tf.Tensor, numbers: tf.Tensor, raw: tf.Tensor, split: str
              ) -> list[np.ndarray]:
-    """The fields of a batch of lines, and which to keep (not blank, not skipped)."""
+    """The fields of the records in a batch of lines: blank lines and skipped records left out."""
     name = path.numpy().decode('utf-8')
     columns = self._columns[name]
     fmt = file_formats.file_format(name)
-    rows, keep = [], []
+    rows = []
     for number, line in zip(numbers.numpy().tolist(), raw.numpy().tolist()):
+      if not line.strip():
+        continue
       try:
-        fields = (file_formats.parse_line(line, name, number, fmt, columns)
-                  if line.strip() else None)
+        rows.append(file_formats.parse_line(line, name, number, fmt, columns))
       except RecordError as e:
         self._skip_or_raise(e, split)
-        fields = None
-      rows.append(fields or ('',) * len(self._keys))
-      keep.append(fields is not None)
     if not len(raw.numpy()) and file_formats.is_gzip(name):
       try:
         file_formats.check_gzip_end(name, tf.io.gfile.GFile)
       except RecordError as e:
         self._skip_or_raise(e, split)
-    columns_out = [np.array([row[i] for row in rows], dtype=object) for i in range(len(self._keys))]
-    return columns_out + [np.array(keep, dtype=bool)]
+    return [np.array([row[i] for row in rows], dtype=object).reshape(-1)
+            for i in range(len(self._keys))]
 
   def _skip_or_raise(self, error: RecordError, split: str) -> None:
     if not self._skip_bad_records:
@@ -251,8 +253,11 @@ def _span_corruption_task(name: str, train_files: tuple[str, ...] | None,
   _check_formats(split_files, (file_formats.TEXT, file_formats.JSONL), 'span corruption')
   source = _source(split_files, ('targets',), (text_field,), skip_bad_records)
   noising = functools.partial(span_corruption.span_corruption, noise_density=noise_density,
-                              mean_noise_span_length=mean_noise_span_length)
-  preprocessors = [tokenize_in_batches, seqio.CacheDatasetPlaceholder(), noising,
+                              mean_noise_span_length=mean_noise_span_length,
+                              documents_nonempty=True)
+  # Only the token ids go on: span corruption makes new texts of them.
+  tokenize = functools.partial(tokenize_in_batches, copy_pretokenized=False, drop_empty=True)
+  preprocessors = [tokenize, seqio.CacheDatasetPlaceholder(), noising,
                    seqio.preprocessors.append_eos_after_trim]
   return _register(name, source, preprocessors, vocabulary, metric_fns=[])
 

@@ -111,18 +111,29 @@ def _chunk_starts(seeds: tf.Tensor, num_tokens: tf.Tensor) -> tf.Tensor:
                  lambda: tf.zeros_like(num_chunks))
 
 
-def _chunks_concatenated(dataset: tf.data.Dataset) -> tf.data.Dataset:
+def _map_seeds() -> tf.data.Dataset:
+  """The seeds ``seqio.map_over_dataset(num_seeds=1)`` would give the elements of the next map,
+  one (int64, int64) pair per element, taking that map's place in the seed manager's sequence
+  (seqio 0.0.20's ``_GrainRandomMapFn``). Zipping them with a dataset gives each element T5's
+  seed without a per-element map."""
+  import seqio.utils as seqio_utils  # pylint: disable=g-import-not-at-top
+  first = seqio_utils._NEXT_MAP_SEED  # pylint: disable=protected-access
+  if first is None:  # no seed manager: seqio draws fresh seeds
+    pair = (None, None)
+  else:
+    pair = (first, first + 1)
+    seqio_utils._NEXT_MAP_SEED = first + 2  # pylint: disable=protected-access
+  return tf.data.Dataset.zip(tuple(tf.data.Dataset.random(seed) for seed in pair))
+
+
+def _chunks_concatenated(dataset: tf.data.Dataset, documents_nonempty: bool) -> tf.data.Dataset:
   """T5's ``select_random_chunk`` (one random _MAX_CHUNK_LENGTH-token chunk of each non-empty
   document) then ``reduce_concat_tokens`` (runs of _CONCAT_BATCH chunks joined into one sequence,
   token 0 dropped as padding), on batches of documents: each document keeps the seed T5 gives it,
   but the per-document work is done once per batch."""
-  @seqio.map_over_dataset(num_seeds=1)
-  def with_seed(example: Example, seed: tf.Tensor) -> Example:
-    return {'targets': example['targets'], 'seed': seed}
-
-  def join(batch: Example) -> Example:
+  def join(batch: Example, seeds: tuple[tf.Tensor, tf.Tensor]) -> Example:
     tokens = batch['targets']  # ragged [documents, None]
-    starts = _chunk_starts(batch['seed'], tokens.row_lengths())
+    starts = _chunk_starts(tf.stack(seeds, axis=1), tokens.row_lengths())
     ends = tf.minimum(starts + _MAX_CHUNK_LENGTH, tf.cast(tokens.row_lengths(), tf.int32))
     rows = tokens.value_rowids()
     positions = tf.ragged.range(tokens.row_lengths()).flat_values
@@ -131,29 +142,29 @@ def _chunks_concatenated(dataset: tf.data.Dataset) -> tf.data.Dataset:
             tf.cast(tokens.flat_values, tf.bool))
     return {'targets': tf.boolean_mask(tokens.flat_values, keep)}
 
-  documents = with_seed(dataset.filter(lambda ex: tf.size(ex['targets']) > 0))
-  return documents.ragged_batch(_CONCAT_BATCH).map(join, num_parallel_calls=tf.data.AUTOTUNE)
+  documents = dataset
+  if set(dataset.element_spec) != {'targets'}:
+    documents = dataset.map(lambda ex: {'targets': ex['targets']})
+  if not documents_nonempty:
+    documents = documents.filter(lambda ex: tf.size(ex['targets']) > 0)
+  with_seeds = tf.data.Dataset.zip((documents, _map_seeds()))
+  return with_seeds.ragged_batch(_CONCAT_BATCH).map(join, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def _split(dataset: tf.data.Dataset, segment_length: int) -> tf.data.Dataset:
   """Each sequence cut into segments of ``segment_length`` tokens (the last may be shorter)."""
   # The cut is not random, but T5 draws a seed for it: drawing one too keeps later seeds in step.
   @seqio.map_over_dataset(num_seeds=1)
-  def segments(example: Example, seed: tf.Tensor) -> tf.data.Dataset:
+  def segments(example: Example, seed: tf.Tensor) -> Example:
     del seed
     tokens = example['targets']
-    num_tokens = tf.shape(tokens)[0]
-    num_segments = tf.cast(tf.math.ceil(tf.cast(num_tokens, tf.float32) / segment_length),
-                           tf.int32)
-    padding = num_segments * segment_length - num_tokens
-    rows = tf.reshape(tf.pad(tokens, [[0, padding]]), [-1, segment_length])
-    lengths = tf.concat([tf.repeat(segment_length, num_segments - 1),
-                         [segment_length - padding]], axis=0)
-    return tf.data.Dataset.from_tensor_slices((rows, lengths))
+    num_tokens = tf.size(tokens, out_type=tf.int64)
+    starts = tf.range(0, num_tokens, segment_length)
+    lengths = tf.minimum(starts + segment_length, num_tokens) - starts
+    return {'targets': tf.RaggedTensor.from_row_lengths(tokens, lengths)}
 
   nonempty = dataset.filter(lambda ex: tf.size(ex['targets']) > 0)
-  return segments(nonempty).flat_map(lambda d: d).map(
-      lambda row, length: {'targets': row[:length]}, num_parallel_calls=tf.data.AUTOTUNE)
+  return segments(nonempty).unbatch()
 
 
 def _noise(dataset: tf.data.Dataset, vocab_size: int, noise_density: float,
@@ -193,9 +204,14 @@ def _check_spans(segment_length: int, noise_density: float, mean_noise_span_leng
 def span_corruption(dataset: tf.data.Dataset, sequence_length: Mapping[str, int],
                     output_features: Mapping[str, seqio.Feature],
                     mean_noise_span_length: float = 3.0,
-                    noise_density: float = 0.15) -> tf.data.Dataset:
+                    noise_density: float = 0.15,
+                    documents_nonempty: bool = False) -> tf.data.Dataset:
   """T5's span corruption of tokenized 'targets' documents into (inputs, targets) examples, the
-  inputs sized to fill ``sequence_length['inputs']`` once EOS is appended."""
+  inputs sized to fill ``sequence_length['inputs']`` once EOS is appended.
+
+  T5 drops empty documents first; ``documents_nonempty`` says the dataset has none (as
+  ``file_tasks.tokenize_in_batches(drop_empty=True)`` gives), which saves a per-document filter.
+  """
   if not 0 < noise_density < 1:
     raise UserError(f'NOISE_DENSITY must be between 0 and 1 (exclusive), not {noise_density}')
   if mean_noise_span_length < 1:
@@ -211,6 +227,6 @@ def span_corruption(dataset: tf.data.Dataset, sequence_length: Mapping[str, int]
     raise UserError('span corruption needs one vocabulary for inputs and targets')
   _check_spans(segment_length, noise_density, mean_noise_span_length,
                getattr(vocabulary, 'extra_ids', None))
-  dataset = _chunks_concatenated(dataset)
+  dataset = _chunks_concatenated(dataset, documents_nonempty)
   dataset = _split(dataset, segment_length)
   return _noise(dataset, vocabulary.vocab_size, noise_density, mean_noise_span_length)

@@ -77,6 +77,26 @@ def test_equals_t5s_span_corruption_token_for_token(with_long, inputs_length, no
     np.testing.assert_array_equal(targets, their_targets)
 
 
+def test_documents_known_nonempty_give_t5s_tokens():
+  """The file tasks drop empty documents while tokenizing (documents_nonempty=True): the
+  documents keep the seeds T5 gives them after its own filter."""
+  setting = (False, 5, 64, 0.15, 3.0)
+  theirs = _run(t5_preprocessors.span_corruption, *setting)
+  nonempty = functools.partial(span_corruption.span_corruption, documents_nonempty=True)
+  ours = _run(_without_empty_documents(nonempty), *setting)
+  assert len(ours) == len(theirs) > 100
+  for (inputs, targets), (their_inputs, their_targets) in zip(ours, theirs):
+    np.testing.assert_array_equal(inputs, their_inputs)
+    np.testing.assert_array_equal(targets, their_targets)
+
+
+def _without_empty_documents(preprocess):
+  @functools.wraps(preprocess)
+  def run(dataset, *args, **kwargs):
+    return preprocess(dataset.filter(lambda ex: tf.size(ex['targets']) > 0), *args, **kwargs)
+  return run
+
+
 @pytest.mark.parametrize('length', [1, 2, 3, 4, 7, 20, 70])
 @pytest.mark.parametrize('noise_density,mean_span', [(0.15, 3.0), (0.5, 1.5), (0.3, 1.0)])
 def test_noise_mask_and_sentinels_equal_t5s(length, noise_density, mean_span):
