@@ -71,6 +71,13 @@ def test_a_regex_that_names_nothing_is_a_user_error(regex, message):
     testing.tiny_trainer(testing.tiny_model(optimizer_def=multi))
 
 
+def _assert_same_state(a, b):
+  testing.assert_trees_equal(jax.device_get(a.train_state.params),
+                             jax.device_get(b.train_state.params))
+  testing.assert_trees_equal(jax.device_get(a.train_state.opt_state),
+                             jax.device_get(b.train_state.opt_state))
+
+
 def test_a_run_with_frozen_parameters_resumes_exactly(tmp_path):
   """The masked optimizer state (no slots for frozen parameters) saves and restores: a resumed
   run takes the next step exactly as the uninterrupted one."""
@@ -87,10 +94,7 @@ def test_a_run_with_frozen_parameters_resumes_exactly(tmp_path):
   resumed = testing.tiny_trainer(model, batch, model_dir=str(tmp_path), save_cfg=save_cfg)
   assert resumed.resumed and int(resumed.train_state.step) == 2
   resumed.trainer.train_step(batch)
-  testing.assert_trees_equal(jax.device_get(resumed.train_state.params),
-                             jax.device_get(first.train_state.params))
-  testing.assert_trees_equal(jax.device_get(resumed.train_state.opt_state),
-                             jax.device_get(first.train_state.opt_state))
+  _assert_same_state(resumed, first)
 
 
 def test_checkpoints_can_leave_the_frozen_parameters_to_the_base(tmp_path):
@@ -122,10 +126,7 @@ def test_checkpoints_can_leave_the_frozen_parameters_to_the_base(tmp_path):
                                  restore_cfg=restore_cfg)
   assert resumed.resumed and int(resumed.train_state.step) == 2
   resumed.trainer.train_step(batch)
-  testing.assert_trees_equal(jax.device_get(resumed.train_state.params),
-                             jax.device_get(first.train_state.params))
-  testing.assert_trees_equal(jax.device_get(resumed.train_state.opt_state),
-                             jax.device_get(first.train_state.opt_state))
+  _assert_same_state(resumed, first)
   resumed.checkpoint_manager.save(resumed.trainer.train_state, force=True)
   resumed.close()
   assert checkpoint_reading.base_checkpoint(checkpoints.checkpoint_dir(run, 3)) == base
