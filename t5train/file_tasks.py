@@ -36,20 +36,18 @@ _TOKENIZE_BATCH = 256  # records per SentencePiece call
 
 
 def tokenize_in_batches(dataset: tf.data.Dataset, output_features: Mapping[str, seqio.Feature],
-                        copy_pretokenized: bool = True, drop_empty: bool = False
-                        ) -> tf.data.Dataset:
+                        copy_pretokenized: bool = True, unbatch: bool = True) -> tf.data.Dataset:
   """``seqio.preprocessors.tokenize`` (same ids, same ``*_pretokenized`` copies) with one
   SentencePiece call per batch of records instead of per record: lines of text are short, and
-  the per-record cost of a tf.data map was most of the tokenizing. ``drop_empty`` also drops the
-  records whose 'targets' have no tokens, in the same batches. Other vocabularies (bytes) encode
-  one string at a time, so they go through seqio's own."""
+  the per-record cost of a tf.data map was most of the tokenizing. ``unbatch=False`` leaves the
+  records in those batches (ragged token ids), for a preprocessor that takes batches. Other
+  vocabularies (bytes) encode one string at a time, so they go through seqio's own."""
   keys = [key for key in output_features if key in dataset.element_spec]
   if not all(isinstance(output_features[key].vocabulary, seqio.SentencePieceVocabulary)
              for key in keys):
     tokenized = seqio.preprocessors.tokenize(dataset, output_features,
                                              copy_pretokenized=copy_pretokenized)
-    return (tokenized.filter(lambda ex: tf.size(ex['targets']) > 0) if drop_empty
-            else tokenized)
+    return tokenized if unbatch else tokenized.ragged_batch(_TOKENIZE_BATCH)
 
   def encode(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     encoded = dict(batch)
@@ -57,13 +55,10 @@ def tokenize_in_batches(dataset: tf.data.Dataset, output_features: Mapping[str, 
       if copy_pretokenized:
         encoded[f'{key}_pretokenized'] = batch[key]
       encoded[key] = output_features[key].vocabulary.encode_tf(batch[key])
-    if drop_empty:
-      nonempty = encoded['targets'].row_lengths() > 0
-      encoded = {key: tf.ragged.boolean_mask(value, nonempty) if isinstance(value, tf.RaggedTensor)
-                 else tf.boolean_mask(value, nonempty) for key, value in encoded.items()}
     return encoded
 
-  return dataset.batch(_TOKENIZE_BATCH).map(encode, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+  tokenized = dataset.batch(_TOKENIZE_BATCH).map(encode, num_parallel_calls=tf.data.AUTOTUNE)
+  return tokenized.unbatch() if unbatch else tokenized
 
 
 def skipped_records() -> dict[str, int]:
@@ -117,11 +112,14 @@ class FilesDataSource(seqio.DataSource):
       paths = paths.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
     read = functools.partial(self._file_records, split=split, line_shards=line_shards,
                              line_shard=index)
-    return paths.interleave(read, cycle_length=min(len(files), _CYCLE_LENGTH),
-                            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    # Files take turns a batch of lines at a time: per line, interleaving cost more than parsing.
+    batches = paths.interleave(read, cycle_length=min(len(files), _CYCLE_LENGTH),
+                               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return batches.unbatch()
 
   def _file_records(self, path: tf.Tensor, header_lines: tf.Tensor, *, split: str,
                     line_shards: int, line_shard: int) -> tf.data.Dataset:
+    """The records of one file in batches (of up to _PARSE_BATCH lines, less the blank ones)."""
     compression = tf.where(tf.strings.regex_full_match(path, r'.*\.gz'), 'GZIP', '')
     lines = tf.data.TextLineDataset(path, compression_type=compression)
     lines = lines.skip(tf.cast(header_lines, tf.int64)).enumerate(
@@ -138,7 +136,7 @@ class FilesDataSource(seqio.DataSource):
       fields = tf.py_function(parse, [path, numbers, raw], [tf.string] * len(keys))
       return {key: tf.ensure_shape(field, [None]) for key, field in zip(keys, fields)}
 
-    return batches.map(parsed).unbatch()
+    return batches.map(parsed)
 
   def _parse(self, path: tf.Tensor, numbers: tf.Tensor, raw: tf.Tensor, split: str
              ) -> list[np.ndarray]:
@@ -252,13 +250,13 @@ def _span_corruption_task(name: str, train_files: tuple[str, ...] | None,
   split_files = _split_files(train_files, validation_files)
   _check_formats(split_files, (file_formats.TEXT, file_formats.JSONL), 'span corruption')
   source = _source(split_files, ('targets',), (text_field,), skip_bad_records)
+  # Documents go from tokenizing to span corruption in batches: only the token ids go on (span
+  # corruption makes new texts of them). With no cache step between them, nothing stores the
+  # batches as if they were examples.
+  tokenize = functools.partial(tokenize_in_batches, copy_pretokenized=False, unbatch=False)
   noising = functools.partial(span_corruption.span_corruption, noise_density=noise_density,
-                              mean_noise_span_length=mean_noise_span_length,
-                              documents_nonempty=True)
-  # Only the token ids go on: span corruption makes new texts of them.
-  tokenize = functools.partial(tokenize_in_batches, copy_pretokenized=False, drop_empty=True)
-  preprocessors = [tokenize, seqio.CacheDatasetPlaceholder(), noising,
-                   seqio.preprocessors.append_eos_after_trim]
+                              mean_noise_span_length=mean_noise_span_length, batched=True)
+  preprocessors = [tokenize, noising, seqio.preprocessors.append_eos_after_trim]
   return _register(name, source, preprocessors, vocabulary, metric_fns=[])
 
 

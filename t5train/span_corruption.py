@@ -126,14 +126,56 @@ def _map_seeds() -> tf.data.Dataset:
   return tf.data.Dataset.zip(tuple(tf.data.Dataset.random(seed) for seed in pair))
 
 
-def _chunks_concatenated(dataset: tf.data.Dataset, documents_nonempty: bool) -> tf.data.Dataset:
-  """T5's ``select_random_chunk`` (one random _MAX_CHUNK_LENGTH-token chunk of each non-empty
-  document) then ``reduce_concat_tokens`` (runs of _CONCAT_BATCH chunks joined into one sequence,
-  token 0 dropped as padding), on batches of documents: each document keeps the seed T5 gives it,
-  but the per-document work is done once per batch."""
-  def join(batch: Example, seeds: tuple[tf.Tensor, tf.Tensor]) -> Example:
-    tokens = batch['targets']  # ragged [documents, None]
-    starts = _chunk_starts(tf.stack(seeds, axis=1), tokens.row_lengths())
+def _document_groups(dataset: tf.data.Dataset, batched: bool) -> tf.data.Dataset:
+  """The non-empty documents' tokens in consecutive groups of _CONCAT_BATCH (the last group of a
+  finite stream shorter), each a ragged [documents, None] tensor: T5's grouping in
+  ``reduce_concat_tokens``. ``batched``: the elements are already batches of documents, of any
+  size, which are regrouped a batch at a time instead of a document at a time."""
+  if not batched:
+    documents = dataset.map(lambda ex: ex['targets'])
+    documents = documents.filter(lambda tokens: tf.size(tokens) > 0)
+    return documents.ragged_batch(_CONCAT_BATCH)
+  batches = dataset.map(lambda ex: tf.ragged.boolean_mask(
+      ex['targets'], ex['targets'].row_lengths() > 0))
+  return _regrouped(batches, _CONCAT_BATCH)
+
+
+def _regrouped(batches: tf.data.Dataset, size: int) -> tf.data.Dataset:
+  """Ragged batches [rows, None] of any sizes as consecutive batches of ``size`` rows, the last
+  one shorter when the stream ends: the rows of an incomplete group wait for the next batch."""
+  spec = batches.element_spec
+  # tf.data's scan keeps dense state only: the waiting rows are their values and lengths.
+  waiting = (tf.zeros([0], spec.dtype), tf.zeros([0], spec.row_splits_dtype))
+  # A last element says the stream has ended, so that the rows still waiting go out.
+  marked = batches.map(lambda batch: (batch.flat_values, batch.row_lengths(), False)).concatenate(
+      tf.data.Dataset.from_tensors(waiting + (True,)))
+
+  def step(waiting: tuple[tf.Tensor, tf.Tensor], element: tuple[tf.Tensor, tf.Tensor, tf.Tensor]
+           ) -> tuple[tuple[tf.Tensor, tf.Tensor], tf.RaggedTensor]:
+    values, lengths, last = element
+    values, lengths = tf.concat([waiting[0], values], 0), tf.concat([waiting[1], lengths], 0)
+    num_rows = tf.size(lengths, out_type=lengths.dtype)
+    num_groups = num_rows // size + tf.cast(last & (num_rows % size > 0), num_rows.dtype)
+    taken = tf.minimum(num_groups * size, num_rows)
+    num_values = tf.reduce_sum(lengths[:taken])
+    group_rows = tf.minimum(tf.cast(size, num_rows.dtype),
+                            taken - tf.range(num_groups, dtype=num_rows.dtype) * size)
+    groups = tf.RaggedTensor.from_nested_row_lengths(values[:num_values],
+                                                      [group_rows, lengths[:taken]])
+    return (values[num_values:], lengths[taken:]), groups
+
+  return marked.scan(waiting, step).unbatch()
+
+
+def _chunks_concatenated(groups: tf.data.Dataset) -> tf.data.Dataset:
+  """T5's ``select_random_chunk`` (one random _MAX_CHUNK_LENGTH-token chunk of each document)
+  then ``reduce_concat_tokens`` (each group of documents joined into one sequence, token 0
+  dropped as padding), a group at a time: each document keeps the seed T5 gives it, from the
+  seed stream of the map T5 runs per document."""
+  def join(tokens: tf.RaggedTensor, seeds: tuple[tf.Tensor, tf.Tensor]) -> Example:
+    num_documents = tokens.nrows(out_type=tf.int32)
+    document_seeds = tf.stack(seeds, axis=1)[:num_documents]
+    starts = _chunk_starts(document_seeds, tokens.row_lengths())
     ends = tf.minimum(starts + _MAX_CHUNK_LENGTH, tf.cast(tokens.row_lengths(), tf.int32))
     rows = tokens.value_rowids()
     positions = tf.ragged.range(tokens.row_lengths()).flat_values
@@ -142,13 +184,9 @@ def _chunks_concatenated(dataset: tf.data.Dataset, documents_nonempty: bool) -> 
             tf.cast(tokens.flat_values, tf.bool))
     return {'targets': tf.boolean_mask(tokens.flat_values, keep)}
 
-  documents = dataset
-  if set(dataset.element_spec) != {'targets'}:
-    documents = dataset.map(lambda ex: {'targets': ex['targets']})
-  if not documents_nonempty:
-    documents = documents.filter(lambda ex: tf.size(ex['targets']) > 0)
-  with_seeds = tf.data.Dataset.zip((documents, _map_seeds()))
-  return with_seeds.ragged_batch(_CONCAT_BATCH).map(join, num_parallel_calls=tf.data.AUTOTUNE)
+  # Every group but the last has _CONCAT_BATCH documents, so the seeds go in step with them.
+  seeds = _map_seeds().batch(_CONCAT_BATCH)
+  return tf.data.Dataset.zip((groups, seeds)).map(join, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def _split(dataset: tf.data.Dataset, segment_length: int) -> tf.data.Dataset:
@@ -205,12 +243,14 @@ def span_corruption(dataset: tf.data.Dataset, sequence_length: Mapping[str, int]
                     output_features: Mapping[str, seqio.Feature],
                     mean_noise_span_length: float = 3.0,
                     noise_density: float = 0.15,
-                    documents_nonempty: bool = False) -> tf.data.Dataset:
+                    batched: bool = False) -> tf.data.Dataset:
   """T5's span corruption of tokenized 'targets' documents into (inputs, targets) examples, the
   inputs sized to fill ``sequence_length['inputs']`` once EOS is appended.
 
-  T5 drops empty documents first; ``documents_nonempty`` says the dataset has none (as
-  ``file_tasks.tokenize_in_batches(drop_empty=True)`` gives), which saves a per-document filter.
+  ``batched``: each element holds a batch of documents in stream order, 'targets' a ragged
+  [documents, None] tensor (as ``file_tasks.tokenize_in_batches(unbatch=False)`` gives); the
+  examples are the same as of the documents one by one, with the per-document work done a batch
+  at a time.
   """
   if not 0 < noise_density < 1:
     raise UserError(f'NOISE_DENSITY must be between 0 and 1 (exclusive), not {noise_density}')
@@ -227,6 +267,6 @@ def span_corruption(dataset: tf.data.Dataset, sequence_length: Mapping[str, int]
     raise UserError('span corruption needs one vocabulary for inputs and targets')
   _check_spans(segment_length, noise_density, mean_noise_span_length,
                getattr(vocabulary, 'extra_ids', None))
-  dataset = _chunks_concatenated(dataset, documents_nonempty)
+  dataset = _chunks_concatenated(_document_groups(dataset, batched))
   dataset = _split(dataset, segment_length)
   return _noise(dataset, vocabulary.vocab_size, noise_density, mean_noise_span_length)

@@ -35,11 +35,12 @@ def _lengths(inputs_length: int, noise_density: float, mean_span: float) -> dict
 
 
 @functools.cache
-def _documents(with_long: bool) -> tuple[np.ndarray, ...]:
+def _documents(with_long: bool, copies: int = 1) -> tuple[np.ndarray, ...]:
   """Python's documentation in bytes: 24 topics of 200 to 2,000 characters, tiny and empty ones
-  and, ``with_long``, a document of 2.3 chunks (all topics) of which one chunk is kept."""
+  (all ``copies`` times) and, ``with_long``, a document of 2.3 chunks (all topics) of which one
+  chunk is kept."""
   texts = sorted(topics.topics.values(), key=len)[:48:2] + ['a', '', 'Two words.']
-  documents = [np.asarray(BYTES.encode(text), np.int32) for text in texts]
+  documents = [np.asarray(BYTES.encode(text), np.int32) for text in texts] * copies
   if with_long:
     long_document = BYTES.encode(''.join(sorted(topics.topics.values())))[:150_000]
     documents.insert(LONG_AT, np.asarray(long_document, np.int32))
@@ -48,9 +49,9 @@ def _documents(with_long: bool) -> tuple[np.ndarray, ...]:
 
 @functools.cache
 def _run(preprocess, with_long: bool, seed: int, inputs_length: int, noise_density: float,
-         mean_span: float) -> list[tuple[np.ndarray, np.ndarray]]:
+         mean_span: float, copies: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
   """(inputs, targets) of every example that ``preprocess`` makes of the documents."""
-  documents = _documents(with_long)
+  documents = _documents(with_long, copies)
   dataset = tf.data.Dataset.from_generator(
       lambda: ({'targets': d} for d in documents),
       output_signature={'targets': tf.TensorSpec([None], tf.int32)})
@@ -77,24 +78,40 @@ def test_equals_t5s_span_corruption_token_for_token(with_long, inputs_length, no
     np.testing.assert_array_equal(targets, their_targets)
 
 
-def test_documents_known_nonempty_give_t5s_tokens():
-  """The file tasks drop empty documents while tokenizing (documents_nonempty=True): the
-  documents keep the seeds T5 gives them after its own filter."""
-  setting = (False, 5, 64, 0.15, 3.0)
+def test_batches_of_documents_give_t5s_tokens():
+  """The file tasks hand over documents in batches (batched=True) of a size that does not divide
+  T5's groups of 128 documents: the examples are still T5's, token for token."""
+  setting = (False, 5, 64, 0.15, 3.0, 6)  # 6 copies of the documents: 162, one group and a part
   theirs = _run(t5_preprocessors.span_corruption, *setting)
-  nonempty = functools.partial(span_corruption.span_corruption, documents_nonempty=True)
-  ours = _run(_without_empty_documents(nonempty), *setting)
-  assert len(ours) == len(theirs) > 100
+  ours = _run(_in_batches(span_corruption.span_corruption), *setting)
+  assert len(ours) == len(theirs) > 1000
   for (inputs, targets), (their_inputs, their_targets) in zip(ours, theirs):
     np.testing.assert_array_equal(inputs, their_inputs)
     np.testing.assert_array_equal(targets, their_targets)
 
 
-def _without_empty_documents(preprocess):
+def _in_batches(preprocess):
   @functools.wraps(preprocess)
   def run(dataset, *args, **kwargs):
-    return preprocess(dataset.filter(lambda ex: tf.size(ex['targets']) > 0), *args, **kwargs)
+    batches = dataset.ragged_batch(37).map(lambda batch: {'targets': batch['targets']})
+    return preprocess(batches, *args, batched=True, **kwargs)
   return run
+
+
+def test_regrouped_batches_keep_their_rows_in_order():
+  sizes = [3, 0, 1, 9, 2, 4]  # groups of 4 straddle the batches; one batch holds two groups
+  rows = [[i] * (i % 3) for i in range(sum(sizes))]  # some rows empty
+  batches, start = [], 0
+  for size in sizes:
+    batch = rows[start:start + size]
+    batches.append(tf.RaggedTensor.from_row_lengths(
+        tf.constant(sum(batch, []), tf.int32), tf.constant([len(r) for r in batch], tf.int64)))
+    start += size
+  dataset = tf.data.Dataset.from_generator(
+      lambda: iter(batches), output_signature=tf.RaggedTensorSpec([None, None], tf.int32))
+  groups = [group.to_list() for group in span_corruption._regrouped(dataset, 4)]
+  assert groups == [rows[i:i + 4] for i in range(0, len(rows), 4)]
+  assert [len(group) for group in groups] == [4, 4, 4, 4, 3]
 
 
 @pytest.mark.parametrize('length', [1, 2, 3, 4, 7, 20, 70])
