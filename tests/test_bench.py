@@ -127,21 +127,31 @@ def test_train_rows_take_turns_with_the_peer_and_print_every_column(tmp_path):
 
 
 def test_pipeline_rows_are_measured(tmp_path):
-  """The input-pipeline row of benchmarks/bench_data.py, on a small text file: every row is a
-  batch of packed span-corruption examples, each holding at least one. (In its own process:
-  bench and bench_data both define --lengths.)"""
+  """The input-pipeline rows of benchmarks/bench_data.py, on a small text file: every row is a
+  batch of packed span-corruption examples, each holding at least one, and each stage of the
+  pipeline costs more than the stages before it. (In its own process: bench and bench_data both
+  define --lengths.)"""
   corpus = tmp_path / 'train.txt'
   corpus.write_text(''.join(f'Sentence number {i} says something about item {i % 17}.\n'
                             for i in range(400)))
   spm = os.path.join(os.path.dirname(seqio.__file__), 'test_data', 'sentencepiece',
                      'sentencepiece.model')
-  code = ('import json; from benchmarks import bench_data; print(json.dumps('
-          f'bench_data.measure_pipeline({{"train": {str(corpus)!r}, "spm": {spm!r}}}, [64, 16], '
-          'batch=4, num_batches=3)))')
+  files = {'train': str(corpus), 'spm': spm}
+  code = ('import json; from benchmarks import bench_data; print(json.dumps(['
+          f'bench_data.measure_pipeline({files!r}, [64, 16], batch=4, num_batches=3), '
+          f'bench_data.measure_stages({files!r}, [64, 16], secs=0.3)]))')
   result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                           timeout=300, cwd=model_sizes.REPO)
   assert result.returncode == 0, result.stderr[-3000:]
-  row = json.loads(result.stdout.strip().splitlines()[-1])
+  row, stages = json.loads(result.stdout.strip().splitlines()[-1])
   assert row['rows_per_sec'] == pytest.approx(4 * 3 / row['secs'])
   assert row['examples_per_sec'] >= row['rows_per_sec'] > 0
   assert 0 < row['input_tokens_per_sec'] <= 64 * row['rows_per_sec']
+  assert row['cpu_us_per_example'] > 0 and row['cores_busy'] > 0
+  # Groups of 128 lines (documents) concatenated, then cut into segments of 70 tokens.
+  vocabulary = seqio.SentencePieceVocabulary(spm)
+  tokens = [len(vocabulary.encode(line)) for line in corpus.read_text().splitlines()]
+  segments = sum(-(-sum(tokens[i:i + 128]) // 70) for i in range(0, len(tokens), 128))
+  assert stages['lines_per_example'] == pytest.approx(len(tokens) / segments)
+  costs = [stage['cpu_us_per_example'] for stage in stages['stages']]
+  assert len(costs) == 4 and 0 < costs[0] < costs[1] < costs[3]
