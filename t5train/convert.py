@@ -7,7 +7,8 @@
         --gin_file=MODEL.gin --gin_file=gin/models/lora.gin --output=MERGED
 
 Imports write ``OUT/checkpoint_<step>/`` (parameters only: fine-tuning starts the
-optimiser fresh) and ``OUT/model.gin`` binding the matching T5Config; so does
+optimiser fresh) and ``OUT/model.gin`` binding the matching T5Config (and, for T5X's
+decoder-only checkpoints, the decoder-only model); so does
 ``--to=merged``, with a LoRA-adapted checkpoint's adapters merged into its kernels. Every
 local output is built in a temporary directory beside OUT and renamed at the end, so
 a failed conversion leaves nothing behind; on a bucket (``gs://``), which has no
@@ -34,6 +35,7 @@ from etils import epath
 from t5train import (
   checkpoint_reading,
   checkpoints,
+  decoder_only_network,
   gin_utils,
   hf_interop,
   models,
@@ -102,10 +104,18 @@ def read_hf_config(directory: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- shapes
 
 
+def is_decoder_only(config: network.T5Config) -> bool:
+  """Whether ``config`` describes T5X's decoder-only model (its presets have no encoder layers)."""
+  return config.num_encoder_layers == 0
+
+
 def expected_params(config: network.T5Config) -> dict[str, jax.ShapeDtypeStruct]:
   """Parameter path -> shape and dtype of a model built from ``config`` (nothing is allocated)."""
   def init(rng: jax.Array) -> Any:
     tokens = jax.numpy.ones((1, 8), np.int32)
+    if is_decoder_only(config):
+      return decoder_only_network.DecoderOnlyTransformer(config).init(
+          rng, tokens, tokens, enable_dropout=False)
     return network.Transformer(config).init(rng, tokens, tokens, tokens, enable_dropout=False)
   variables = jax.eval_shape(init, jax.random.PRNGKey(0))
   return dict(checkpoint_reading.flatten_with_names(nn.unbox(variables)['params']))
@@ -122,8 +132,11 @@ def check_flat_shapes(flat: Mapping[str, Any], config: network.T5Config, source:
 def model_gin_text(config: network.T5Config, source: str, checkpoint: str,
                    sentencepiece_file: str | None) -> str:
   """A model gin file (on top of base_architecture.gin) binding ``config``."""
+  decoder_only = is_decoder_only(config)
+  architecture = 'decoder_only' if decoder_only else 't5_1_1'
   lines = [
-      f'# A T5 model converted by t5train.convert from {source}.',
+      f'# A T5 {"decoder-only " if decoder_only else ""}model converted by t5train.convert '
+      f'from {source}.',
       '#',
       f'#   python -m t5train.train --gin_file={os.path.dirname(checkpoint)}/model.gin \\',
       '#       --gin_file=gin/runs/finetune.gin --gin_file=gin/tasks/YOUR_TASK.gin \\',
@@ -132,8 +145,14 @@ def model_gin_text(config: network.T5Config, source: str, checkpoint: str,
       'from __gin__ import dynamic_registration',
       'import seqio',
       'from t5train import network',
-      "include 'models/t5_1_1/base_architecture.gin'",
+      f"include 'models/{architecture}/base_architecture.gin'",
       '',
+  ]
+  if decoder_only:
+    lines += ['# The weights do not say whether the inputs of a prefix LM attend to each other in',
+              "# both directions (this file's default) or causally (T5X's class default: False).",
+              'INPUTS_BIDIRECTIONAL_ATTENTION = True', '']
+  lines += [
       'network.T5Config:',
   ]
   for field in ('vocab_size', 'dtype', 'emb_dim', 'num_heads', 'num_encoder_layers',
@@ -167,8 +186,9 @@ def import_hf(input_dir: str, output: str, dtype: str = 'float32') -> str:
 
 def import_t5x(input_dir: str, output: str, dtype: str = 'float32',
                config: network.T5Config | None = None) -> str:
-  """T5X checkpoint (per-layer or scanned) -> ``output/checkpoint_<step>`` + ``output/model.gin``,
-  in the layer layout ``config.scan_layers`` asks for (per-layer without a config)."""
+  """T5X checkpoint (encoder-decoder or decoder-only, per-layer or scanned) ->
+  ``output/checkpoint_<step>`` + ``output/model.gin``, in the layer layout ``config.scan_layers``
+  asks for (per-layer without a config)."""
   from t5train import t5x_checkpoint  # pylint: disable=g-import-not-at-top
   flat, scanned_counts = t5x_checkpoint.unscan_layers(t5x_checkpoint.read_t5x_params(input_dir))
   if config is not None:
@@ -178,7 +198,7 @@ def import_t5x(input_dir: str, output: str, dtype: str = 'float32',
   check_flat_shapes(flat, per_layer_config, input_dir)
   step = t5x_checkpoint.read_t5x_step(input_dir)
   params = hf_interop.nest(flat)
-  if config.scan_layers:
+  if config.scan_layers and not is_decoder_only(config):  # decoder-only models do not scan
     params = jax.tree_util.tree_map(np.asarray, network.stack_layers(params))
   return _write_import(params, step, config, input_dir, output, None)
 
@@ -194,7 +214,8 @@ def _check_layer_counts(scanned_counts: Mapping[str, int], config: network.T5Con
 
 
 def t5_config_from_shapes(flat: Mapping[str, Any], dtype: str = 'float32') -> network.T5Config:
-  """The T5Config that T5X parameter shapes imply.
+  """The T5Config that T5X parameter shapes imply, of an encoder-decoder or, when the parameters
+  are all under ``decoder/`` (T5X's ``examples/decoder_only``), of a decoder-only model.
 
   Weights do not record the activation or the relative-attention max distance:
   two MLP inputs are read as T5 1.1's gated-GELU, one as ReLU, and the distance
@@ -202,20 +223,25 @@ def t5_config_from_shapes(flat: Mapping[str, Any], dtype: str = 'float32') -> ne
   """
   def shape(name: str) -> tuple[int, ...]:
     if name not in flat:
-      raise UserError(f'the checkpoint has no {name}; it is not a T5 encoder-decoder')
+      raise UserError(f'the checkpoint has no {name}; it is not a T5 encoder-decoder or '
+                      'decoder-only model')
     return tuple(flat[name].shape)
-  vocab_size, emb_dim = shape('token_embedder/embedding')
-  per_layer_relpos = 'encoder/relpos_bias/rel_embedding' not in flat
-  num_heads, num_buckets = shape('encoder/layers_0/relpos_bias/rel_embedding' if per_layer_relpos
-                                 else 'encoder/relpos_bias/rel_embedding')
-  inner = shape('encoder/layers_0/attention/query/kernel')[1]
+  decoder_only = not any(name.startswith('encoder/') for name in flat)
+  # The stack whose first layer tells the widths, and the name of that layer's attention.
+  stack, attention = ('decoder', 'self_attention') if decoder_only else ('encoder', 'attention')
+  vocab_size, emb_dim = shape('decoder/token_embedder/embedding' if decoder_only
+                              else 'token_embedder/embedding')
+  per_layer_relpos = f'{stack}/relpos_bias/rel_embedding' not in flat
+  num_heads, num_buckets = shape(f'{stack}/layers_0/relpos_bias/rel_embedding' if per_layer_relpos
+                                 else f'{stack}/relpos_bias/rel_embedding')
+  inner = shape(f'{stack}/layers_0/{attention}/query/kernel')[1]
   count = lambda stack: len({k.split('/')[1] for k in flat if k.startswith(f'{stack}/layers_')})
-  gated = 'encoder/layers_0/mlp/wi_0/kernel' in flat
-  mlp_dim = shape('encoder/layers_0/mlp/' + ('wi_0' if gated else 'wi') + '/kernel')[1]
+  gated = f'{stack}/layers_0/mlp/wi_0/kernel' in flat
+  mlp_dim = shape(f'{stack}/layers_0/mlp/' + ('wi_0' if gated else 'wi') + '/kernel')[1]
   return network.T5Config(
       vocab_size=vocab_size, dtype=dtype, emb_dim=emb_dim, num_heads=num_heads,
-      num_encoder_layers=count('encoder'), num_decoder_layers=count('decoder'),
-      head_dim=inner // num_heads, mlp_dim=mlp_dim,
+      num_encoder_layers=0 if decoder_only else count('encoder'),
+      num_decoder_layers=count('decoder'), head_dim=inner // num_heads, mlp_dim=mlp_dim,
       mlp_activations=('gelu', 'linear') if gated else ('relu',), dropout_rate=0.0,
       logits_via_embedding='decoder/logits_dense/kernel' not in flat,
       relative_attention_num_buckets=num_buckets,
@@ -307,8 +333,10 @@ def export_hf(checkpoint: str, config: network.T5Config, output: str,
 # ---------------------------------------------------------------- the binary
 
 
-def _gin_model_and_vocabulary() -> tuple[network.T5Config, str | None]:
-  """The T5Config and SentencePiece file (if any) bound by the gin files on the command line."""
+def _gin_model_and_vocabulary(decoder_only_too: bool = False
+                              ) -> tuple[network.T5Config, str | None]:
+  """The T5Config and SentencePiece file (if any) bound by the gin files on the command line;
+  a decoder-only MODEL only with ``decoder_only_too``."""
   import gin  # pylint: disable=g-import-not-at-top
   gin_utils.parse_gin_from_flags()
   try:
@@ -316,8 +344,9 @@ def _gin_model_and_vocabulary() -> tuple[network.T5Config, str | None]:
   except ValueError as e:
     raise UserError('the gin files must bind MODEL (e.g. --gin_file=OUT/model.gin or '
                     'gin/models/t5_1_1/small.gin)') from e
-  if not isinstance(model, models.EncoderDecoderModel):
-    raise UserError(f'convert moves encoder-decoder weights, and MODEL is a '
+  decoder_only = decoder_only_too and isinstance(model, models.DecoderOnlyModel)
+  if not isinstance(model, models.EncoderDecoderModel) and not decoder_only:
+    raise UserError(f'this conversion moves encoder-decoder weights, and MODEL is a '
                     f'{type(model).__name__} (transformers has no T5 decoder-only class)')
   vocabulary = model.output_vocabulary
   return model.module.config, getattr(vocabulary, 'sentencepiece_model_file', None)
@@ -335,7 +364,8 @@ def main(argv: Sequence[str]) -> None:
   if _FROM.value == 'hf':
     written = import_hf(_INPUT.value, _OUTPUT.value, _DTYPE.value)
   elif _FROM.value == 't5x':
-    config = _gin_model_and_vocabulary()[0] if flags.FLAGS.gin_file else None
+    config = (_gin_model_and_vocabulary(decoder_only_too=True)[0] if flags.FLAGS.gin_file
+              else None)
     written = import_t5x(_INPUT.value, _OUTPUT.value, _DTYPE.value, config)
   elif _TO.value == 'merged':
     config, sentencepiece_file = _gin_model_and_vocabulary()

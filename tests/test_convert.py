@@ -34,6 +34,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from t5train.errors import UserError  # noqa: E402
 
 T5X_DATA = os.path.join(REPO, '..', 'shared', 'testdata', 't5x_tiny_v1_1')
+T5X_DECODER_ONLY = os.path.join(REPO, 'tests', 'testdata', 't5x_decoder_only', 'reference.npz')
 
 
 def _t5train_logits(config, flat, encoder, decoder_inputs, targets):
@@ -172,9 +173,6 @@ def _scanned_t5x_checkpoint(directory, per_layer_relpos):
   """The T5X test checkpoint re-saved as T5X's scanned models save theirs (Orbax format): each
   stack's layers stacked on axis 1 under '<stack>/layers/', and with ``per_layer_relpos`` the
   stack's relative-position table copied into every layer as 'relative_posemb'."""
-  import orbax.checkpoint as ocp
-  from etils import epath
-
   from t5train import t5x_checkpoint
   flat = t5x_checkpoint.read_t5x_params(os.path.join(T5X_DATA, 't5x_checkpoint', 'checkpoint_2'))
   for stack in ('encoder', 'decoder'):
@@ -185,11 +183,44 @@ def _scanned_t5x_checkpoint(directory, per_layer_relpos):
     if per_layer_relpos:
       table = flat.pop(f'{stack}/relpos_bias/rel_embedding')
       flat[f'{stack}/layers/relative_posemb/rel_embedding'] = np.stack([table] * 2, axis=1)
+  return _save_as_t5x(directory, flat, step=2)
+
+
+def _save_as_t5x(directory, flat, step):
+  """``flat`` parameters saved as T5X saves a checkpoint in its Orbax format."""
+  import orbax.checkpoint as ocp
+  from etils import epath
   epath.Path(directory).mkdir(parents=True)
   with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
     checkpointer.save(epath.Path(directory) / 'state', args=ocp.args.PyTreeSave(
-        {'target': hf_interop.nest(flat), 'state': {'step': np.array(2, np.int32)}}))
+        {'target': hf_interop.nest(flat), 'state': {'step': np.array(step, np.int32)}}))
   return str(directory)
+
+
+@pytest.mark.parametrize('name', ['causal', 'prefix'])
+def test_t5x_decoder_only_import_reproduces_t5x_logits(name, tmp_path):
+  """Parameters of T5X's own decoder-only network (tests/testdata/t5x_decoder_only), saved as
+  T5X saves them, import with a model.gin whose MODEL computes T5X's logits."""
+  with np.load(T5X_DECODER_ONLY) as arrays:
+    items = {key[len(name) + 1:]: arrays[key] for key in arrays.files
+             if key.startswith(f'{name}/')}
+  flat = {key[len('params/'):]: value for key, value in items.items() if key.startswith('params/')}
+  batch = {key[len('batch/'):]: value for key, value in items.items() if key.startswith('batch/')}
+  checkpoint = convert.import_t5x(_save_as_t5x(tmp_path / 't5x', flat, step=7),
+                                  str(tmp_path / 'imported'))
+  assert os.path.basename(checkpoint) == 'checkpoint_7'
+  gin.clear_config()
+  # The causal LM's batch has no inputs region: T5X's causal attention throughout.
+  gin_utils.parse_gin([str(tmp_path / 'imported' / 'model.gin')],
+                      [f'INPUTS_BIDIRECTIONAL_ATTENTION = {name == "prefix"}'])
+  model = gin.query_parameter('%MODEL').scoped_configurable_fn()
+  gin.clear_config()
+  assert isinstance(model, models.DecoderOnlyModel)
+  assert model.module.config.logits_via_embedding == (name == 'causal')
+  params = hf_interop.nest(convert.read_checkpoint_params(checkpoint, model.module.config))
+  logits = np.asarray(model.logits(params, {**batch, 'decoder_loss_weights': None}))
+  real = batch['decoder_segment_ids'] > 0  # what padding rows hold is T5X's own business
+  testing.assert_trees_close(logits[real], items['logits'][real], rtol=testing.SIMPLE_RTOL)
 
 
 @pytest.mark.skipif(not os.path.isdir(T5X_DATA), reason='T5X test checkpoint not present')
