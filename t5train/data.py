@@ -27,6 +27,7 @@ from t5train.file_formats import Columns
 tf.config.set_visible_devices([], 'GPU')
 
 Batch = dict[str, np.ndarray]
+_PREFETCH_BATCHES = 2  # made ahead of the loop; held in iterator checkpoints, so resumes are exact
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +114,8 @@ def get_dataset(config: DatasetConfig, feature_converter_cls: type, num_epochs: 
       dataset_split=config.split, use_cached=config.use_cached, shuffle=config.shuffle,
       num_epochs=num_epochs, shard_info=seqio.ShardInfo(shard_id, num_shards),
       seed=config.seed, batch_size=config.batch_size // num_shards)
+  # Packing and batching the next batches while a step runs, not when the loop asks for one.
+  dataset = dataset.prefetch(_PREFETCH_BATCHES)
   # The file tasks parse lines in Python (tf.py_function); parsing keeps no state, so a
   # checkpoint of the iterator (file positions, shuffle buffers) is complete without it.
   options = tf.data.Options()
