@@ -368,7 +368,7 @@ def main(argv: Sequence[str]) -> None:
               else None)
     written = import_t5x(_INPUT.value, _OUTPUT.value, _DTYPE.value, config)
   elif _TO.value == 'merged':
-    config, sentencepiece_file = _gin_model_and_vocabulary()
+    config, sentencepiece_file = _gin_model_and_vocabulary(decoder_only_too=True)
     written = export_merged(_INPUT.value, config, _OUTPUT.value, sentencepiece_file)
   else:
     config, sentencepiece_file = _gin_model_and_vocabulary()

@@ -180,3 +180,31 @@ def test_convert_to_merged_writes_a_plain_checkpoint_with_the_adapted_logits(ada
                              _logits(config, params, batch), rtol=1e-6)
   with pytest.raises(UserError, match='bind no network.T5Config.lora'):
     convert.export_merged(written, plain, str(tmp_path / 'again'))
+
+
+def test_convert_to_merged_takes_decoder_only_models_too(tmp_path):
+  from t5train import checkpoints, convert  # noqa: PLC0415
+  from t5train.decoder_only_network import DecoderOnlyTransformer  # noqa: PLC0415
+  config = testing.tiny_config(num_encoder_layers=0, lora=LORA)
+  tokens = jnp.asarray(np.random.default_rng(1).integers(2, 64, (2, 12)), jnp.int32)
+
+  def logits(config, params):
+    return np.asarray(DecoderOnlyTransformer(config).apply({'params': params}, tokens,
+                                                           enable_dropout=False))
+
+  params = nn.unbox(DecoderOnlyTransformer(config).init(jax.random.PRNGKey(0), tokens,
+                                                        enable_dropout=False)['params'])
+  rng = np.random.default_rng(0)
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, x: rng.normal(0, 0.05, x.shape).astype(np.float32)
+      if path[-1].key == 'lora_b' else np.asarray(x), params)
+  checkpoints.save_params(str(tmp_path / 'run'), params, 3)
+  written = convert.export_merged(str(tmp_path / 'run' / 'checkpoint_3'), config,
+                                  str(tmp_path / 'merged'))
+  assert "include 'models/decoder_only/base_architecture.gin'" in (
+      tmp_path / 'merged' / 'model.gin').read_text()
+  plain = dataclasses.replace(config, lora=None)
+  merged = hf_interop.nest(convert.read_checkpoint_params(written, plain))
+  base = logits(plain, _base(params))
+  assert np.abs(logits(config, params) - base).max() > 1e-2 * np.abs(base).max()
+  testing.assert_trees_close(logits(plain, merged), logits(config, params), rtol=1e-6)
