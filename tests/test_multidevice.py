@@ -8,14 +8,14 @@ import os
 import subprocess
 import sys
 
-from conftest import MULTIDEVICE_ENV
+from conftest import MULTIDEVICE_ENV, xla_flags_for_devices
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
 def test_multidevice_suite():
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', MULTIDEVICE_ENV: '1',
-         'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+         'XLA_FLAGS': xla_flags_for_devices(8)}
   result = subprocess.run(
       [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', '-rf',
        os.path.join(TESTS, 'multidevice')],

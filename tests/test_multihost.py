@@ -16,6 +16,7 @@ import time
 
 import pytest
 from binaries import REPO, SMOKE, read_params, read_scalars, run_train
+from conftest import xla_flags_for_devices
 
 from t5train import testing
 
@@ -24,7 +25,7 @@ from t5train import testing
 RUN = SMOKE + ['--gin.BATCH_SIZE=8', '--gin.SUMMARY_PERIOD=1', '--gin.CHECKPOINT_PERIOD=4',
                '--gin.train/data.DatasetConfig.shuffle=False',
                '--gin.train/data.DatasetConfig.pack=False']
-FOUR_DEVICES = {'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
+FOUR_DEVICES = {'XLA_FLAGS': xla_flags_for_devices(4)}
 
 
 def launch_two_hosts(*args):
@@ -105,7 +106,7 @@ def _start_host(index, port, model_dir, *args, log=None):
              f'--coordinator_address=127.0.0.1:{port}', '--process_count=2',
              f'--process_index={index}', '--heartbeat_timeout_seconds=15']
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
-         'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+         'XLA_FLAGS': xla_flags_for_devices(2)}
   return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE if index == 0 else log or subprocess.DEVNULL,
                           text=True)
