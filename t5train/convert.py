@@ -348,8 +348,10 @@ def _gin_model_and_vocabulary(decoder_only_too: bool = False
   if not isinstance(model, models.EncoderDecoderModel) and not decoder_only:
     raise UserError(f'this conversion moves encoder-decoder weights, and MODEL is a '
                     f'{type(model).__name__} (transformers has no T5 decoder-only class)')
-  vocabulary = model.output_vocabulary
-  return model.module.config, getattr(vocabulary, 'sentencepiece_model_file', None)
+  config = model.module.config
+  if decoder_only:  # a decoder-only model leaves num_encoder_layers unused; here 0 says what it is
+    config = dataclasses.replace(config, num_encoder_layers=0)
+  return config, getattr(model.output_vocabulary, 'sentencepiece_model_file', None)
 
 
 def main(argv: Sequence[str]) -> None:
