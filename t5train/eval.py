@@ -48,6 +48,8 @@ def evaluate(*, model: models.BaseTransformerModel, partitioner: partitioning.Pj
              decoder_params: dict[str, Any] | None = None, random_seed: int = 0) -> AllMetrics:
   """Evaluates the selected checkpoints in step order; returns every step's metrics so far."""
   _GUARD.enter()
+  gin_utils.log_overridden_bindings('checkpoints.RestoreCheckpointConfig',
+                                    checkpoints.RestoreCheckpointConfig, 'eval', 't5train.eval')
   from t5train import data, evaluation  # pylint: disable=g-import-not-at-top  (TensorFlow: slow)
   data.task_for(dataset_cfg)
   selected = checkpoints.select_checkpoints(restore_checkpoint_cfg)

@@ -84,6 +84,8 @@ def infer(*, model: models.BaseTransformerModel, partitioner: partitioning.PjitP
           decoder_params: dict[str, Any] | None = None, random_seed: int = 0) -> list[str]:
   """Writes one JSONL file per task (or for ``input_file``); returns their paths."""
   _GUARD.enter()
+  gin_utils.log_overridden_bindings('checkpoints.RestoreCheckpointConfig',
+                                    checkpoints.RestoreCheckpointConfig, 'infer', 't5train.infer')
   from t5train import data  # pylint: disable=g-import-not-at-top  (TensorFlow is slow to import)
   if mode not in MODES:
     raise UserError(f"infer mode must be one of {', '.join(MODES)}, not {mode!r}")
