@@ -173,11 +173,9 @@ def model_gin_text(config: network.T5Config, source: str, checkpoint: str,
 
 def import_hf(input_dir: str, output: str, dtype: str = 'float32') -> str:
   """HF model directory -> ``output/checkpoint_0`` + ``output/model.gin``; returns the checkpoint."""
-  config = hf_interop.t5_config_from_hf_config(read_hf_config(input_dir), dtype)
-  state_dict = read_hf_state_dict(input_dir)
-  if config.logits_via_embedding:
-    state_dict.pop('lm_head.weight', None)  # tied: the output layer is the embedding
-  hf_flat = hf_interop.flat_params_from_hf_state_dict(state_dict, config)
+  hf_config = read_hf_config(input_dir)
+  config = hf_interop.t5_config_from_hf_config(hf_config, dtype)
+  config, hf_flat = hf_interop.model_from_hf(hf_config, config, read_hf_state_dict(input_dir))
   check_flat_shapes(hf_flat, config, input_dir)
   spm = epath.Path(input_dir) / SENTENCEPIECE_FILE
   return _write_import(hf_interop.nest(hf_flat), 0, config, input_dir, output,

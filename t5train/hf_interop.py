@@ -9,6 +9,7 @@ position tables as [buckets, heads]; t5train (like T5X) stores kernels as
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -106,20 +107,29 @@ def hf_state_dict_from_flat_params(flat: Mapping[str, np.ndarray], config: T5Con
           for path, hf in name_pairs(config)}
 
 
-def _tied(hf_config: Mapping[str, Any]) -> bool:
-  # transformers 5 records the v1.0 output scaling as scale_decoder_outputs (and always says
-  # tie_word_embeddings=true); transformers 4 used tie_word_embeddings for both. mT5 is always
-  # untied and unscaled, whatever its config says.
+def scales_decoder_outputs(hf_config: Mapping[str, Any]) -> bool:
+  """Whether transformers 5 multiplies the decoder's output by d_model**-0.5 before the output
+  layer, as it decides it. Its T5 and umT5 configs record the v1.0 scaling as
+  scale_decoder_outputs; a config.json without that key (transformers 4's) scales unless it says
+  tie_word_embeddings=false. Its mT5 never scales, whatever its config says."""
   if hf_config.get('model_type') == 'mt5':
     return False
   if 'scale_decoder_outputs' in hf_config:
     return bool(hf_config['scale_decoder_outputs'])
-  return bool(hf_config.get('tie_word_embeddings', True))
+  return hf_config.get('tie_word_embeddings') is not False
+
+
+def declares_untied(hf_config: Mapping[str, Any]) -> bool:
+  """Whether config.json says that the weights hold their own lm_head.weight. transformers 5
+  always writes tie_word_embeddings=true and leaves lm_head.weight out of a file where it is the
+  shared embedding; only transformers 4 (or a hand-written file) writes false."""
+  return hf_config.get('tie_word_embeddings') is False
 
 
 def t5_config_from_hf_config(hf_config: Mapping[str, Any], dtype: str = 'float32') -> T5Config:
   """The T5Config of a transformers T5 / mT5 / ByT5 / umT5 config.json; UserError if
-  unsupported."""
+  unsupported. Its output layer is the embedding when transformers scales the decoder's output
+  (T5 v1.0's layout); ``model_from_hf`` settles that with the weights."""
   model_type = hf_config.get('model_type')
   if model_type not in SUPPORTED_MODEL_TYPES:
     raise UserError(f'unsupported model_type {model_type!r} in config.json; the converter reads '
@@ -135,13 +145,45 @@ def t5_config_from_hf_config(hf_config: Mapping[str, Any], dtype: str = 'float32
         num_decoder_layers=int(hf_config.get('num_decoder_layers') or hf_config['num_layers']),
         head_dim=int(hf_config['d_kv']), mlp_dim=int(hf_config['d_ff']),
         mlp_activations=_ACTIVATIONS[projection], dropout_rate=0.0,
-        logits_via_embedding=_tied(hf_config),
+        logits_via_embedding=scales_decoder_outputs(hf_config),
         relative_attention_num_buckets=int(hf_config.get('relative_attention_num_buckets', 32)),
         relative_attention_max_distance=int(hf_config.get('relative_attention_max_distance', 128)),
         relative_attention_per_layer=model_type == PER_LAYER_RELPOS_MODEL_TYPE,
         layer_norm_epsilon=float(hf_config.get('layer_norm_epsilon', 1e-6)))
   except KeyError as e:
     raise UserError(f'config.json lacks {e.args[0]!r}') from e
+
+
+def model_from_hf(hf_config: Mapping[str, Any], config: T5Config,
+                  state_dict: Mapping[str, np.ndarray]) -> tuple[T5Config, dict[str, np.ndarray]]:
+  """The T5Config and the t5train parameters (flat, float32) of a Hugging Face model directory's
+  config.json and weights, with transformers 5's logits. ``config`` is
+  ``t5_config_from_hf_config(hf_config)`` (made first, so that an unsupported config.json stops
+  before the weights are read).
+
+  transformers 5 ties every T5 / mT5 / umT5 output layer to the shared embedding unless the file
+  holds an lm_head.weight of its own, and scales the decoder's output as
+  ``scales_decoder_outputs`` says. t5train's tied output layer always scales (T5 v1.0), so:
+  tied and scaled -> tied; tied and unscaled (an mT5, or a T5 / umT5 built with
+  tie_word_embeddings=False) -> an untied output layer holding a copy of the embedding; an
+  lm_head.weight of its own, scaled -> untied, the scale folded into the kernel; unscaled ->
+  untied. A config.json that says tie_word_embeddings=false needs lm_head.weight (UserError).
+  """
+  scaled = scales_decoder_outputs(hf_config)
+  state = dict(state_dict)
+  head = state.pop('lm_head.weight', None)
+  shared = state.get('shared.weight')
+  if head is not None and shared is not None and scaled and np.array_equal(head, shared):
+    head = None  # tied, and saved all the same (transformers 4 wrote both)
+  if head is None and not declares_untied(hf_config):  # the output layer is the embedding
+    if not scaled and shared is not None:
+      state['lm_head.weight'] = shared
+  else:  # its own output layer; without lm_head.weight, flat_params_from_hf_state_dict says so
+    config = dataclasses.replace(config, logits_via_embedding=False)
+    if head is not None:
+      state['lm_head.weight'] = (np.asarray(head, np.float32) * np.float32(config.emb_dim ** -0.5)
+                                 if scaled else head)
+  return config, flat_params_from_hf_state_dict(state, config)
 
 
 def hf_config_from_t5_config(config: T5Config) -> dict[str, Any]:
@@ -163,7 +205,8 @@ def hf_config_from_t5_config(config: T5Config) -> dict[str, Any]:
       'relative_attention_max_distance': config.relative_attention_max_distance,
       'dropout_rate': config.dropout_rate, 'layer_norm_epsilon': config.layer_norm_epsilon,
       'initializer_factor': 1.0, 'feed_forward_proj': projection,
-      # Both conventions (see _tied): transformers 4 reads the first, 5 the second.
+      # Both conventions (see scales_decoder_outputs): transformers 4 reads the first, 5
+      # the second. An untied model's file holds lm_head.weight, so transformers 5 unties it.
       'tie_word_embeddings': bool(config.logits_via_embedding),
       'scale_decoder_outputs': bool(config.logits_via_embedding),
       'is_encoder_decoder': True, 'use_cache': True, 'pad_token_id': 0, 'eos_token_id': 1,

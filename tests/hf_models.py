@@ -29,8 +29,32 @@ FAMILIES = {
 }
 
 
+# Tied output layers as transformers 5 builds and saves them: config.json says
+# tie_word_embeddings=true and the file holds no lm_head.weight. name -> (the FAMILIES entry whose
+# dimensions it takes, the tie_word_embeddings given to its config, whether the logits scale the
+# decoder's output by d_model**-0.5). transformers 5 turns a False into unscaled logits of the
+# tied embedding (scale_decoder_outputs=false) and never scales mT5's; t5train's tied output layer
+# scales, so an unscaled one is an untied copy of the embedding there.
+TIED = {
+    'umt5_tied': ('umt5', True, True),
+    'umt5_tie_word_embeddings_false': ('umt5', False, False),
+    'mt5_tied': ('mt5', True, False),
+}
+
+
+def _family(name: str) -> tuple[dict, tuple[str, ...], bool, bool]:
+  """(transformers config kwargs, t5train activations, tie_word_embeddings given to the config,
+  t5train's logits_via_embedding) of a FAMILIES or TIED name."""
+  if name in TIED:
+    base, tie, scaled = TIED[name]
+    kwargs, activations, _ = FAMILIES[base]
+    return kwargs, activations, tie, scaled
+  kwargs, activations, tied = FAMILIES[name]
+  return kwargs, activations, tied, tied
+
+
 def hf_model(name: str) -> transformers.PreTrainedModel:
-  kwargs, _, tied = FAMILIES[name]
+  kwargs, _, tie, _ = _family(name)
   kwargs = dict(kwargs)
   model_type = kwargs.pop('model_type', 't5')
   vocab = kwargs.pop('vocab_size', VOCAB)
@@ -40,10 +64,10 @@ def hf_model(name: str) -> transformers.PreTrainedModel:
       'umt5': (transformers.UMT5Config, transformers.UMT5ForConditionalGeneration)}[model_type]
   torch.manual_seed(0)
   config = config_cls(vocab_size=vocab, num_layers=2, num_decoder_layers=3, dropout_rate=0.0,
-                      layer_norm_epsilon=1e-6, tie_word_embeddings=tied, decoder_start_token_id=0,
+                      layer_norm_epsilon=1e-6, tie_word_embeddings=tie, decoder_start_token_id=0,
                       pad_token_id=0, eos_token_id=1, **kwargs)
   model = model_cls(config).eval()
-  if not tied:  # T5 v1.1: shared input embedding, separate output layer
+  if name in FAMILIES and not tie:  # T5 v1.1: shared input embedding, separate output layer
     model.lm_head.weight = torch.nn.Parameter(torch.randn(vocab, kwargs['d_model']) * 0.2)
   with torch.no_grad():  # larger relative-position biases, so a wrong bucket shows in the logits
     for stack in (model.encoder, model.decoder):
@@ -56,12 +80,12 @@ def hf_model(name: str) -> transformers.PreTrainedModel:
 
 
 def t5train_config(name: str) -> network.T5Config:
-  kwargs, activations, tied = FAMILIES[name]
+  kwargs, activations, _, logits_via_embedding = _family(name)
   return network.T5Config(
       vocab_size=kwargs.get('vocab_size', VOCAB), dtype=jnp.float32, emb_dim=kwargs['d_model'],
       num_heads=kwargs['num_heads'], num_encoder_layers=2, num_decoder_layers=3,
       head_dim=kwargs['d_kv'], mlp_dim=kwargs['d_ff'], mlp_activations=activations,
-      dropout_rate=0.0, logits_via_embedding=tied,
+      dropout_rate=0.0, logits_via_embedding=logits_via_embedding,
       relative_attention_num_buckets=kwargs.get('relative_attention_num_buckets', 32),
       relative_attention_max_distance=kwargs.get('relative_attention_max_distance', 128),
       relative_attention_per_layer=kwargs.get('model_type') == 'umt5')

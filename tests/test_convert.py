@@ -43,10 +43,13 @@ def _t5train_logits(config, flat, encoder, decoder_inputs, targets):
       jnp.asarray(targets), enable_dropout=False))
 
 
-@pytest.mark.parametrize('name', sorted(hf_models.FAMILIES))
+@pytest.mark.parametrize('name', sorted(hf_models.FAMILIES) + sorted(hf_models.TIED))
 def test_hf_round_trip(name, tmp_path):
   hf = hf_models.hf_model(name)
   hf.save_pretrained(tmp_path / 'hf')
+  if name in hf_models.TIED:  # what transformers 5 writes for a tied output layer
+    assert 'lm_head.weight' not in load_file(str(tmp_path / 'hf' / 'model.safetensors'))
+    assert json.load(open(tmp_path / 'hf' / 'config.json'))['tie_word_embeddings'] is True
   checkpoint = convert.import_hf(str(tmp_path / 'hf'), str(tmp_path / 'imported'))
   config = hf_models.t5train_config(name)
   assert hf_interop.t5_config_from_hf_config(
@@ -76,6 +79,38 @@ def test_hf_round_trip(name, tmp_path):
   reloaded = transformers.AutoModelForSeq2SeqLM.from_pretrained(str(tmp_path / 'exported')).eval()
   # The same weights through the same torch ops: the same logits, bit for bit.
   np.testing.assert_array_equal(hf_models.hf_logits(reloaded, encoder, decoder_inputs), expected)
+
+
+def test_hf_output_layers_that_t5train_does_not_tie(tmp_path):
+  """An lm_head.weight of its own under a config that scales the decoder's output (transformers
+  5's T5Config default, then untied): the scale goes into t5train's untied kernel. A config that
+  says tie_word_embeddings=false needs the tensor."""
+  hf = hf_models.hf_model('v1_0_relu_tied')
+  hf.lm_head.weight = torch.nn.Parameter(torch.randn_like(hf.lm_head.weight) * 0.2)
+  hf.save_pretrained(tmp_path / 'hf')
+  assert json.load(open(tmp_path / 'hf' / 'config.json'))['scale_decoder_outputs'] is True
+  checkpoint = convert.import_hf(str(tmp_path / 'hf'), str(tmp_path / 'imported'))
+  config = dataclasses.replace(hf_models.t5train_config('v1_0_relu_tied'),
+                               logits_via_embedding=False)
+  assert 'logits_via_embedding = False' in open(tmp_path / 'imported' / 'model.gin').read()
+  encoder, decoder_inputs, targets = hf_models.random_batch(config.vocab_size)
+  expected = hf_models.hf_logits(hf, encoder, decoder_inputs)
+  hf_models.assert_logits_close(_t5train_logits(
+      config, convert.read_checkpoint_params(checkpoint, config), encoder, decoder_inputs,
+      targets), expected, targets)
+  convert.export_hf(checkpoint, config, str(tmp_path / 'exported'))
+  reloaded = transformers.AutoModelForSeq2SeqLM.from_pretrained(str(tmp_path / 'exported')).eval()
+  hf_models.assert_logits_close(hf_models.hf_logits(reloaded, encoder, decoder_inputs), expected,
+                                targets)
+
+  hf_models.hf_model('umt5_tied').save_pretrained(tmp_path / 'tied')
+  config_json = json.load(open(tmp_path / 'tied' / 'config.json'))
+  json.dump({**config_json, 'tie_word_embeddings': False},
+            open(tmp_path / 'tied' / 'config.json', 'w'))
+  with pytest.raises(UserError, match=r'^the Hugging Face weights lack lm_head\.weight; they do '
+                                      r'not match config\.json$'):
+    convert.import_hf(str(tmp_path / 'tied'), str(tmp_path / 'untied'))
+  assert not (tmp_path / 'untied').exists()
 
 
 def test_fine_tuning_restores_converted_params_and_starts_the_optimizer_fresh(tmp_path):
