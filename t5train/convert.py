@@ -2,9 +2,13 @@
 
     python -m t5train.convert --from=hf --input=HF_DIR --output=OUT
     python -m t5train.convert --from=t5x --input=T5X_CHECKPOINT_DIR --output=OUT
+    python -m t5train.convert --to=hf --input=MODEL_DIR --output=HF_DIR
     python -m t5train.convert --to=hf --input=OUT/checkpoint_0 --gin_file=OUT/model.gin --output=HF_DIR
-    python -m t5train.convert --to=merged --input=LORA_RUN/checkpoint_N \
-        --gin_file=MODEL.gin --gin_file=gin/models/lora.gin --output=MERGED
+    python -m t5train.convert --to=merged --input=LORA_RUN --output=MERGED
+
+``--to`` reads ``--input`` as a checkpoint directory or a model directory (its newest
+checkpoint), and the model from the gin files given, else from the model directory's
+``config.gin`` (a run's) or ``model.gin`` (an import's).
 
 Imports write ``OUT/checkpoint_<step>/`` (parameters only: fine-tuning starts the
 optimiser fresh) and ``OUT/model.gin`` binding the matching T5Config (and, for T5X's
@@ -331,17 +335,52 @@ def export_hf(checkpoint: str, config: network.T5Config, output: str,
 # ---------------------------------------------------------------- the binary
 
 
-def _gin_model_and_vocabulary(decoder_only_too: bool = False
-                              ) -> tuple[network.T5Config, str | None]:
-  """The T5Config and SentencePiece file (if any) bound by the gin files on the command line;
-  a decoder-only MODEL only with ``decoder_only_too``."""
+RUN_CONFIG_FILES = ('config.gin', 'model.gin')  # a training run's operative config; an import's
+
+
+def checkpoint_to_read(path: str) -> str:
+  """``path`` itself when it is a checkpoint, else the newest checkpoint of the model directory."""
+  return checkpoint_reading.find_checkpoints(path)[-1][1]
+
+
+def run_config_file(checkpoint: str) -> str:
+  """The config.gin (or an import's model.gin) of the model directory that holds ``checkpoint``
+  (``MODEL_DIR/checkpoint_<step>`` or ``MODEL_DIR/best/checkpoint_<step>``)."""
+  model_dir = epath.Path(checkpoint).parent
+  if model_dir.name == 'best' and not any((model_dir / n).exists() for n in RUN_CONFIG_FILES):
+    model_dir = model_dir.parent
+  for name in RUN_CONFIG_FILES:
+    if (model_dir / name).exists():
+      return os.fspath(model_dir / name)
+  raise UserError(f'no --gin_file, and {model_dir} has no {" or ".join(RUN_CONFIG_FILES)}: give '
+                  'the model\'s gin files (e.g. --gin_file=MODEL_DIR/config.gin or '
+                  'gin/models/t5_1_1/small.gin)')
+
+
+def gin_model(gin_files: Sequence[str], gin_bindings: Sequence[str] = (),
+              search_paths: Sequence[str] = ()) -> models.BaseTransformerModel:
+  """The MODEL the gin files bind, built as the binaries build it.
+
+  Gin evaluates ``%MODEL`` in the scope ``MODEL``, which is where a run's config.gin binds the
+  model's settings (``MODEL/network.T5Config.emb_dim = ...``).
+  """
   import gin  # pylint: disable=g-import-not-at-top
-  gin_utils.parse_gin_from_flags()
+  gin_utils.parse_gin(gin_files, gin_bindings, search_paths)
   try:
-    model = gin.query_parameter('%MODEL').scoped_configurable_fn()
+    reference = gin.query_parameter('%MODEL')
   except ValueError as e:
     raise UserError('the gin files must bind MODEL (e.g. --gin_file=OUT/model.gin or '
                     'gin/models/t5_1_1/small.gin)') from e
+  with gin.config_scope('MODEL'):
+    return reference.scoped_configurable_fn()
+
+
+def gin_model_config(gin_files: Sequence[str], gin_bindings: Sequence[str] = (),
+                     search_paths: Sequence[str] = (), decoder_only_too: bool = False
+                     ) -> tuple[network.T5Config, str | None]:
+  """The T5Config and SentencePiece file (if any) of the MODEL the gin files bind; a
+  decoder-only MODEL only with ``decoder_only_too``."""
+  model = gin_model(gin_files, gin_bindings, search_paths)
   decoder_only = decoder_only_too and isinstance(model, models.DecoderOnlyModel)
   if not isinstance(model, models.EncoderDecoderModel) and not decoder_only:
     raise UserError(f'this conversion moves encoder-decoder weights, and MODEL is a '
@@ -364,16 +403,21 @@ def main(argv: Sequence[str]) -> None:
   if _FROM.value == 'hf':
     written = import_hf(_INPUT.value, _OUTPUT.value, _DTYPE.value)
   elif _FROM.value == 't5x':
-    config = (_gin_model_and_vocabulary(decoder_only_too=True)[0] if flags.FLAGS.gin_file
-              else None)
+    config = None
+    if flags.FLAGS.gin_file:
+      config = gin_model_config(flags.FLAGS.gin_file, flags.FLAGS.gin_bindings,
+                                flags.FLAGS.gin_search_paths, decoder_only_too=True)[0]
     written = import_t5x(_INPUT.value, _OUTPUT.value, _DTYPE.value, config)
-  elif _TO.value == 'merged':
-    config, sentencepiece_file = _gin_model_and_vocabulary(decoder_only_too=True)
-    written = export_merged(_INPUT.value, config, _OUTPUT.value, sentencepiece_file)
   else:
-    config, sentencepiece_file = _gin_model_and_vocabulary()
-    export_hf(_INPUT.value, config, _OUTPUT.value, sentencepiece_file)
-    written = _OUTPUT.value
+    checkpoint = checkpoint_to_read(_INPUT.value)
+    config, sentencepiece_file = gin_model_config(
+        flags.FLAGS.gin_file or [run_config_file(checkpoint)], flags.FLAGS.gin_bindings,
+        flags.FLAGS.gin_search_paths, decoder_only_too=_TO.value == 'merged')
+    if _TO.value == 'merged':
+      written = export_merged(checkpoint, config, _OUTPUT.value, sentencepiece_file)
+    else:
+      export_hf(checkpoint, config, _OUTPUT.value, sentencepiece_file)
+      written = _OUTPUT.value
   logging.info('Wrote %s.', written)
   print(f'wrote {written}', flush=True)
 

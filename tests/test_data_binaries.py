@@ -43,7 +43,7 @@ def _span_corruption(corpus, model_dir, steps):
                    '--gin.CHECKPOINT_PERIOD=3', '--gin.EVAL_PERIOD=3', '--gin.EVAL_STEPS=1')
 
 
-def test_span_corruption_pretraining_resumes_from_its_data_position(corpus, tmp_path):
+def test_span_corruption_pretraining_resumes_and_exports_to_hugging_face(corpus, tmp_path):
   # The resumed data equal the uninterrupted ones: tests/test_file_tasks.py checks the readers'
   # saved positions; here the binary saves and restores them.
   for steps in (3, 6):
@@ -54,6 +54,46 @@ def test_span_corruption_pretraining_resumes_from_its_data_position(corpus, tmp_
   # VALIDATION_FILES (JSONL) feed the teacher-forced evaluation at steps 3 and 6.
   evaluated = read_scalars(str(tmp_path / 'training_eval' / 'span_corruption'))['loss']
   assert [step for step, _ in evaluated] == [3, 6]
+  _exports_score_as_t5train(corpus, tmp_path)
+
+
+def _exports_score_as_t5train(corpus, model_dir):
+  """convert --to=hf takes the model directory and its model from config.gin (found there, or
+  named), or from the model and vocabulary gin files; transformers then scores as t5train does."""
+  exports = {
+      'found': [],
+      'config.gin': [f'--gin_file={model_dir}/config.gin'],
+      'model files': [TINY, f'--gin_file={corpus}/vocab.gin'],
+  }
+  for name, gin_files in exports.items():
+    result = run_binary('t5train.convert', '--to=hf', f'--input={model_dir}', *gin_files,
+                        f"--output={model_dir / 'hf' / name}")
+    assert result.returncode == 0, (name, result.stderr[-2000:])
+  weights = {name: (model_dir / 'hf' / name / 'model.safetensors').read_bytes() for name in exports}
+  assert len(set(weights.values())) == 1
+
+  from t5train import checkpoint_reading, convert, hf_interop
+  checkpoint = f'{model_dir}/checkpoint_6'
+  model = convert.gin_model([f'{model_dir}/config.gin'])
+  params = hf_interop.nest(convert.read_checkpoint_params(checkpoint, model.module.config))
+  vocabulary = model.output_vocabulary
+  pair = {'inputs': 'Python has classes.', 'targets': 'A class has methods.'}
+  example = {k: np.asarray(vocabulary.encode(v) + [1]) for k, v in pair.items()}
+  features = model.example_features(example, {'inputs': 32, 'targets': 32})
+  ours = float(model.score_batch(params, {k: v[None] for k, v in features.items()})[0])
+  assert checkpoint_reading.find_checkpoints(str(model_dir))[-1][1] == checkpoint
+
+  import torch
+  import transformers
+  exported = str(model_dir / 'hf' / 'found')
+  tokenizer = transformers.AutoTokenizer.from_pretrained(exported)
+  hf = transformers.T5ForConditionalGeneration.from_pretrained(exported).eval()
+  inputs = tokenizer(pair['inputs'], return_tensors='pt').input_ids
+  labels = tokenizer(pair['targets'], return_tensors='pt').input_ids
+  assert inputs[0].tolist() == example['inputs'].tolist()
+  with torch.no_grad():
+    loss = hf(input_ids=inputs, labels=labels).loss
+  assert -float(loss) * labels.shape[1] == pytest.approx(ours, rel=1e-5)
 
 
 @pytest.fixture(scope='module')
