@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import json
 import os
-from collections.abc import Iterator, Mapping
+import re
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -101,19 +103,30 @@ def check_features(config: DatasetConfig, feature_converter_cls: type,
 
 
 def get_dataset(config: DatasetConfig, feature_converter_cls: type, num_epochs: int | None = None,
-                shard_id: int = 0, num_shards: int = 1) -> tf.data.Dataset:
-  """This host's share of the batched, feature-converted dataset."""
+                shard_id: int = 0, num_shards: int = 1, skip_rows: int = 0) -> tf.data.Dataset:
+  """This host's share of the batched, feature-converted dataset.
+
+  ``skip_rows`` leaves out the first rows of this host's stream (the converted, packed
+  examples, before batching), so that a stream of another batch size continues where
+  one stopped. The rows are read to be skipped: a deterministic stream (a seed) gives
+  the same rows after them as without the skip.
+  """
   task = task_for(config)
   if config.batch_size % num_shards:
     raise UserError(f'BATCH_SIZE {config.batch_size} is not divisible by the {num_shards} data '
                     'shards (hosts)')
   check_split(config, task)
   check_features(config, feature_converter_cls, task)
+  # seqio.get_dataset batches last (drop_remainder), so unbatched + batch is its own pipeline:
+  # an iterator saved from a pipeline without a skip restores into one without a skip.
   dataset = seqio.get_dataset(
       task, dict(config.task_feature_lengths), feature_converter_cls(pack=config.pack),
       dataset_split=config.split, use_cached=config.use_cached, shuffle=config.shuffle,
       num_epochs=num_epochs, shard_info=seqio.ShardInfo(shard_id, num_shards),
-      seed=config.seed, batch_size=config.batch_size // num_shards)
+      seed=config.seed, batch_size=None)
+  if skip_rows:
+    dataset = dataset.skip(skip_rows)
+  dataset = dataset.batch(config.batch_size // num_shards, drop_remainder=True)
   # Packing and batching the next batches while a step runs, not when the loop asks for one.
   dataset = dataset.prefetch(_PREFETCH_BATCHES)
   # The file tasks parse lines in Python (tf.py_function); parsing keeps no state, so a
@@ -121,6 +134,69 @@ def get_dataset(config: DatasetConfig, feature_converter_cls: type, num_epochs: 
   options = tf.data.Options()
   options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
   return dataset.with_options(options)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataPosition:
+  """Where one host's training stream stands; saved as JSON next to its iterator.
+
+  The stream is the rows ``get_dataset`` makes for this host before batching, from the
+  settings below and the seed ``stream_seed``. ``seed`` is the configured seed
+  (``DatasetConfig.seed``, else the run's random seed); ``stream_seed`` is the seed the
+  stream was built with (the seed plus the step, after a fresh start at that step). The
+  pipeline skipped ``start_row`` rows before batching ``host_batch_size`` rows at a time,
+  and ``rows`` rows (``start_row`` included) had gone to training when it was saved.
+  """
+
+  mixture_or_task_name: str
+  split: str
+  task_feature_lengths: Mapping[str, int]
+  pack: bool
+  shuffle: bool
+  use_cached: bool
+  feature_converter: str
+  seed: int
+  stream_seed: int
+  batch_size: int  # global
+  host_batch_size: int
+  shard_id: int
+  num_shards: int
+  start_row: int = 0
+  rows: int = 0
+
+  # The settings that make the stream itself (not how it is batched or how far it has got).
+  STREAM_FIELDS = ('mixture_or_task_name', 'split', 'task_feature_lengths', 'pack', 'shuffle',
+                   'use_cached', 'feature_converter', 'seed')
+
+  @classmethod
+  def of(cls, config: DatasetConfig, feature_converter_cls: type, seed: int, stream_seed: int,
+         shard_id: int, num_shards: int, start_row: int = 0) -> 'DataPosition':
+    """The position of a stream of ``config`` that starts at row ``start_row``."""
+    return cls(config.mixture_or_task_name, config.split, dict(config.task_feature_lengths),
+               config.pack, config.shuffle, config.use_cached, feature_converter_cls.__name__,
+               seed, stream_seed, config.batch_size, config.batch_size // num_shards, shard_id,
+               num_shards, start_row, start_row)
+
+  def stream_differences(self, other: 'DataPosition') -> list[str]:
+    """``<field> <self's value> then, <other's> now`` for each setting of the stream that
+    differs (``self`` is the saved position)."""
+    return [f'{name} {getattr(self, name)!r} then, {getattr(other, name)!r} now'
+            for name in self.STREAM_FIELDS if getattr(self, name) != getattr(other, name)]
+
+  def to_json(self) -> str:
+    return json.dumps({'version': _POSITION_VERSION, **dataclasses.asdict(self)}, indent=2,
+                      sort_keys=True)
+
+  @classmethod
+  def from_json(cls, text: str) -> 'DataPosition':
+    fields = json.loads(text)
+    version = fields.pop('version', None)
+    if version != _POSITION_VERSION:
+      raise ValueError(f'data position version {version!r}, not {_POSITION_VERSION}')
+    return cls(**fields)
+
+
+_POSITION_VERSION = 1
 
 
 @contextlib.contextmanager
@@ -140,20 +216,50 @@ class BatchIterator:
 
   ``iterator`` is the underlying tf.data iterator; its position (shuffle and
   prefetch buffers included) is what ``DatasetIteratorArgs`` saves and restores.
+  With ``position`` (the stream's, when the iterator is new or restored), the iterator
+  counts the rows it reads and ``position()`` says where the stream stands.
   """
 
   def __init__(self, dataset: tf.data.Dataset, sharding: jax.sharding.Sharding,
-               global_batch_size: int):
+               global_batch_size: int, position: DataPosition | None = None):
     self.iterator = iter(dataset)
     self._sharding = sharding
     self._global_batch_size = global_batch_size
+    self._position = position
+    self._rows = position.rows if position is not None else 0
+    self._pending: Any = None  # a batch read ahead by ``check_restored``
 
   def __iter__(self) -> 'BatchIterator':
     return self
 
-  def __next__(self) -> dict[str, jax.Array]:
+  def position(self) -> DataPosition | None:
+    """The stream's position after the batches read so far; None without a starting one."""
+    if self._position is None:
+      return None
+    return dataclasses.replace(self._position, rows=self._rows)
+
+  def _next_local(self) -> Any:
     with record_errors_as_user_errors():
       local = next(self.iterator)
+    self._rows += int(next(iter(local.values())).shape[0])
+    return local
+
+  def check_restored(self, checkpoint: str, setting: str) -> None:
+    """Reads the first batch of a restored iterator now: a UserError naming ``checkpoint`` and
+    ``setting`` when the saved position does not fit this pipeline (batches of another shape)."""
+    try:
+      self._pending = self._next_local()
+    except tf.errors.InvalidArgumentError as e:
+      detail = re.sub(r'\{\{.*?\}\}\s*|\s*\[Op:.*', '', e.message, flags=re.S)
+      detail = ' '.join(detail.split()).rstrip('.')
+      raise UserError(f'the data position saved in {checkpoint} does not fit this run\'s data '
+                      f'pipeline ({detail}): the batch size or the feature lengths differ from '
+                      f'the run that saved it; set {setting} to start the data afresh') from None
+
+  def __next__(self) -> dict[str, jax.Array]:
+    local, self._pending = self._pending, None
+    if local is None:
+      local = self._next_local()
     return {name: jax.make_array_from_process_local_data(
                 self._sharding, value.numpy(), (self._global_batch_size,) + tuple(value.shape[1:]))
             for name, value in local.items()}
@@ -175,11 +281,31 @@ def has_saved_iterator(item_dir: str) -> bool:
   return tf.io.gfile.exists(_iterator_file(item_dir) + '.index')
 
 
+def saved_position(item_dir: str) -> DataPosition | None:
+  """This process's data position in ``item_dir`` (a checkpoint's dataset item); None when the
+  checkpoint has none (written before positions were recorded, or by a resume of such one)."""
+  path = _iterator_file(item_dir) + '.json'
+  if not tf.io.gfile.exists(path):
+    return None
+  with tf.io.gfile.GFile(path) as f:
+    text = f.read()
+  try:
+    return DataPosition.from_json(text)
+  except (ValueError, TypeError) as e:
+    raise UserError(f'{path} is damaged: {e}') from None
+
+
 class DatasetIteratorHandler(ocp.CheckpointHandler):
-  """Saves and restores each process's tf.data iterator as a TensorFlow checkpoint file."""
+  """Saves and restores each process's tf.data iterator as a TensorFlow checkpoint file, and
+  writes its data position (``DataPosition``) next to it as JSON."""
 
   def save(self, directory: Any, args: 'DatasetIteratorArgs') -> None:
-    tf.train.Checkpoint(iterator=args.iterator).write(_iterator_file(directory))
+    path = _iterator_file(directory)
+    tf.train.Checkpoint(iterator=args.iterator).write(path)
+    position = args.position() if args.position is not None else None
+    if position is not None:
+      with tf.io.gfile.GFile(path + '.json', 'w') as f:
+        f.write(position.to_json())
 
   def restore(self, directory: Any, args: 'DatasetIteratorArgs') -> Any:
     path = _iterator_file(directory)
@@ -193,9 +319,11 @@ class DatasetIteratorHandler(ocp.CheckpointHandler):
 @ocp.args.register_with_handler(DatasetIteratorHandler, for_save=True, for_restore=True)
 @dataclasses.dataclass
 class DatasetIteratorArgs(ocp.args.CheckpointArgs):
-  """Orbax arguments for the data iterator item of a checkpoint."""
+  """Orbax arguments for the data iterator item of a checkpoint; ``position`` (on saves) gives
+  the stream's position at the moment of the save."""
 
   iterator: Any
+  position: Callable[[], DataPosition | None] | None = None
 
 
 def subtask_names(config: DatasetConfig) -> list[str]:
@@ -272,5 +400,6 @@ def file_examples(path: str, input_vocabulary: seqio.Vocabulary,
 
 
 __all__ = ['DatasetConfig', 'get_dataset', 'task_for', 'get_mixture_or_task',
-           'BatchIterator', 'DatasetIteratorArgs', 'has_saved_iterator',
+           'BatchIterator', 'DataPosition', 'DatasetIteratorArgs', 'has_saved_iterator',
+           'saved_position',
            'pretokenized_examples', 'subtask_names', 'file_examples', 'tasks']

@@ -41,36 +41,106 @@ def _input_shapes(model: models.BaseTransformerModel, dataset_cfg: Any) -> dict[
   return model.input_shapes(dataset_cfg.batch_size, dataset_cfg.task_feature_lengths)
 
 
-def _training_batches(model: models.BaseTransformerModel, dataset_cfg: Any, random_seed: int,
-                      partitioner: partitioning.PjitPartitioner,
-                      manager: checkpoints.CheckpointManager, start_step: int,
-                      resumed: bool) -> Any:
-  """This host's batches, continuing exactly where the checkpoint left off when it saved them.
+RESTORE_DATASET_SETTING = '--gin.train_script.train.restore_dataset=False'
 
-  Without a saved position (none was saved, or another number of hosts saved it),
-  the stream starts afresh, seeded with the seed plus the step, so that it does
-  not replay the batches already trained on.
+
+@dataclasses.dataclass(frozen=True)
+class _DataStart:
+  """How this host's training stream starts: ``config`` (with the stream's seed) skipping
+  ``position.start_row`` rows, and whether the checkpoint's iterator is restored into it.
+  ``position`` is None for a checkpoint saved without one (its iterator is restored as is)."""
+
+  config: Any
+  position: Any
+  restore: bool
+
+
+def _data_start(model: models.BaseTransformerModel, dataset_cfg: Any, random_seed: int,
+                partitioner: partitioning.PjitPartitioner, manager: checkpoints.CheckpointManager,
+                start_step: int, resumed: bool, restore_dataset: bool) -> _DataStart:
+  """Where this host's training stream starts; decided before anything is compiled.
+
+  A resume continues the checkpoint's stream at the row where it left off: its iterator is
+  restored when the batch size is the same; with another batch size the stream is rebuilt
+  with the checkpoint's seed, skips the rows already trained on and is batched anew. A
+  stream of other settings (task, split, feature lengths, packing, seed) cannot continue:
+  a UserError names what differs and the setting that starts the data afresh. Without a
+  saved position (none was saved, ``restore_dataset=False``, or another number of hosts or
+  data shards saved it), the stream starts afresh, seeded with the seed plus the step, so
+  that it does not replay the batches already trained on.
   """
   from t5train import data  # pylint: disable=g-import-not-at-top  (TensorFlow is slow to import)
   layout = partitioner.get_data_layout(dataset_cfg.batch_size)
   seed = dataset_cfg.seed if dataset_cfg.seed is not None else random_seed
-  item_dir = paths.join(checkpoints.checkpoint_dir(manager.directory, start_step), DATASET_ITEM)
-  saved = resumed and manager.save_config.save_dataset and data.has_saved_iterator(item_dir)
-  if not saved and start_step:
-    logging.warning('Not continuing a saved data position (checkpoint_%d has none for this host, '
-                    'or save_dataset is off): the data stream '
-                    'starts afresh (seed %d + step %d).', start_step, seed, start_step)
-  config = dataclasses.replace(dataset_cfg, seed=seed if saved else seed + start_step)
-  dataset = data.get_dataset(config, model.FEATURE_CONVERTER_CLS, shard_id=layout.shard_id,
-                             num_shards=layout.num_shards)
+  checkpoint = checkpoints.checkpoint_dir(manager.directory, start_step)
+  item_dir = paths.join(checkpoint, DATASET_ITEM)
+
+  def position(stream_seed: int, start_row: int = 0) -> Any:
+    return data.DataPosition.of(dataset_cfg, model.FEATURE_CONVERTER_CLS, seed, stream_seed,
+                                layout.shard_id, layout.num_shards, start_row)
+
+  def afresh(reason: str | None) -> _DataStart:
+    if reason is not None:
+      logging.warning('%s: the data stream starts afresh (seed %d + step %d).', reason, seed,
+                      start_step)
+    return _DataStart(dataclasses.replace(dataset_cfg, seed=seed + start_step),
+                      position(seed + start_step), False)
+
+  if not start_step:
+    return afresh(None)
+  if not resumed:
+    return afresh(f'Not continuing a data position at step {start_step} (the run starts from '
+                  'another run\'s checkpoint)')
+  if not restore_dataset:
+    return afresh(f'Not continuing the data position of {checkpoint} (restore_dataset=False)')
+  if not manager.save_config.save_dataset or not data.has_saved_iterator(item_dir):
+    return afresh(f'Not continuing a saved data position ({checkpoint} has none for this host, '
+                  'or save_dataset is off)')
+  saved = data.saved_position(item_dir)
+  if saved is None:  # saved before positions were recorded: restored as it is
+    return _DataStart(dataclasses.replace(dataset_cfg, seed=seed), None, True)
+  if (saved.shard_id, saved.num_shards) != (layout.shard_id, layout.num_shards):
+    return afresh(f'Not continuing the data position of {checkpoint}: it holds data shard '
+                  f'{saved.shard_id} of {saved.num_shards}, this host reads shard '
+                  f'{layout.shard_id} of {layout.num_shards}')
+  wanted = position(saved.stream_seed)
+  differences = saved.stream_differences(wanted)
+  if differences:
+    raise UserError(f'the data cannot continue where {checkpoint} left off: its data stream '
+                    f'had other settings ({"; ".join(differences)}); set '
+                    f'{RESTORE_DATASET_SETTING} to start the data afresh')
+  config = dataclasses.replace(dataset_cfg, seed=saved.stream_seed)
+  if saved.host_batch_size == wanted.host_batch_size:
+    return _DataStart(config, dataclasses.replace(wanted, start_row=saved.start_row,
+                                                  rows=saved.rows), True)
+  logging.info('BATCH_SIZE %d, not %d as in %s: the data continue at row %d of this host\'s '
+               'stream (seed %d), %d rows a batch; reading the rows before it to skip them.',
+               dataset_cfg.batch_size, saved.batch_size, checkpoint, saved.rows,
+               saved.stream_seed, wanted.host_batch_size)
+  return _DataStart(config, dataclasses.replace(wanted, start_row=saved.rows, rows=saved.rows),
+                    False)
+
+
+def _training_batches(model: models.BaseTransformerModel, start: _DataStart,
+                      partitioner: partitioning.PjitPartitioner,
+                      manager: checkpoints.CheckpointManager, start_step: int) -> Any:
+  """This host's batches from ``start`` (see ``_data_start``); every checkpoint saves their
+  iterator and position."""
+  from t5train import data  # pylint: disable=g-import-not-at-top  (TensorFlow is slow to import)
+  layout = partitioner.get_data_layout(start.config.batch_size)
+  dataset = data.get_dataset(start.config, model.FEATURE_CONVERTER_CLS, shard_id=layout.shard_id,
+                             num_shards=layout.num_shards,
+                             skip_rows=start.position.start_row if start.position else 0)
   batches = data.BatchIterator(dataset, partitioner.sharding(partitioner.data_partition_spec),
-                               layout.batch_size)
-  if saved:
+                               layout.batch_size, start.position)
+  if start.restore:
     manager.restore_item(start_step, DATASET_ITEM, data.DatasetIteratorArgs(batches.iterator))
+    batches.check_restored(checkpoints.checkpoint_dir(manager.directory, start_step),
+                           RESTORE_DATASET_SETTING)
     logging.info('Data iterator restored: the data continue where checkpoint_%d left off.',
                  start_step)
   if manager.save_config.save_dataset:
-    manager.add_item(DATASET_ITEM, data.DatasetIteratorArgs(batches.iterator))
+    manager.add_item(DATASET_ITEM, data.DatasetIteratorArgs(batches.iterator, batches.position))
   return batches
 
 
@@ -180,8 +250,8 @@ def train(*, model: models.BaseTransformerModel, train_dataset_cfg: Any,
           infer_eval_dataset_cfg: Any = None, infer_eval_num_examples: int | None = None,
           skip_nonfinite_steps: bool = False, finite_check_period: int = 10,
           stop_check_period: int = 10,
-          best_checkpoint_cfg: best_checkpoint.BestCheckpointConfig | None = None
-          ) -> dict[str, float]:
+          best_checkpoint_cfg: best_checkpoint.BestCheckpointConfig | None = None,
+          restore_dataset: bool = True) -> dict[str, float]:
   """Trains ``model`` to ``total_steps`` in ``model_dir``; returns the last metrics.
 
   Every ``eval_period`` steps (and at the last) it evaluates: teacher-forced on
@@ -193,7 +263,9 @@ def train(*, model: models.BaseTransformerModel, train_dataset_cfg: Any,
   ``finite_check_period`` steps and before each save. With several processes, they agree on
   a stop every ``stop_check_period`` steps (one small all-gather). With ``best_checkpoint_cfg``
   the best checkpoint by an evaluation metric is kept in ``model_dir/best`` and training stops
-  early when the metric stops improving (see ``best_checkpoint``).
+  early when the metric stops improving (see ``best_checkpoint``). A resume continues the
+  data where the checkpoint left off, with this run's batch size; ``restore_dataset=False``
+  starts the data afresh instead (T5X's name).
   """
   _GUARD.enter()
   from t5train import data  # pylint: disable=g-import-not-at-top  (TensorFlow is slow to import)
@@ -228,6 +300,9 @@ def train(*, model: models.BaseTransformerModel, train_dataset_cfg: Any,
         learning_rate_fn=learning_rate_fn, num_microbatches=num_microbatches,
         skip_nonfinite=skip_nonfinite_steps)
     trainer, manager, start_step = parts.trainer, parts.checkpoint_manager, parts.start_step
+    data_start = (_data_start(model, train_dataset_cfg, random_seed, partitioner, manager,
+                              start_step, parts.resumed, restore_dataset)
+                  if start_step < total_steps else None)
     summary: dict[str, float] = {}
     evaluations = None
     if eval_period and start_step < total_steps:
@@ -249,8 +324,7 @@ def train(*, model: models.BaseTransformerModel, train_dataset_cfg: Any,
                       start_step + 1)
       trainer.close()
     else:
-      batches = _training_batches(model, train_dataset_cfg, random_seed, partitioner, manager,
-                                  start_step, parts.resumed)
+      batches = _training_batches(model, data_start, partitioner, manager, start_step)
       logging.info('Training steps %d to %d.', start_step + 1, total_steps)
       try:
         result = trainer_lib.run_training(
