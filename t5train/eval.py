@@ -27,6 +27,7 @@ from t5train import (
   partitioning,
   paths,
 )
+from t5train.t5x_compat import binaries as t5x_binaries
 
 _GUARD = gin_utils.GinCallGuard()
 RESULTS_FILE = 'metrics.json'
@@ -78,6 +79,9 @@ def evaluate(*, model: models.BaseTransformerModel, partitioner: partitioning.Pj
     print('\n'.join(evaluation.format_metrics(step, 'eval', metrics)), flush=True)
   return results
 
+
+# T5X's arguments too (T5X's run files bind them): see t5x_compat.binaries.
+evaluate = t5x_binaries.accepts_t5x_arguments(evaluate)
 
 console_main = gin_utils.configured_binary(evaluate, _GUARD, 't5train.eval')
 

@@ -19,7 +19,7 @@ from absl import app, flags, logging
 from etils import epath
 
 import gin
-from t5train import multihost, settings_check
+from t5train import multihost, settings_check, t5x_compat
 from t5train.errors import TrainingError, UserError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,7 +104,8 @@ def _without_checkout_prefix(path: str) -> str:
 def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
               search_paths: Sequence[str] = ()) -> None:
   """Parses gin files then bindings; unknown names and missing files raise UserError."""
-  for path in [*search_paths, os.getcwd(), *DEFAULT_SEARCH_PATHS]:
+  t5x_compat.install_t5x_names()  # ``from t5x import ...``, unless the real t5x is installed
+  for path in [*search_paths, os.getcwd(), *DEFAULT_SEARCH_PATHS, *t5x_compat.gin_search_paths()]:
     gin.add_config_file_search_path(path)
   quiet_search = _GinSearchFilter()
   std_logging.getLogger().addFilter(quiet_search)
@@ -220,6 +221,7 @@ def configured_binary(configured: Callable[..., Any], guard: GinCallGuard, progr
   def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
       raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
+    t5x_compat.prepare_binary(configured.__module__)  # ``import __main__ as train_script``
     parse_gin_from_flags()
     call_configured(lambda: gin.get_configurable(configured)(), guard)
 

@@ -31,6 +31,7 @@ from t5train import (
   paths,
 )
 from t5train.errors import UserError
+from t5train.t5x_compat import binaries as t5x_binaries
 
 _GUARD = gin_utils.GinCallGuard()
 MODES = ('predict', 'predict_with_aux', 'score')
@@ -131,6 +132,9 @@ def infer(*, model: models.BaseTransformerModel, partitioner: partitioning.PjitP
 def _task_config(dataset_cfg: Any, task: str) -> Any:
   return dataclasses.replace(dataset_cfg, mixture_or_task_name=task, module=None)
 
+
+# T5X's arguments too (T5X's run files bind them): see t5x_compat.binaries.
+infer = t5x_binaries.accepts_t5x_arguments(infer)
 
 console_main = gin_utils.configured_binary(infer, _GUARD, 't5train.infer')
 

@@ -32,6 +32,7 @@ from t5train import (
 )
 from t5train import trainer as trainer_lib
 from t5train.errors import UserError
+from t5train.t5x_compat import binaries as t5x_binaries
 
 _GUARD = gin_utils.GinCallGuard()
 DATASET_ITEM = 'dataset'  # the data iterator's item in a checkpoint
@@ -343,6 +344,9 @@ def train(*, model: models.BaseTransformerModel, train_dataset_cfg: Any,
       summary.update(evaluations.results)
     return summary
 
+
+# T5X's arguments too (T5X's run files bind them): see t5x_compat.binaries.
+train = t5x_binaries.accepts_t5x_arguments(train)
 
 console_main = gin_utils.configured_binary(train, _GUARD, 't5train.train',
                                            on_start=preemption.catch_early_signals)

@@ -1,0 +1,1 @@
+"""``t5x.examples.scalable_t5``."""
