@@ -73,8 +73,11 @@ class RestoreCheckpointConfig:
   ``fallback_to_scratch``: when ``path`` holds no checkpoint, start from scratch
   (with a warning) instead of failing. ``assignment_map``: (regex, replacement)
   pairs that rename a model parameter to the checkpoint's name for it, or with
-  None leave it freshly initialised (see ``restore_from_path``). Parameters are
-  always restored in the model's dtype; ``dtype`` is accepted for T5X compatibility.
+  None leave it freshly initialised (see ``restore_from_path``). ``dtype`` (T5X's
+  meaning; None: as the model's): inference (infer, eval) restores the floating-point
+  parameters in it ('bfloat16' halves their memory); a training start takes their
+  values rounded to it, kept in the model's dtype for the optimizer. ``path`` may be
+  a T5X checkpoint (either T5X format), read as it is.
   """
 
   path: str | None = None
@@ -100,7 +103,7 @@ def select_checkpoints(config: RestoreCheckpointConfig) -> list[tuple[int, str]]
   if not config.path:
     raise UserError('no checkpoint to restore: set CHECKPOINT_PATH')
   found = checkpoint_reading.find_checkpoints(config.path)
-  if config.mode == 'specific' and not (paths.resolve(config.path) / STATE_ITEM).is_dir():
+  if config.mode == 'specific' and not checkpoint_reading.is_checkpoint_dir(config.path):
     raise UserError(f"{config.path} is not a checkpoint directory (mode='specific'); name a "
                     f"{STEP_PREFIX}_<step> directory or use mode='latest'")
   return found[-1:] if config.mode == 'latest' else found
@@ -314,7 +317,7 @@ def restore_or_initialize(manager: CheckpointManager | None, initializer: TrainS
       return StartingPoint(initializer.from_scratch(init_rng), False)
     logging.info('Initialising from %s.', path)
     return StartingPoint(checkpoint_reading.restore_from_path(
-        path, initializer, restore_cfg.assignment_map, init_rng), False, path)
+        path, initializer, restore_cfg.assignment_map, init_rng, restore_cfg.dtype), False, path)
   logging.info('Initialising from scratch.')
   return StartingPoint(initializer.from_scratch(init_rng), False)
 

@@ -72,7 +72,8 @@ def evaluate(*, model: models.BaseTransformerModel, partitioner: partitioning.Pj
       model, partitioner, initializer.train_state_shardings.params, dataset_cfg, num_examples,
       log_dir=output_dir, decoder_params=decoder_params, seed=random_seed)
   for step, path in todo:
-    metrics = evaluator(checkpoint_reading.restore_params(path, initializer), step)
+    metrics = evaluator(checkpoint_reading.restore_params(path, initializer,
+                                                          restore_checkpoint_cfg.dtype), step)
     results[str(step)] = metrics
     if multihost.is_primary():
       _write_results(results_path, results)

@@ -106,7 +106,8 @@ def infer(*, model: models.BaseTransformerModel, partitioner: partitioning.PjitP
         _task_config(dataset_cfg, task), num_examples)) for task in names}
   partitioner.validate()
   initializer = inference.params_initializer(model, partitioner, dataset_cfg.batch_size, lengths)
-  params = checkpoint_reading.restore_params(checkpoint_dir, initializer)
+  params = checkpoint_reading.restore_params(checkpoint_dir, initializer,
+                                             restore_checkpoint_cfg.dtype)
   logging.info('Restored step %d from %s.', step, checkpoint_dir)
   runner = inference.InferenceRunner(model, partitioner, initializer.train_state_shardings.params,
                                      dataset_cfg.batch_size, lengths['targets'], decoder_params,

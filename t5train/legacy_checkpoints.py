@@ -51,7 +51,10 @@ class LegacyCheckpointManager:
               fallback_state: Mapping[str, Any] | None = None) -> TrainState | None:
     """The state in the first of ``paths`` (by ``restore_cfg.mode``), or None if none is given.
 
-    A checkpoint without a matching optimiser state takes it from ``fallback_state``.
+    A checkpoint without a matching optimiser state (a T5X checkpoint, read as it
+    is, has none that t5train reads) takes it from ``fallback_state``. The
+    parameters start from their values rounded to ``restore_cfg.dtype``, kept in
+    the model's dtype.
     """
     paths = [path for path in paths if path]
     if not paths:
@@ -64,9 +67,10 @@ class LegacyCheckpointManager:
       raise
     abstract = TrainState(step=self._shape.step, params=self._shape.params,
                           opt_state=self._shape.opt_state)
-    saved = checkpoint_reading.saved_state_tree(path)
+    saved = checkpoint_reading.saved_for_model(path, abstract.params)
     checkpoint_reading.check_params(path, abstract.params, saved)
     restored, with_optimizer = checkpoint_reading.restore_train_state(path, abstract, saved)
+    restored['params'] = checkpoint_reading.round_params(restored['params'], restore_cfg.dtype)
     if with_optimizer:
       return abstract.replace_state_dict(restored)
     if fallback_state is None:

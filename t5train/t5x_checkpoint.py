@@ -1,7 +1,8 @@
 """Reading T5X checkpoints into t5train's parameter layout.
 
-Responsible for: finding the model parameters (T5X's ``target`` subtree) and the
-step in a T5X checkpoint directory written either by T5X's native
+Responsible for: telling a T5X checkpoint directory from anything else
+(``checkpoint_format``), and finding the model parameters (T5X's ``target``
+subtree), their shapes and the step in a T5X checkpoint directory written either by T5X's native
 ``t5x.checkpoints.Checkpointer`` (msgpack plus TensorStore zarr arrays) or by its
 Orbax path, and returning them as host float32 numpy arrays keyed by t5train's
 '/'-joined parameter paths. T5X and t5train share parameter names and layouts,
@@ -18,6 +19,7 @@ that with the returned arrays).
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 import re
@@ -70,6 +72,117 @@ def unscan_layers(flat: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray]
   return per_layer, counts
 
 
+def unscan_shapes(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+  """``unscan_layers`` of parameter shapes: the per-layer parameters' shapes."""
+  per_layer: dict[str, tuple[int, ...]] = {}
+  for name, shape in shapes.items():
+    match = _SCANNED.fullmatch(name)
+    if match is None or len(shape) <= SCAN_AXIS:
+      per_layer[name] = tuple(shape)
+      continue
+    stack, rest = match.groups()
+    if rest.startswith(_T5X_LAYER_RELPOS):
+      rest = 'relpos_bias/' + rest[len(_T5X_LAYER_RELPOS):]
+    for i in range(shape[SCAN_AXIS]):
+      per_layer[f'{stack}/layers_{i}/{rest}'] = tuple(shape[:SCAN_AXIS]) + tuple(shape[SCAN_AXIS + 1:])
+  return per_layer
+
+
+def checkpoint_format(path: str) -> str | None:
+  """'native' or 'orbax' when ``path`` is a T5X checkpoint directory, else None.
+
+  A T5X checkpoint directory holds T5X's msgpack file ``checkpoint`` (native
+  format), or an Orbax item (``state``, or Orbax's ``default``) whose tree has
+  T5X's ``target`` (the model parameters) where a t5train checkpoint has
+  ``params``. Reads at most the item's tree metadata, and never raises: a
+  t5train checkpoint, a model directory or a missing path give None.
+  """
+  try:
+    directory = epath.Path(os.fspath(path))
+    if (directory / _NATIVE_FILE).is_file():
+      return 'native'
+    item = _orbax_item_dir(os.fspath(path))
+    if item is None:
+      return None
+    keys = _orbax_top_level_keys(item)
+  except Exception:  # pylint: disable=broad-except  (unreadable: not recognisably T5X's)
+    return None
+  return 'orbax' if 'target' in keys and 'params' not in keys else None
+
+
+def read_t5x_checkpoint(path: str) -> tuple[dict[str, np.ndarray], int]:
+  """``read_t5x_params`` and ``read_t5x_step`` of ``path`` at once, reading the tree once."""
+  path = os.fspath(path)
+  if _format(path) == 'native':
+    tree = _native_tree(path)
+    target = tree.get('target')
+    if not isinstance(target, dict):
+      raise UserError(f'{path}: the T5X checkpoint has no "target" (model parameters) subtree')
+    state = tree.get('state')
+    step = state.get('step') if isinstance(state, dict) else None
+    arrays = _read_native_leaves(path, _flatten(target))
+    if step is not None:
+      step = _read_native_leaves(path, {'state/step': step}, np.int64)['state/step']
+    return arrays, _step_or_name(path, step)
+  restored = _orbax_restore(path, with_target=True)
+  target = restored.get('target')
+  if not isinstance(target, dict):
+    raise UserError(f'{path}: the T5X checkpoint has no "target" (model parameters) subtree')
+  state = restored.get('state')
+  step = state.get('step') if isinstance(state, dict) else None
+  return ({key: np.asarray(value, np.float32) for key, value in _flatten(target).items()},
+          _step_or_name(path, step))
+
+
+def read_t5x_shapes(path: str) -> dict[str, tuple[int, ...]]:
+  """The shapes of the model parameters of a T5X checkpoint directory, as saved (scanned
+  parameters stay scanned; see ``unscan_shapes``), without reading any array."""
+  path = os.fspath(path)
+  if _format(path) == 'native':
+    target = _native_tree(path).get('target')
+    if not isinstance(target, dict):
+      raise UserError(f'{path}: the T5X checkpoint has no "target" (model parameters) subtree')
+    return {key: tuple(value['metadata']['shape']) if _is_ts_spec(value)
+            else tuple(np.shape(value)) for key, value in _flatten(target).items()}
+  import orbax.checkpoint as ocp
+
+  item = _orbax_item_dir(path)
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    tree = handler.metadata(epath.Path(item)).tree
+  except Exception as e:
+    raise UserError(f'{path}: cannot read the Orbax T5X checkpoint\'s metadata at {item}: {e}') from e
+  finally:
+    handler.close()
+  target = tree.get('target') if isinstance(tree, Mapping) else None
+  if not isinstance(target, Mapping):
+    raise UserError(f'{path}: the T5X checkpoint has no "target" (model parameters) subtree')
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  flat = traverse_util.flatten_dict(_plain_dict(target), sep='/')
+  return {key: tuple(value.shape) for key, value in flat.items()}
+
+
+def _plain_dict(tree: Any) -> Any:
+  """Orbax's metadata tree as nested dicts."""
+  if isinstance(tree, Mapping):
+    return {key: _plain_dict(value) for key, value in tree.items()}
+  return tree
+
+
+def _step_or_name(path: str, step: Any) -> int:
+  if step is not None:
+    return int(np.asarray(step))
+  return _step_from_name(path)
+
+
+def _step_from_name(path: str) -> int:
+  # The directory name T5X gives each checkpoint: checkpoint_<step>.
+  match = re.fullmatch(r'checkpoint_(\d+)', os.path.basename(os.path.normpath(path)))
+  if match is None:
+    raise UserError(f'{path}: the T5X checkpoint holds no step and its name is not checkpoint_<step>')
+  return int(match.group(1))
+
+
 def read_t5x_params(path: str) -> dict[str, np.ndarray]:
   """Model parameters of a T5X checkpoint directory (e.g. ``.../checkpoint_1000``), either format.
 
@@ -102,11 +215,7 @@ def read_t5x_step(path: str) -> int:
     step = state.get('step') if isinstance(state, dict) else None
     if step is not None:
       return int(np.asarray(step))
-  # Fall back on the directory name T5X gives each checkpoint: checkpoint_<step>.
-  match = re.fullmatch(r'checkpoint_(\d+)', os.path.basename(os.path.normpath(path)))
-  if match is None:
-    raise UserError(f'{path}: the T5X checkpoint holds no step and its name is not checkpoint_<step>')
-  return int(match.group(1))
+  return _step_from_name(path)
 
 
 def _format(path: str) -> str:
@@ -233,6 +342,36 @@ def _orbax_item_dir(path: str) -> str | None:
       if (directory / name).is_dir():
         return paths.join(path, name)
   return None
+
+
+def _orbax_top_level_keys(item: str) -> set[str]:
+  """The top-level keys of the tree saved in Orbax item directory ``item``.
+
+  Read from the item's JSON tree metadata (each leaf's key path), or, where
+  that has another form, through Orbax.
+  """
+  metadata_file = epath.Path(item) / _ORBAX_TREE_METADATA
+  if metadata_file.is_file():
+    try:
+      tree = json.loads(metadata_file.read_text()).get('tree_metadata')
+    except ValueError:
+      tree = None
+    if isinstance(tree, Mapping) and tree:
+      keys = set()
+      for leaf in tree.values():
+        path = leaf.get('key_metadata') if isinstance(leaf, Mapping) else None
+        if path:
+          keys.add(str(path[0].get('key')))
+      if keys:
+        return keys
+  import orbax.checkpoint as ocp
+
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    tree = handler.metadata(epath.Path(item)).tree
+  finally:
+    handler.close()
+  return set(tree) if isinstance(tree, Mapping) else set()
 
 
 def _orbax_restore(path: str, with_target: bool) -> dict[str, Any]:

@@ -17,6 +17,8 @@ import hf_models  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
+from t5x_testdata import save_as_t5x as _save_as_t5x  # noqa: E402
+from t5x_testdata import scanned_t5x_checkpoint as _scanned_t5x_checkpoint  # noqa: E402
 
 import gin  # noqa: E402
 from t5train import (  # noqa: E402
@@ -202,34 +204,6 @@ def test_convert_binary_and_its_errors(tmp_path):
     assert message in result.stderr.strip().splitlines()[-1], result.stderr[-500:]
     assert 'Traceback' not in result.stderr
     assert not out.exists() and not [p for p in os.listdir(tmp_path) if '.tmp-' in p]
-
-
-def _scanned_t5x_checkpoint(directory, per_layer_relpos):
-  """The T5X test checkpoint re-saved as T5X's scanned models save theirs (Orbax format): each
-  stack's layers stacked on axis 1 under '<stack>/layers/', and with ``per_layer_relpos`` the
-  stack's relative-position table copied into every layer as 'relative_posemb'."""
-  from t5train import t5x_checkpoint
-  flat = t5x_checkpoint.read_t5x_params(os.path.join(T5X_DATA, 't5x_checkpoint', 'checkpoint_2'))
-  for stack in ('encoder', 'decoder'):
-    names = sorted({k.split('/', 2)[2] for k in flat if k.startswith(f'{stack}/layers_0/')})
-    for rest in names:
-      flat[f'{stack}/layers/{rest}'] = np.stack(
-          [flat.pop(f'{stack}/layers_{i}/{rest}') for i in range(2)], axis=1)
-    if per_layer_relpos:
-      table = flat.pop(f'{stack}/relpos_bias/rel_embedding')
-      flat[f'{stack}/layers/relative_posemb/rel_embedding'] = np.stack([table] * 2, axis=1)
-  return _save_as_t5x(directory, flat, step=2)
-
-
-def _save_as_t5x(directory, flat, step):
-  """``flat`` parameters saved as T5X saves a checkpoint in its Orbax format."""
-  import orbax.checkpoint as ocp
-  from etils import epath
-  epath.Path(directory).mkdir(parents=True)
-  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
-    checkpointer.save(epath.Path(directory) / 'state', args=ocp.args.PyTreeSave(
-        {'target': hf_interop.nest(flat), 'state': {'step': np.array(step, np.int32)}}))
-  return str(directory)
 
 
 @pytest.mark.parametrize('name', ['causal', 'prefix'])
