@@ -39,11 +39,16 @@ from t5train import (
   optimizers,
   partitioning,
   paths,
+  t5x_compat,
   text_metrics,
 )
 from t5train import trainer as trainer_lib
 from t5train.errors import UserError
 from t5train.train_state import TrainState
+
+# Notebooks parse gin that says ``from t5x import ...`` before building an InteractiveModel:
+# T5X's names come from t5train.t5x_compat unless the real t5x is installed.
+t5x_compat.install_t5x_names()
 
 Example = str | bytes | Mapping[str, Any]
 Preprocessor = Callable[..., tf.data.Dataset]
