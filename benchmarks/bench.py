@@ -75,6 +75,11 @@ _REMAT_POLICY = flags.DEFINE_enum('remat_policy', 'none', ['none', 'full', 'dots
 _ATTENTION = flags.DEFINE_enum('attention_implementation', None, ['xla', 'cudnn'],
                                't5train rows: jax.nn.dot_product_attention with this '
                                'implementation instead of t5train\'s own attention.')
+_LOOP_BREAKDOWN = flags.DEFINE_boolean('loop_breakdown', True, 't5train rows: also run the '
+                                       'train binary\'s loop (with checkpoints) and report where '
+                                       'its time goes.')
+_ROW_TIMEOUT = flags.DEFINE_float('row_timeout', None, 'Seconds a row may take (its process is '
+                                  'ended and the row reports the timeout); none by default.')
 _WORKER = flags.DEFINE_string('worker', None, 'Internal: measure one row and print JSON.')
 _METHOD = flags.DEFINE_string('method', 'greedy', 'Internal: the decoding method of a worker.')
 
@@ -131,6 +136,21 @@ def _peak_memory_gib() -> float:
   return stats['peak_bytes_in_use'] / 2**30 if stats else _peak_rss_gib()
 
 
+# Datasheet dense (no sparsity) bfloat16 matrix rates, TFLOP/s, by the device names JAX and
+# PyTorch report: the second MFU denominator of GPU rows (the first is measured in the row).
+DATASHEET_BF16_TFLOPS = {'NVIDIA H200': 989.4, 'NVIDIA H100 80GB HBM3': 989.4,
+                         'NVIDIA A100-SXM4-80GB': 312.0, 'NVIDIA A100-SXM4-40GB': 312.0}
+
+
+def _datasheet(row: dict[str, Any], device_name: str, dtype: str) -> dict[str, Any]:
+  """The row's MFU against the device's datasheet bfloat16 rate, where the table knows it."""
+  peak = DATASHEET_BF16_TFLOPS.get(device_name)
+  if peak is None or dtype != 'bfloat16':
+    return {}
+  return {'device_name': device_name, 'peak_tflops_datasheet': peak,
+          'mfu_datasheet': row['achieved_tflops'] / peak}
+
+
 def _summarise(step_secs: list[float], first_step_secs: float, flops: float, tokens: int,
                peak_flops: float, peak_memory_gib: float) -> dict[str, Any]:
   median = statistics.median(step_secs)
@@ -148,17 +168,23 @@ def _summarise(step_secs: list[float], first_step_secs: float, flops: float, tok
 
 
 def _jax_matmul_flops(dtype: str) -> float:
+  """FLOP/s of one square matmul of random ``dtype`` matrices, the best of several.
+
+  On an accelerator the matrices are 8192 wide and 10 products are queued per timing, so that
+  neither dispatch nor the host's clock shows in the rate (a single 4096-wide product, timed
+  alone, measured 431 TFLOP/s on an H200 whose datasheet says 989).
+  """
   import jax
-  import jax.numpy as jnp
-  n = 4096 if jax.default_backend() != 'cpu' else 2048
-  a = jnp.ones((n, n), dtype)
-  matmul = jax.jit(lambda x: x @ x)
-  matmul(a).block_until_ready()
+  on_cpu = jax.default_backend() == 'cpu'
+  n, queued = (2048, 1) if on_cpu else (8192, 10)
+  a, b = (jax.random.normal(key, (n, n), dtype) for key in jax.random.split(jax.random.PRNGKey(0)))
+  matmul = jax.jit(lambda x, y: x @ y)
+  matmul(a, b).block_until_ready()
   times = []
   for _ in range(5):
     start = time.perf_counter()
-    matmul(a).block_until_ready()
-    times.append(time.perf_counter() - start)
+    jax.block_until_ready([matmul(a, b) for _ in range(queued)])
+    times.append((time.perf_counter() - start) / queued)
   return 2 * n**3 / min(times)
 
 
@@ -264,9 +290,12 @@ def _measure_t5train(size_name: str, batch: int, input_length: int, target_lengt
                                target_length)
   row = _summarise(step_secs, first, flops, batch * (input_length + target_length),
                    _jax_matmul_flops(dtype), memory)
-  row.update(_loop_breakdown(t, device_batch, initializer, steps))
+  row.update(_datasheet(row, str(device.device_kind), dtype))
+  if _LOOP_BREAKDOWN.value:
+    row.update(_loop_breakdown(t, device_batch, initializer, steps))
   row.update(model_options)
-  row.update(system='t5train (JAX)', device=str(device.device_kind), jax_version=jax.__version__)
+  row.update(system='t5train (JAX)', device=str(device.device_kind), jax_version=jax.__version__,
+             batch_size=batch, xla_flags=os.environ.get('XLA_FLAGS', ''))
   return row
 
 
@@ -457,8 +486,11 @@ def _measure_transformers(size_name: str, batch: int, input_length: int, target_
   flops = train_flops_per_step(size, batch, input_length, target_length)
   row = _summarise(step_secs, first, flops, batch * (input_length + target_length),
                    _jax_matmul_flops(dtype), memory)
+  if device == 'cuda':
+    row.update(_datasheet(row, torch.cuda.get_device_name(), dtype))
   row.update(system='transformers (PyTorch eager)', device=device,
-             torch_version=torch.__version__, transformers_version=transformers.__version__)
+             torch_version=torch.__version__, transformers_version=transformers.__version__,
+             batch_size=batch)
   return row
 
 
@@ -749,7 +781,13 @@ def _run_row(worker: str, size: str, batch: int, lengths: Sequence[int], steps: 
              f'--steps={steps}', f'--dtype={dtype}', f'--method={method}',
              *(f'--{name}={value}' for name, value in _model_options().items()
                if value is not None)]
-  result = subprocess.run(command, capture_output=True, text=True, check=False, cwd=REPO)
+  if worker.startswith('t5train') and not _LOOP_BREAKDOWN.value:
+    command.append('--noloop_breakdown')
+  try:
+    result = subprocess.run(command, capture_output=True, text=True, check=False, cwd=REPO,
+                            timeout=_ROW_TIMEOUT.value)
+  except subprocess.TimeoutExpired:
+    return {'system': worker, 'error': [f'timed out after {_ROW_TIMEOUT.value:.0f} s']}
   if result.returncode:
     return {'system': worker, 'error': result.stderr.strip().splitlines()[-1:]}
   return json.loads(result.stdout.strip().splitlines()[-1])
@@ -773,6 +811,10 @@ def _memory_ratio(row: dict[str, Any]) -> str:
   return f'{row["memory_vs_peer"]:.2f}' if 'memory_vs_peer' in row else ''
 
 
+def _datasheet_mfu(row: dict[str, Any]) -> str:
+  return f'{100 * row["mfu_datasheet"]:.1f}%' if 'mfu_datasheet' in row else ''
+
+
 def _breakdown(row: dict[str, Any]) -> str:
   """The training loop's seconds per step: waiting for data / computing / checkpointing."""
   phases = [row.get(f'loop_{phase}_secs_per_step') for phase in ('data', 'compute', 'checkpoint')]
@@ -781,8 +823,8 @@ def _breakdown(row: dict[str, Any]) -> str:
 
 def _table(rows: list[dict[str, Any]]) -> str:
   header = (f'{"system":<30} {"size":<6} {"s/step":>8} {"spread":>15} {"tokens/s":>10} '
-            f'{"compile+1st":>11} {"TFLOP/s":>8} {"MFU":>6} {"peak mem":>9} {"vs peer":>8} '
-            f'{"mem/peer":>8} {"loop data/compute/ckpt s":>24}')
+            f'{"compile+1st":>11} {"TFLOP/s":>8} {"MFU":>6} {"MFU(ds)":>7} {"peak mem":>9} '
+            f'{"vs peer":>8} {"mem/peer":>8} {"loop data/compute/ckpt s":>24}')
   lines = [header, '-' * len(header)]
   for r in rows:
     if 'error' in r:
@@ -792,7 +834,8 @@ def _table(rows: list[dict[str, Any]]) -> str:
     lines.append(
         f'{r["system"]:<30} {r["size"]:<6} {r["sec_per_step_median"]:>8.3f} {spread:>15} '
         f'{r["tokens_per_sec"]:>10,.0f} {r["compile_and_first_step_secs"]:>10.1f}s '
-        f'{r["achieved_tflops"]:>8.3f} {100 * r["mfu"]:>5.1f}% {r["peak_memory_gib"]:>7.2f}GiB '
+        f'{r["achieved_tflops"]:>8.3f} {100 * r["mfu"]:>5.1f}% {_datasheet_mfu(r):>7} '
+        f'{r["peak_memory_gib"]:>7.2f}GiB '
         f'{_ratio(r):>8} {_memory_ratio(r):>8} {_breakdown(r):>24}')
   return '\n'.join(lines)
 

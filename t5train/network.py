@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -104,6 +105,9 @@ class T5Config:
   # None: t5train's own attention (einsums, softmax in float32). 'xla' or 'cudnn':
   # jax.nn.dot_product_attention with that implementation (cuDNN's fused attention on NVIDIA
   # GPUs, bfloat16 or float16) for every call without attention dropout or a decoding cache.
+  # Unpacked batches (rows padded at the end, as T5's feature converters give) hand it the
+  # relative-position bias [1, heads, q, k] and the padding as lengths (see AttentionBias), so
+  # no [batch, heads, q, k] array is built; packed batches (segment ids) hand it the whole bias.
   attention_implementation: str | None = None
   # Low-rank adapters beside chosen kernels (fine-tuning within memory); see LoraConfig.
   lora: LoraConfig | None = None
@@ -311,6 +315,55 @@ def relative_position_table(config: T5Config) -> RelativePositionBiases:
                                 dtype=config.activation_dtype, name='relpos_bias')
 
 
+@flax.struct.dataclass
+class AttentionBias:
+  """T5's additive attention bias in the parts ``jax.nn.dot_product_attention`` takes apart.
+
+  ``relpos`` is the relative-position bias [1, heads, queries, keys] (or None: no bias, as in
+  cross-attention), the same for every row; padding is given as ``query_lengths`` and
+  ``key_lengths`` [batch] (int32: a row's positions from its length on are padding); ``causal``
+  hides later keys. The fused attention reads these as they are, so no [batch, heads, queries,
+  keys] bias is built, nor, with cuDNN, its gradient: the gradient reaching ``relpos`` (the
+  learned table) is one [heads, queries, keys] array. ``dense`` is the same bias as one array,
+  the one ``mask_to_bias`` of T5's padding mask plus ``relpos`` gives for rows padded at the end.
+  """
+
+  relpos: Array | None
+  query_lengths: Array
+  key_lengths: Array
+  causal: bool = flax.struct.field(pytree_node=False, default=False)
+
+  @classmethod
+  def from_tokens(cls, relpos: Array | None, query_tokens: Array, key_tokens: Array,
+                  causal: bool = False) -> AttentionBias:
+    """Lengths read off token ids (0 is padding), for rows padded at the end only (what T5's
+    unpacked feature converters give)."""
+    return cls(relpos, _lengths(query_tokens), _lengths(key_tokens), causal)
+
+  def plus(self, relpos: Array) -> AttentionBias:
+    """This bias with ``relpos`` [1, heads, queries, keys] added (umT5's per-layer tables)."""
+    return self.replace(relpos=relpos if self.relpos is None else self.relpos + relpos)
+
+  def dense(self, dtype: Any, query_length: int, key_length: int) -> Array:
+    """The bias as one array [batch, heads or 1, queries, keys]."""
+    query_real = jnp.arange(query_length)[None, :] < self.query_lengths[:, None]
+    key_real = jnp.arange(key_length)[None, :] < self.key_lengths[:, None]
+    mask = query_real[:, None, :, None] & key_real[:, None, None, :]
+    if self.causal:
+      mask &= jnp.tril(jnp.ones((query_length, key_length), bool))[None, None]
+    bias = mask_to_bias(mask, dtype)
+    return bias if self.relpos is None else self.relpos + bias
+
+
+def _lengths(tokens: Array) -> Array:
+  return jnp.sum(tokens > 0, axis=-1, dtype=jnp.int32)
+
+
+def add_bias(bias: Array | AttentionBias, relpos: Array) -> Array | AttentionBias:
+  """``bias`` (an array or an AttentionBias) plus a relative-position bias."""
+  return bias.plus(relpos) if isinstance(bias, AttentionBias) else bias + relpos
+
+
 def _heads_major(x: Array) -> Array:
   """[batch, length, heads, kv] -> [batch, heads, length, kv], the layout the attention
   matmuls read, so that cached keys and values are not transposed again at every step."""
@@ -354,9 +407,18 @@ class MultiHeadAttention(nn.Module):
     if self.implementation is not None and cache is None and not dropout:
       # No 1/sqrt(head_dim) scale, as everywhere in T5; the softmax runs in float32.
       k, v = key_value()
-      out = jax.nn.dot_product_attention(q, k, v.astype(self.dtype), bias=bias.astype(q.dtype),
-                                         scale=1.0, implementation=self.implementation)
+      if isinstance(bias, AttentionBias):
+        relpos = None if bias.relpos is None else bias.relpos.astype(q.dtype)
+        out = jax.nn.dot_product_attention(
+            q, k, v.astype(self.dtype), bias=relpos, scale=1.0, is_causal=bias.causal,
+            query_seq_lengths=bias.query_lengths, key_value_seq_lengths=bias.key_lengths,
+            implementation=self.implementation)
+      else:
+        out = jax.nn.dot_product_attention(q, k, v.astype(self.dtype), bias=bias.astype(q.dtype),
+                                           scale=1.0, implementation=self.implementation)
     else:
+      if isinstance(bias, AttentionBias):  # attention dropout: the einsums below
+        bias = bias.dense(self.dtype, inputs_q.shape[1], inputs_kv.shape[1])
       if cache == 'cross':
         k, v = self._cross_cache(key_value)
       elif cache == 'self':
@@ -475,7 +537,7 @@ class EncoderLayer(nn.Module):
     table turns into the bias added to ``bias`` (which then holds only the mask)."""
     cfg = self.config
     if relpos_buckets is not None:
-      bias = bias + relative_position_table(cfg)(relpos_buckets)
+      bias = add_bias(bias, relative_position_table(cfg)(relpos_buckets))
     dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
     norm = lambda name: LayerNorm(cfg.layer_norm_epsilon, cfg.activation_dtype, name=name)
     h = norm('pre_attention_layer_norm')(x)
@@ -500,7 +562,7 @@ class DecoderLayer(nn.Module):
                relpos_buckets: Array | None = None) -> Array:
     cfg = self.config
     if relpos_buckets is not None:  # umT5: this layer's own table (see EncoderLayer)
-      self_bias = self_bias + relative_position_table(cfg)(relpos_buckets)
+      self_bias = add_bias(self_bias, relative_position_table(cfg)(relpos_buckets))
     dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
     norm = lambda name: LayerNorm(cfg.layer_norm_epsilon, cfg.activation_dtype, name=name)
     attention = lambda name: MultiHeadAttention(cfg.num_heads, cfg.head_dim, cfg.activation_dtype,
@@ -587,11 +649,14 @@ class Encoder(nn.Module):
     length = tokens.shape[1]
     buckets = position_buckets(length, length, True, cfg.relative_attention_num_buckets,
                                cfg.relative_attention_max_distance)
-    mask = attention_mask(tokens, tokens, segment_ids, segment_ids)
-    bias = mask_to_bias(mask, cfg.activation_dtype)
     layer_buckets = buckets if cfg.relative_attention_per_layer else None
-    if layer_buckets is None:
-      bias = relative_position_table(cfg)(buckets) + bias
+    relpos = None if layer_buckets is not None else relative_position_table(cfg)(buckets)
+    if cfg.attention_implementation is not None and segment_ids is None:
+      bias = AttentionBias.from_tokens(relpos, tokens, tokens)
+    else:
+      bias = mask_to_bias(attention_mask(tokens, tokens, segment_ids, segment_ids),
+                          cfg.activation_dtype)
+      bias = bias if relpos is None else relpos + bias
     dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
     x = dropout(embedded, deterministic=deterministic)
     x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
@@ -649,17 +714,23 @@ class Decoder(nn.Module):
         self.put_variable('cache', 'cache_index', jnp.zeros((), jnp.int32))
         decoder_target_tokens = jnp.ones_like(decoder_input_tokens)
       length = decoder_input_tokens.shape[1]
-      # Padding is read off the targets: the first decoder input is BOS (id 0).
-      self_mask = attention_mask(decoder_target_tokens, decoder_target_tokens,
-                                 decoder_segment_ids, decoder_segment_ids, causal=True)
-      cross_mask = attention_mask(decoder_target_tokens, encoder_tokens,
-                                  decoder_segment_ids, encoder_segment_ids)
-      self_bias = mask_to_bias(self_mask, cfg.activation_dtype)
-      cross_bias = mask_to_bias(cross_mask, cfg.activation_dtype)
       self_buckets = buckets(length)
+      # Padding is read off the targets: the first decoder input is BOS (id 0).
+      if (cfg.attention_implementation is not None and not decode
+          and decoder_segment_ids is None and encoder_segment_ids is None):
+        self_bias = AttentionBias.from_tokens(None, decoder_target_tokens, decoder_target_tokens,
+                                              causal=True)
+        cross_bias = AttentionBias.from_tokens(None, decoder_target_tokens, encoder_tokens)
+      else:
+        self_mask = attention_mask(decoder_target_tokens, decoder_target_tokens,
+                                   decoder_segment_ids, decoder_segment_ids, causal=True)
+        cross_mask = attention_mask(decoder_target_tokens, encoder_tokens,
+                                    decoder_segment_ids, encoder_segment_ids)
+        self_bias = mask_to_bias(self_mask, cfg.activation_dtype)
+        cross_bias = mask_to_bias(cross_mask, cfg.activation_dtype)
     layer_buckets = self_buckets if cfg.relative_attention_per_layer else None
     if layer_buckets is None:
-      self_bias = relative_position_table(cfg)(self_buckets) + self_bias
+      self_bias = add_bias(self_bias, relative_position_table(cfg)(self_buckets))
     dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
     y = dropout(self.shared_embedding(decoder_input_tokens), deterministic=deterministic)
     y = nn.with_logical_constraint(y, ('batch', 'length', 'embed'))
