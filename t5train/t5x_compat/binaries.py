@@ -270,7 +270,7 @@ def accepts_t5x_arguments(fn: Callable[..., Any]) -> Callable[..., Any]:
     t5x = {name: value for name, value in t5x.items() if value is not UNSET}
     if t5x or _has_t5x_values(kwargs):
       kwargs = translate(kwargs, t5x)
-    return fn(**kwargs)
+    return wrapper.t5train_function(**kwargs)
 
   parameters = list(signature.parameters.values())
   parameters += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=UNSET)
