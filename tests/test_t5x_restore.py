@@ -1,7 +1,8 @@
 """T5X checkpoints read as they are wherever t5train reads a checkpoint: inference parameters,
 a training start (INITIAL_CHECKPOINT_PATH), InteractiveModel, T5X's LegacyCheckpointManager and
-the infer binary, from checkpoints T5X itself wrote (../shared/testdata/t5x_tiny_v1_1) in its
-native and Orbax formats, and a scanned one re-saved from them. Nothing converted is written."""
+the infer binary (on a gs:// bucket), from checkpoints T5X itself wrote
+(../shared/testdata/t5x_tiny_v1_1) in its native and Orbax formats, and a scanned one re-saved
+from them. Nothing converted is written."""
 
 import functools
 import json
@@ -214,20 +215,46 @@ def test_interactive_model_and_legacy_checkpoint_manager_read_t5x_checkpoints(tm
     manager.restore([NATIVE], config)
 
 
-def test_infer_binary_scores_with_a_t5x_model_directory(tmp_path):
+_UPLOAD = """
+import os, sys
+from google.cloud import storage
+bucket = storage.Client(project='test').bucket(sys.argv[1])
+for base, _, files in os.walk(sys.argv[2]):
+  for name in files:
+    path = os.path.join(base, name)
+    bucket.blob(os.path.relpath(path, os.path.dirname(sys.argv[2]))).upload_from_filename(path)
+"""
+
+
+def test_infer_binary_scores_with_a_t5x_model_directory_on_a_bucket(tmp_path):
+  """The infer binary given T5X's own model directory (native format) on gs://, served by
+  tests/gcs_emulator.py: the newest checkpoint is found, read in place, and scores as T5X's
+  parameters do in this process."""
+  import shutil
+  import subprocess
+  import sys
+
+  import gcs_emulator
+  if not shutil.which('openssl'):
+    pytest.skip('the GCS emulator makes its TLS certificate with the openssl command')
   inputs = tmp_path / 'inputs.tsv'
   rows = [('9876', '6789'), ('5512', '1255'), ('301', '013')]
   inputs.write_text(''.join(f'{i}\t{t}\n' for i, t in rows))
   dims = [f'--gin.network.T5Config.{name}={getattr(CONFIG, name)}'
           for name in ('vocab_size', 'emb_dim', 'num_heads', 'head_dim', 'mlp_dim')]
-  result = run_binary(
-      't5train.infer', '--gin_file=gin/models/t5_1_1/tiny.gin', *dims,
-      '--gin_file=gin/runs/infer.gin', '--gin_file=gin/tasks/demo.gin',
-      f"--gin.CHECKPOINT_PATH='{T5X_MODEL_DIRS['native']}'", f"--gin.INFER_OUTPUT_DIR='{tmp_path}'",
-      f"--gin.INPUT_FILE='{inputs}'", "--gin.infer_script.infer.mode='score'",
-      f'--gin.TASK_FEATURE_LENGTHS={LENGTHS}', '--gin.BATCH_SIZE=4')
+  with gcs_emulator.serve('t5x-bucket') as env:
+    upload = subprocess.run([sys.executable, '-c', _UPLOAD, 't5x-bucket', T5X_MODEL_DIRS['native']],
+                            env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+    assert upload.returncode == 0, upload.stderr[-3000:]
+    model_dir = f'gs://t5x-bucket/{os.path.basename(T5X_MODEL_DIRS["native"])}'
+    result = run_binary(
+        't5train.infer', '--gin_file=gin/models/t5_1_1/tiny.gin', *dims,
+        '--gin_file=gin/runs/infer.gin', '--gin_file=gin/tasks/demo.gin',
+        f"--gin.CHECKPOINT_PATH='{model_dir}'", f"--gin.INFER_OUTPUT_DIR='{tmp_path}'",
+        f"--gin.INPUT_FILE='{inputs}'", "--gin.infer_script.infer.mode='score'",
+        f'--gin.TASK_FEATURE_LENGTHS={LENGTHS}', '--gin.BATCH_SIZE=4', env=env)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert f'Restored step 2 from {NATIVE}' in result.stderr
+  assert f'Restored step 2 from {model_dir}/checkpoint_2' in result.stderr
   assert sorted(os.listdir(tmp_path)) == ['inputs.tsv', 'inputs.tsv-score.jsonl']
   with open(tmp_path / 'inputs.tsv-score.jsonl') as f:
     scores = [json.loads(line)['score'] for line in f]
@@ -240,4 +267,3 @@ def test_infer_binary_scores_with_a_t5x_model_directory(tmp_path):
   batch = {name: np.stack([f[name] for f in features]) for name in features[0]}
   expected = np.asarray(m.score_batch(t5x_params_nested(), batch))
   testing.assert_trees_close(np.asarray(scores, np.float32), expected)
-
