@@ -76,7 +76,9 @@ def real_t5x_installed() -> bool:
   module = sys.modules.get('t5x')
   if module is not None:
     return getattr(module, '__name__', 't5x') != PACKAGE
-  return importlib.util.find_spec('t5x') is not None
+  spec = importlib.util.find_spec('t5x')
+  # A folder named t5x without __init__.py (e.g. a copy of T5X's gin files) is no package.
+  return spec is not None and spec.origin not in (None, 'namespace')
 
 
 def install_t5x_names() -> bool:

@@ -208,8 +208,8 @@ def _translate_train(kwargs: dict[str, Any], t5x: dict[str, Any]) -> dict[str, A
   if t5x.get('run_eval_before_training', UNSET) is not UNSET:
     require('train.run_eval_before_training', t5x.pop('run_eval_before_training'), False,
             'evaluations run every eval_period steps and at the last step')
-  # No effect here: JAX's default PRNG draws the dropout masks; metrics are fetched without
-  # blocking the steps; Python's garbage collector runs as usual.
+  # No effect on what is trained: which PRNG draws the dropout masks (JAX's default here), when
+  # T5X fetches metrics, when Python collects garbage.
   for name in ('use_hardware_rng', 'concurrent_metrics', 'gc_period'):
     t5x.pop(name, None)
   _check_common(program, t5x)
