@@ -19,7 +19,7 @@ from absl import app, flags, logging
 from etils import epath
 
 import gin
-from t5train import multihost, settings_check, t5x_compat
+from t5train import gin_report, multihost, settings_check, t5x_compat
 from t5train.errors import TrainingError, UserError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,9 +110,10 @@ def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
   quiet_search = _GinSearchFilter()
   std_logging.getLogger().addFilter(quiet_search)
   try:
-    gin.parse_config_files_and_bindings([_without_checkout_prefix(f) for f in gin_files],
-                                        list(gin_bindings),
-                                        finalize_config=False)
+    with gin_report.recording_sources():  # which file or flag set each binding
+      gin.parse_config_files_and_bindings([_without_checkout_prefix(f) for f in gin_files],
+                                          list(gin_bindings),
+                                          finalize_config=False)
     gin.finalize()  # reports macros left at %gin.REQUIRED
   except OSError as e:
     raise UserError(f'cannot read gin file: {_first_line(e)}. Looked in the current directory, '
@@ -169,9 +170,13 @@ class GinCallGuard:
 
   def __init__(self) -> None:
     self.entered = False
+    self.on_enter: Callable[[], object] | None = None  # the binary's unused-binding check
 
   def enter(self) -> None:
     self.entered = True
+    hook, self.on_enter = self.on_enter, None
+    if hook is not None:
+      hook()
 
 
 def call_configured(fn: Callable[[], object], guard: GinCallGuard) -> object:
@@ -223,7 +228,14 @@ def configured_binary(configured: Callable[..., Any], guard: GinCallGuard, progr
       raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
     t5x_compat.prepare_binary(configured.__module__)  # ``import __main__ as train_script``
     parse_gin_from_flags()
-    call_configured(lambda: gin.get_configurable(configured)(), guard)
+    # Bindings that configure nothing: checked once gin has built the arguments, and at the end.
+    report = gin_report.Report(program)
+    guard.on_enter = report.at_start
+    try:
+      call_configured(lambda: gin.get_configurable(configured)(), guard)
+    finally:
+      guard.on_enter = None
+    report.at_end()
 
   def console_main() -> None:
     if on_start is not None:
