@@ -330,11 +330,19 @@ class Report:
   def at_start(self) -> list[Unused]:
     """Reports what no call has used once the configured function starts (not what may still
     be called); returns the user's bindings reported."""
-    return self._report([u for u in unused_bindings() if not u.pending], final=False)
+    found = self._unused()
+    return self._report([u for u in found if not u.pending], final=False)
 
   def at_end(self) -> list[Unused]:
     """Reports what stayed unused to the end and was not reported at the start."""
-    return self._report([u for u in unused_bindings() if u.key not in self._reported], final=True)
+    return self._report([u for u in self._unused() if u.key not in self._reported], final=True)
+
+  def _unused(self) -> list[Unused]:
+    try:
+      return unused_bindings()
+    except Exception:  # pylint: disable=broad-except  (a failed check must not stop the run)
+      logging.exception('Could not check for gin bindings that configure nothing.')
+      return []
 
   def _report(self, found: list[Unused], final: bool) -> list[Unused]:
     self._reported.update(u.key for u in found)
