@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,6 +22,7 @@ from absl import logging
 from jax.sharding import PartitionSpec
 
 from t5train import data, inference, models, multihost, paths
+from t5train import metrics as metrics_lib
 from t5train.errors import UserError
 from t5train.metrics import SummaryWriter
 from t5train.partitioning import PjitPartitioner
@@ -70,11 +72,16 @@ class TeacherForcedEval:
   def __call__(self, params: Any, step: int) -> TaskMetrics:
     results = {}
     for task, batches in self._batches.items():
+      start = time.perf_counter()
       per_batch = jax.device_get([self._eval_step(params, batch) for batch in batches])
+      seconds = time.perf_counter() - start
       merged = {name: functools.reduce(lambda a, b: a.merge(b), [m[name] for m in per_batch])
                 for name in per_batch[0]}
       results[task] = {name: float(np.asarray(metric.compute())) for name, metric in merged.items()}
-      self._writers[task].write_scalars(step, results[task])
+      # T5X's timing/* of the evaluation too, in TensorBoard only.
+      _, seqs, targets = metrics_lib.batch_sizes({name: x.shape for name, x in batches[0].items()})
+      timing = metrics_lib.timing_scalars(len(batches), seconds, seqs, targets)
+      self._writers[task].write_scalars(step, results[task] | timing)
       self._writers[task].flush()
     return results
 

@@ -1,8 +1,8 @@
 """Training metrics over a window of steps, and the TensorBoard writer.
 
 Per-step metrics stay on the device as clu metrics until a window is read,
-so the train loop never waits for them. TensorBoard scalars in a local folder
-are written with TensorBoard's own event records, without TensorFlow, whose
+so the train loop never waits for them. TensorBoard scalars and texts in a local
+folder are written with TensorBoard's own event records, without TensorFlow, whose
 import alone adds about 0.55 GiB to a process; on a bucket, clu's writer (over
 TensorFlow's file system) writes them.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import os
 import socket
 import time
@@ -74,16 +75,43 @@ class MetricsWindow:
     result = {name: float(np.asarray(metric.compute())) for name, metric in merged.items()}
     elapsed = self.elapsed_secs()
     # Evaluation is not training throughput; waiting for data and saving checkpoints are.
-    steps_per_second = len(self._steps) / max(elapsed - self._seconds['evaluation'], 1e-9)
-    result['timing/steps_per_second'] = steps_per_second
-    result['timing/seqs_per_second'] = steps_per_second * self._seqs_per_step
-    result['timing/target_tokens_per_second'] = steps_per_second * self._target_tokens_per_step
-    result['timing/tokens_per_second'] = steps_per_second * self._tokens_per_step
+    result.update(timing_scalars(len(self._steps), elapsed - self._seconds['evaluation'],
+                                 self._seqs_per_step, self._target_tokens_per_step))
+    result['timing/tokens_per_second'] = result['timing/steps_per_second'] * self._tokens_per_step
     for phase, seconds in self._seconds.items():
       result[f'timing/{phase}_secs_per_step'] = seconds / len(self._steps)
     result['timing/compute_secs_per_step'] = (elapsed - sum(self._seconds.values())) / len(
         self._steps)
     return result
+
+
+def timing_scalars(num_steps: int, seconds: float, seqs_per_step: int,
+                   target_tokens_per_step: int) -> dict[str, float]:
+  """T5X's ``timing/*`` summaries of ``num_steps`` steps that took ``seconds``.
+
+  As T5X's ``compute_base_metrics`` defines them: ``seqs`` counts batch rows, target tokens
+  are the target positions, padding included, and ``*_per_core`` divides by the number of
+  devices of all processes (``jax.device_count()``).
+  """
+  seconds = max(seconds, 1e-9)
+  seqs = num_steps * seqs_per_step
+  seqs_per_second = seqs / seconds
+  target_tokens_per_second = num_steps * target_tokens_per_step / seconds
+  cores = jax.device_count()
+  return {'timing/seconds': seconds,
+          'timing/seqs': float(seqs),
+          'timing/steps_per_second': num_steps / seconds,
+          'timing/seqs_per_second': seqs_per_second,
+          'timing/seqs_per_second_per_core': seqs_per_second / cores,
+          'timing/target_tokens_per_second': target_tokens_per_second,
+          'timing/target_tokens_per_second_per_core': target_tokens_per_second / cores}
+
+
+def batch_sizes(shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, int, int]:
+  """(input and target positions, rows, target positions) of a batch with these shapes."""
+  targets = shapes.get('decoder_target_tokens', (0,))
+  inputs = shapes.get('encoder_input_tokens', (0,))
+  return math.prod(inputs) + math.prod(targets), targets[0], math.prod(targets)
 
 
 _EVENT_FILES = itertools.count()  # distinguishes writers of one process started in the same second
@@ -117,6 +145,14 @@ class _EventFile:
     self._write(event)
     self._records.flush()  # summaries are rare; a killed run keeps every one written
 
+  def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+    from tensorboard.plugins.text import summary_v2  # pylint: disable=g-import-not-at-top
+    event = self._event_pb2.Event(wall_time=time.time(), step=int(step))
+    for tag, text in texts.items():
+      event.summary.value.extend(summary_v2.text_pb(tag, text).value)
+    self._write(event)
+    self._records.flush()
+
   def flush(self) -> None:
     self._records.flush()
 
@@ -125,7 +161,8 @@ class _EventFile:
 
 
 class SummaryWriter:
-  """TensorBoard scalars under a directory, written by process 0 only."""
+  """TensorBoard scalars and texts under a directory, written by process 0 only (clu's
+  ``MetricWriter`` methods ``write_scalars``, ``write_texts``, ``flush``, ``close``)."""
 
   def __init__(self, summary_dir: str | None):
     self._writer = None
@@ -140,6 +177,11 @@ class SummaryWriter:
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     if self._writer is not None:
       self._writer.write_scalars(step, dict(scalars))
+
+  def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+    """Text summaries (TensorBoard's text plugin renders them as Markdown)."""
+    if self._writer is not None:
+      self._writer.write_texts(step, dict(texts))
 
   def flush(self) -> None:
     if self._writer is not None:

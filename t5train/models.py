@@ -41,6 +41,35 @@ def _pad(tokens: Any, length: int) -> np.ndarray:
   return np.pad(tokens, (0, length - len(tokens)))
 
 
+_EXAMPLES, _NONPADDING, _POSITIONS = 'examples/', 'nonpadding/', 'positions/'
+
+
+def count_packed_examples(segment_ids: Array) -> Array:
+  """The examples in a [batch, length] array of segment ids (0 is padding), as T5X counts them:
+  the changes of id along each row, plus the rows, less the rows that end in padding."""
+  changes = jnp.sum(segment_ids[:, 1:] != segment_ids[:, :-1])
+  return changes + segment_ids.shape[0] - jnp.sum(segment_ids[:, -1] == 0)
+
+
+def _packing_sums(batch: Batch) -> dict[str, Array]:
+  """Per feature of the batch: its examples, real tokens and positions (T5X's features: the
+  ``<feature>_segment_ids`` of a packed batch, else ``encoder_input_tokens`` and
+  ``decoder_target_tokens`` with 0 as padding)."""
+  segment_ids = {name[:-len('_segment_ids')]: ids for name, ids in batch.items()
+                 if name.endswith('_segment_ids')}
+  if not segment_ids:
+    segment_ids = {name: (batch[name] != 0).astype(jnp.int32)
+                   for name in ('encoder_input_tokens', 'decoder_target_tokens') if name in batch}
+  sums = {}
+  for feature, ids in segment_ids.items():
+    if ids.ndim != 2 or ids.shape[1] == 0:
+      continue
+    sums[_EXAMPLES + feature] = count_packed_examples(ids).astype(jnp.float32)
+    sums[_NONPADDING + feature] = jnp.sum(ids != 0).astype(jnp.float32)
+    sums[_POSITIONS + feature] = jnp.asarray(ids.size, jnp.float32)
+  return sums
+
+
 class BaseTransformerModel:
   """Loss, metrics, scoring and shapes shared by the model classes (T5X's names).
 
@@ -105,23 +134,48 @@ class BaseTransformerModel:
     correct, num_tokens = losses.token_accuracy(logits, targets, counted)
     return loss, {'loss': loss, 'z_loss': z_loss, 'per_token_cross_ent_sum': per_token_ce,
                   'num_correct': correct, 'num_tokens': num_tokens,
-                  'num_positions': jnp.asarray(counted.size, jnp.float32)}
+                  'num_positions': jnp.asarray(counted.size, jnp.float32),
+                  **_packing_sums(batch)}
 
   @staticmethod
   def metrics(sums: dict[str, Array]) -> Metrics:
-    """T5X-named clu metrics of one step from the sums of ``loss_fn``."""
+    """T5X-named clu metrics of one step from the sums of ``loss_fn``.
+
+    Each is a clu ``Average`` whose total and count add up over the steps of a summary, as
+    T5X's ``compute_base_metrics`` defines them: ``loss`` (and ``cross_ent_loss``, ``z_loss``)
+    per step; ``*_per_all_target_tokens`` per target position, padding included;
+    ``*_per_nonpadding_target_token`` per real target token. ``cross_ent_per_nonpadding_target_token``
+    (t5train's) is the cross entropy per real target token without label smoothing, z-loss or
+    normalising factor.
+    """
     one = jnp.ones((), jnp.int32)
     average = clu_metrics.Average
-    return {
-        'loss': average(total=sums['loss'], count=one),
-        'cross_ent_loss': average(total=sums['loss'] - sums['z_loss'], count=one),
-        'z_loss': average(total=sums['z_loss'], count=one),
-        'cross_ent_loss_per_all_target_tokens': average(total=sums['per_token_cross_ent_sum'],
-                                                        count=sums['num_tokens']),
-        'accuracy': average(total=sums['num_correct'], count=sums['num_tokens']),
-        'non_padding_fraction/loss_weights': average(total=sums['num_tokens'],
-                                                     count=sums['num_positions']),
+    loss, z_loss = sums['loss'], sums['z_loss']
+    positions, nonpadding = sums['num_positions'], sums['num_tokens']
+    metrics = {
+        'loss': average(total=loss, count=one),
+        'loss_per_nonpadding_target_token': average(total=loss, count=nonpadding),
+        'loss_per_all_target_tokens': average(total=loss, count=positions),
+        'cross_ent_loss': average(total=loss - z_loss, count=one),
+        'cross_ent_loss_per_all_target_tokens': average(total=loss - z_loss, count=positions),
+        'cross_ent_per_nonpadding_target_token': average(total=sums['per_token_cross_ent_sum'],
+                                                         count=nonpadding),
+        'z_loss': average(total=z_loss, count=one),
+        'z_loss_per_all_target_tokens': average(total=z_loss, count=positions),
+        'accuracy': average(total=sums['num_correct'], count=nonpadding),
+        'non_padding_fraction/loss_weights': average(total=nonpadding, count=positions),
     }
+    features = [name[len(_EXAMPLES):] for name in sums if name.startswith(_EXAMPLES)]
+    for feature in features:
+      metrics[f'effective_batch_size/{feature}'] = average(total=sums[_EXAMPLES + feature],
+                                                            count=one)
+      metrics[f'non_padding_fraction/{feature}'] = average(
+          total=sums[_NONPADDING + feature], count=sums[_POSITIONS + feature])
+    if features:
+      metrics['non_padding_fraction/overall'] = average(
+          total=sum(sums[_NONPADDING + f] for f in features),
+          count=sum(sums[_POSITIONS + f] for f in features))
+    return metrics
 
   def score_batch(self, params: Any, batch: Batch, return_intermediates: bool = False) -> Array:
     """Log-likelihood of each example's targets [batch]: the sum over its weighted tokens."""

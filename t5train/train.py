@@ -17,18 +17,17 @@ from typing import Any
 
 from absl import logging
 
-import gin
 from t5train import (
   assembly,
   best_checkpoint,
   checkpoints,
   gin_utils,
   models,
-  multihost,
   optimizers,
   partitioning,
   paths,
   preemption,
+  summaries,
 )
 from t5train import trainer as trainer_lib
 from t5train.errors import UserError
@@ -167,12 +166,6 @@ def _finish_saves(manager: checkpoints.CheckpointManager) -> None:
     if not propagating:
       raise
     logging.exception('A checkpoint save failed as well.')
-
-
-def _write_operative_config(model_dir: str) -> None:
-  """Saves the bindings the run actually used (every configurable has been called by now)."""
-  if multihost.is_primary():
-    paths.write_text_atomically(paths.join(model_dir, 'config.gin'), gin.operative_config_str())
 
 
 class _Evaluations:
@@ -314,7 +307,9 @@ def train(*, model: models.BaseTransformerModel, train_dataset_cfg: Any,
       evaluations = _Evaluations(model, partitioner, parts.initializer.train_state_shardings.params,
                                  trainer, model_dir, train_eval_dataset_cfg, eval_steps,
                                  infer_eval_dataset_cfg, infer_eval_num_examples, keeper)
-    _write_operative_config(model_dir)
+    # The bindings the run actually used (every configurable has been called by now), in
+    # config.gin and as TensorBoard text in MODEL_DIR/train, as T5X's train writes them.
+    summaries.summarize_gin_config(model_dir, trainer.summary_writer, start_step)
     if start_step >= total_steps:
       logging.info('Step %d already reaches TRAIN_STEPS=%d; nothing to train.', start_step,
                    total_steps)

@@ -10,11 +10,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+import clu.metrics as clu_metrics
 import jax
 import jax.numpy as jnp
 import optax
@@ -25,7 +25,7 @@ from jax.sharding import PartitionSpec
 from t5train import host_memory, models, optimizers
 from t5train.checkpoints import CheckpointManager
 from t5train.errors import TrainingError, UserError
-from t5train.metrics import MetricsWindow, SummaryWriter
+from t5train.metrics import MetricsWindow, SummaryWriter, batch_sizes
 from t5train.optimizers import LearningRateFn
 from t5train.partitioning import PjitPartitioner
 from t5train.preemption import StopRequest
@@ -143,6 +143,8 @@ def train_step(model: models.BaseTransformerModel, tx: optax.GradientTransformat
   average = type(metrics['loss'])
   one = jnp.ones((), jnp.int32)
   metrics['learning_rate'] = average(total=learning_rate_fn(state.step), count=one)
+  metrics['learning_rate/current'] = clu_metrics.LastValue(total=metrics['learning_rate'].total,
+                                                          count=one)
   metrics[NONFINITE] = average(total=1.0 - finite.astype(jnp.float32), count=one)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -165,6 +167,7 @@ class Trainer:
     self.stop_training = False
     self.skip_nonfinite = skip_nonfinite
     self._rng = rng
+    self._init_time = time.time()  # for T5X's timing/uptime
     self._writer = SummaryWriter(summary_dir)
     tx = model.optimizer_def.make(learning_rate_fn)
     state_shardings = partitioner.mesh_shardings(train_state_axes)
@@ -184,8 +187,11 @@ class Trainer:
     key = tuple((name, x.shape, x.dtype) for name, x in sorted(batch.items()))
     step_fn = self._compiled.get(key)
     if step_fn is None:
+      start = time.time()
       step_fn = self._partitioner.compile(self._step_fn, self.train_state, batch, self._rng)
       self._compiled[key] = step_fn
+      self._writer.write_scalars(int(jax.device_get(self.train_state.step)),
+                                 {'timing/compilation_seconds': time.time() - start})
       host_memory.release_freed_memory()
     self.train_state, metrics = step_fn(self.train_state, batch, self._rng)
     return metrics
@@ -193,15 +199,29 @@ class Trainer:
   def train(self, batch_iter: Iterator[Batch], num_steps: int, start_step: int | None = None
             ) -> 'TrainSummary':
     """Runs ``num_steps`` steps, writes one TensorBoard summary, returns the metrics."""
-    window = MetricsWindow()
+    window = None
     for _ in range(num_steps):
       if self.stop_training:
         raise PreemptionError('training was asked to stop (Trainer.stop_training)')
-      window.add(self.train_step(next(batch_iter)))
-    summary = window.summary()
+      batch = next(batch_iter)
+      if window is None:
+        window = MetricsWindow(*batch_sizes({name: x.shape for name, x in batch.items()}))
+      window.add(self.train_step(batch))
+    summary = window.summary() if window is not None else {}
+    if summary:
+      summary['timing/uptime'] = self.uptime()
     step = start_step + num_steps if start_step is not None else int(self.train_state.step)
     self.write_summary(step, summary)
     return TrainSummary(summary)
+
+  def uptime(self) -> float:
+    """Seconds since the trainer was made (T5X's ``timing/uptime``)."""
+    return time.time() - self._init_time
+
+  @property
+  def summary_writer(self) -> SummaryWriter:
+    """The writer of ``MODEL_DIR/train`` (T5X: ``train_metrics_manager.summary_writer``)."""
+    return self._writer
 
   def write_summary(self, step: int, summary: Mapping[str, float]) -> None:
     self._writer.write_scalars(step, summary)
@@ -228,7 +248,7 @@ def _progress_line(step: int, last_step: int, summary: Mapping[str, float],
   steps_done = step - first_step
   rate = steps_done / max(time.perf_counter() - loop_start, 1e-9)
   eta = (last_step - step) / rate if rate > 0 else float('inf')
-  return (f'step {step}/{last_step}  loss {summary.get("cross_ent_loss_per_all_target_tokens", 0):.4f}'
+  return (f'step {step}/{last_step}  loss {summary.get("cross_ent_per_nonpadding_target_token", 0):.4f}'
           f'  accuracy {summary.get("accuracy", 0):.4f}'
           f'  steps/s {summary.get("timing/steps_per_second", 0):.2f}'
           f'  tokens/s {summary.get("timing/tokens_per_second", 0):,.0f}'
@@ -327,11 +347,8 @@ def run_training(trainer: Trainer, batches: Iterator[Batch], first_step: int, la
   stopping), the loop saves a checkpoint at the current step and returns. ``data_scalars_fn`` adds the input
   pipeline's counters to each summary.
   """
-  shapes = batch_shapes or {}
-  seqs = shapes.get('decoder_target_tokens', (0,))[0]
-  targets = math.prod(shapes.get('decoder_target_tokens', (0,)))
-  inputs = math.prod(shapes.get('encoder_input_tokens', (0,)))
-  new_window = lambda: MetricsWindow(inputs + targets, seqs, targets)
+  sizes = batch_sizes(batch_shapes or {})
+  new_window = lambda: MetricsWindow(*sizes)
   summary_window, log_window = new_window(), new_window()
   loop_start, last_log = time.perf_counter(), time.perf_counter()
   summary: dict[str, float] = {}
@@ -339,8 +356,12 @@ def run_training(trainer: Trainer, batches: Iterator[Batch], first_step: int, la
   step, stopped_by = first_step, None
   windows = (summary_window, log_window)
   for step in range(first_step + 1, last_step + 1):
+    data_start = time.perf_counter()
     with _timed(windows, 'data'):
       batch = next(batches)
+    if step == first_step + 1:  # T5X's wait for the input pipeline's first batch
+      trainer.write_summary(first_step, {'timing/train_iter_warmup':
+                                         time.perf_counter() - data_start})
     metrics = trainer.train_step(batch)
     finite_checks.add(step, metrics)
     summary_window.add(metrics)
@@ -349,15 +370,20 @@ def run_training(trainer: Trainer, batches: Iterator[Batch], first_step: int, la
                                                            step == last_step)
     stop_early = False
     if evaluating:
+      eval_start = time.perf_counter()
       with _timed(windows, 'evaluation'):
         stop_early = bool(evaluate(step))
+      trainer.write_summary(step, {'timing/evaluate_seconds': time.perf_counter() - eval_start})
     stop = stop_early or (stop_request is not None and stop_request.requested(step))
     if checkpoints is not None and (checkpoints.should_save(step) or step == last_step or stop):
       finite_checks.check()
+      save_start = time.perf_counter()
       with _timed(windows, 'checkpoint'):
         checkpoints.save(trainer.train_state, force=True)
+      trainer.write_summary(step, {'timing/checkpoint_seconds': time.perf_counter() - save_start})
     if step % summary_period == 0 or step == last_step:
-      summary = summary_window.summary() | (data_scalars_fn() if data_scalars_fn else {})
+      summary = (summary_window.summary() | {'timing/uptime': trainer.uptime()} |
+                 (data_scalars_fn() if data_scalars_fn else {}))
       trainer.write_summary(step, summary)
       summary_window.reset()
     if time.perf_counter() - last_log >= log_every_secs or step == last_step:

@@ -10,7 +10,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from t5train import checkpoint_reading
-from t5train.summaries import read_scalars  # noqa: F401  (the tests read summaries with it)
+from t5train.summaries import read_scalars, read_texts  # noqa: F401  (the tests read summaries)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = ['--gin_file=gin/models/t5_1_1/tiny.gin', '--gin_file=gin/runs/pretrain.gin',

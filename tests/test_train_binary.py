@@ -4,7 +4,7 @@ import os
 
 import jax
 import pytest
-from binaries import SMOKE, read_scalars, run_train
+from binaries import SMOKE, read_scalars, read_texts, run_train
 
 from t5train import quiet_start
 
@@ -13,7 +13,15 @@ EXPECTED_SCALARS = {
     'timing/seqs_per_second', 'timing/target_tokens_per_second',
     'non_padding_fraction/loss_weights', 'timing/data_secs_per_step',
     'timing/checkpoint_secs_per_step', 'timing/evaluation_secs_per_step',
-    'timing/compute_secs_per_step'}
+    'timing/compute_secs_per_step',
+    # the rest of T5X's
+    'loss_per_all_target_tokens', 'loss_per_nonpadding_target_token',
+    'cross_ent_loss_per_all_target_tokens', 'z_loss_per_all_target_tokens',
+    'effective_batch_size/encoder', 'effective_batch_size/decoder',
+    'non_padding_fraction/encoder', 'non_padding_fraction/decoder', 'non_padding_fraction/overall',
+    'learning_rate/current', 'timing/seconds', 'timing/seqs', 'timing/seqs_per_second_per_core',
+    'timing/target_tokens_per_second_per_core', 'timing/uptime', 'timing/compilation_seconds',
+    'timing/train_iter_warmup', 'timing/checkpoint_seconds', 'timing/evaluate_seconds'}
 
 
 @pytest.fixture(scope='module')
@@ -51,13 +59,32 @@ def test_summaries_hold_t5x_scalars(smoke_run):
   assert EXPECTED_SCALARS <= set(scalars), sorted(scalars)
   assert [step for step, _ in scalars['loss']] == [4, 8]
   assert all(0.0 <= value <= 1.0 for _, value in scalars['accuracy'])
+  last = {tag: values[-1][1] for tag, values in scalars.items()}
+  # T5X's definitions: tokens of the window's steps, rates over the window's seconds.
+  assert last['timing/seqs'] == 4 * 32  # SUMMARY_PERIOD steps of demo.gin's BATCH_SIZE rows
+  assert last['timing/seqs_per_second'] == pytest.approx(last['timing/seqs'] /
+                                                         last['timing/seconds'], rel=1e-4)
+  assert last['timing/seqs_per_second_per_core'] == pytest.approx(
+      last['timing/seqs_per_second'] / jax.device_count(), rel=1e-4)
+  assert last['loss_per_all_target_tokens'] == pytest.approx(
+      last['loss_per_nonpadding_target_token'] * last['non_padding_fraction/loss_weights'],
+      rel=1e-4)
+  assert [step for step, _ in scalars['timing/compilation_seconds']] == [0]
+  assert [step for step, _ in scalars['timing/checkpoint_seconds']] == [4, 8]
+  # The operative gin config as TensorBoard text, as T5X writes it.
+  texts = read_texts(os.path.join(model_dir, 'train'))
+  assert [step for step, _ in texts['config']] == [0]
+  assert 'TRAIN_STEPS = 8' in texts['config'][0][1]
 
 
 def test_teacher_forced_eval_runs_on_its_own_period(smoke_run):
   model_dir, result = smoke_run
   scalars = read_scalars(os.path.join(model_dir, 'training_eval', 'sort_digits'))
   assert [step for step, _ in scalars['loss']] == [3, 6, 8]  # and at the last step
-  assert {'accuracy', 'cross_ent_loss', 'z_loss'} <= set(scalars)
+  assert {'accuracy', 'cross_ent_loss', 'z_loss', 'loss_per_all_target_tokens',
+          'loss_per_nonpadding_target_token', 'z_loss_per_all_target_tokens',
+          'cross_ent_loss_per_all_target_tokens', 'timing/seqs_per_second',
+          'timing/steps_per_second', 'timing/seconds'} <= set(scalars)
   assert 'step 6  training_eval/sort_digits: accuracy' in result.stderr
 
 
