@@ -1,21 +1,30 @@
-"""Every run kind decodes and evaluates through its own config.gin, the documented way:
+"""A short run of every kind, decoded and evaluated through its own config.gin, the documented way:
 
     t5train.infer --gin_file=gin/runs/infer.gin --gin_file=MODEL_DIR/config.gin --gin.CHECKPOINT_PATH=...
 
 A fine-tune's config.gin says how the run started (RestoreCheckpointConfig bound to
 INITIAL_CHECKPOINT_PATH, an assignment map that leaves adapters fresh); that must not change which
-checkpoint infer and eval read. The binaries' entry points are called in this process (gin parsed
-as the binaries parse it) so that ten decodes cost ten compilations, not ten process start-ups.
+checkpoint infer and eval read. The same runs check what LoRA checkpoints hold and how they decode
+merged, and a decoder-only run's evaluation with decoding and scoring. The binaries' entry points
+are called in this process (gin parsed as the binaries parse it), so that each run and decode costs
+its compilation, not a process start-up.
 """
 
 import json
+import math
 import os
 
 import pytest
 
 import gin
+from t5train import (
+  checkpoint_reading,
+  convert,
+  gin_utils,
+  interactive_model,
+  partitioning,
+)
 from t5train import eval as eval_script
-from t5train import gin_utils
 from t5train import infer as infer_script
 from t5train import train as train_script
 
@@ -28,9 +37,17 @@ RUN_KINDS = {  # kind: (model gin file, run gin file, fine-tuned from the pretra
     'finetune_prompt': (TINY, 'gin/runs/finetune_prompt.gin', True),
     'decoder_only': (DECODER_ONLY_TINY, 'gin/runs/pretrain.gin', False),
 }
+EXTRA_BINDINGS = {
+    # A learning rate that moves the adapters well away from zero, so that they change decodes.
+    'finetune_lora': ['optimizers.create_learning_rate_scheduler.base_learning_rate = 0.05'],
+    # Teacher-forced and seqio (decoding and scoring) evaluation of a prefix LM during training.
+    'decoder_only': ['train_script.train.infer_eval_dataset_cfg = @train_eval/data.DatasetConfig()',
+                     'train_script.train.infer_eval_num_examples = 4'],
+}
 BEST = ['train_script.train.best_checkpoint_cfg = @best_checkpoint.BestCheckpointConfig()',
         "best_checkpoint.BestCheckpointConfig.metric = 'training_eval/sort_digits/loss'"]
-NUM_EXAMPLES = 4
+LENGTHS = {'inputs': 32, 'targets': 32}  # gin/tasks/demo.gin's
+NUM_EXAMPLES = 8
 
 
 def _call(configured, gin_files, bindings):
@@ -43,11 +60,21 @@ def _call(configured, gin_files, bindings):
     gin.clear_config()
 
 
+def _model(gin_files):
+  """The MODEL the gin files bind, built as convert builds it."""
+  gin.clear_config()
+  try:
+    return convert.gin_model(gin_files, search_paths=[gin_utils.REPO_ROOT])
+  finally:
+    gin.clear_config()
+
+
 def _train(model_dir, kind, initial_checkpoint):
   model_file, run_file, _ = RUN_KINDS[kind]
   steps = 2
-  bindings = [f"MODEL_DIR = '{model_dir}'", 'BATCH_SIZE = 4', 'EVAL_PERIOD = 1', 'EVAL_STEPS = 1',
-              'CHECKPOINT_PERIOD = 1', 'train_script.train.infer_eval_dataset_cfg = None', *BEST]
+  bindings = [f"MODEL_DIR = '{model_dir}'", 'BATCH_SIZE = 8', 'EVAL_PERIOD = 1', 'EVAL_STEPS = 1',
+              'CHECKPOINT_PERIOD = 1', 'train_script.train.infer_eval_dataset_cfg = None', *BEST,
+              *EXTRA_BINDINGS.get(kind, [])]
   if initial_checkpoint:
     bindings.append(f"INITIAL_CHECKPOINT_PATH = '{initial_checkpoint}'")
     steps += 2  # TRAIN_STEPS counts from the initial checkpoint's step
@@ -68,22 +95,25 @@ def runs(tmp_path_factory):
   return made
 
 
+def _infer(model_dir, checkpoint, output_dir, mode='predict', num_examples=NUM_EXAMPLES):
+  written = _call(infer_script.infer, ['gin/runs/infer.gin', f'{model_dir}/config.gin'],
+                  [f"CHECKPOINT_PATH = '{checkpoint}'", f"INFER_OUTPUT_DIR = '{output_dir}'",
+                   f"infer_script.infer.mode = '{mode}'",
+                   f'infer_script.infer.num_examples = {num_examples}'])
+  with open(written[0]) as f:
+    return [json.loads(line) for line in f]
+
+
 @pytest.mark.parametrize('kind', list(RUN_KINDS))
 def test_a_run_decodes_and_evaluates_through_its_config_gin(runs, kind, tmp_path):
   model_dir, checkpoint = runs[kind]
-  config = f'{model_dir}/config.gin'
   assert os.path.isdir(f'{model_dir}/best')
-
-  written = _call(infer_script.infer, ['gin/runs/infer.gin', config],
-                  [f"CHECKPOINT_PATH = '{checkpoint}'", f"INFER_OUTPUT_DIR = '{tmp_path}/infer'",
-                   f'infer_script.infer.num_examples = {NUM_EXAMPLES}'])
-  with open(written[0]) as f:
-    records = [json.loads(line) for line in f]
+  records = _infer(model_dir, checkpoint, tmp_path / 'infer')
   assert len(records) == NUM_EXAMPLES and all('prediction' in r for r in records)
 
-  results = _call(eval_script.evaluate, ['gin/runs/eval.gin', config],
+  results = _call(eval_script.evaluate, ['gin/runs/eval.gin', f'{model_dir}/config.gin'],
                   [f"CHECKPOINT_PATH = '{model_dir}/best'", f"EVAL_OUTPUT_DIR = '{tmp_path}/eval'",
-                   f'eval_script.evaluate.num_examples = {NUM_EXAMPLES}'])
+                   'eval_script.evaluate.num_examples = 4'])
   with open(f'{model_dir}/best/best.json') as f:
     best_step = json.load(f)['step']
   assert list(results) == [str(best_step)]
@@ -105,3 +135,46 @@ def test_the_runs_start_settings_are_reported_not_applied(runs):
     gin.clear_config()
   assert [line.split(' = ')[0] for line in overridden] == ['path', 'mode', 'assignment_map']
   assert '%INITIAL_CHECKPOINT_PATH (used: %CHECKPOINT_PATH)' in overridden[0]
+
+
+def test_lora_checkpoints_hold_the_adapters_and_decode_as_their_merged_weights(runs, tmp_path):
+  """finetune_lora.gin saves only the adapters and names the base; infer decodes the adapted model
+  unmerged, and the merged weights (convert --to=merged) decode the same."""
+  _, base = runs['pretrain']
+  model_dir, checkpoint = runs['finetune_lora']
+  saved = checkpoint_reading.saved_tree(checkpoint_reading.item_dir(checkpoint))['params']
+  names = [name for name, _ in checkpoint_reading.flatten_with_names(saved)]
+  assert names and all(name.endswith(('/lora_a', '/lora_b')) for name in names)
+  assert checkpoint_reading.base_checkpoint(checkpoint) == base
+
+  unmerged = _infer(model_dir, checkpoint, tmp_path / 'infer')
+  adapted, plain = _model([f'{model_dir}/config.gin']), _model([TINY])
+  merged_dir = convert.export_merged(checkpoint, adapted.module.config, str(tmp_path / 'merged'))
+  inputs = [record['inputs'] for record in unmerged]
+  predictions = {}
+  for name, model, path in (('merged', plain, merged_dir), ('unmerged', adapted, checkpoint),
+                            ('base', plain, base)):
+    im = interactive_model.InteractiveModel(
+        batch_size=NUM_EXAMPLES, task_feature_lengths=LENGTHS, output_dir=str(tmp_path / f'im_{name}'),
+        partitioner=partitioning.PjitPartitioner(num_partitions=1), model=model,
+        checkpoint_path=path, checkpoint_period=0)
+    predictions[name] = [text.decode() for _, text in im.predict_with_aux(inputs)[0]]
+  assert predictions['merged'] == [record['prediction'] for record in unmerged]
+  assert predictions['unmerged'] == predictions['merged']
+  assert predictions['base'] != predictions['merged']  # the adapters change what is decoded
+
+
+def test_a_prefix_lm_evaluates_with_decoding_and_scoring_and_infer_scores(runs, tmp_path):
+  model_dir, checkpoint = runs['decoder_only']
+  with open(os.path.join(model_dir, 'inference_eval', 'sort_digits-metrics.jsonl')) as f:
+    metrics = [json.loads(line) for line in f]
+  assert [m['step'] for m in metrics] == [1, 2]
+  assert set(metrics[-1]) >= {'exact_match', 'log_likelihood'}
+  assert math.isfinite(metrics[-1]['log_likelihood']) and metrics[-1]['log_likelihood'] < 0
+  with open(os.path.join(model_dir, 'model-info.txt')) as f:
+    info = f.read()
+  assert 'decoder/token_embedder/embedding' in info and 'encoder/' not in info
+
+  records = _infer(model_dir, checkpoint, tmp_path, mode='score', num_examples=3)
+  assert len(records) == 3
+  assert all(math.isfinite(r['score']) and r['score'] < 0 and r['targets'] for r in records)
