@@ -24,6 +24,20 @@ def run_binary(module, *args, cwd=REPO, env=None):
                         capture_output=True, text=True, timeout=600)
 
 
+def call_configured(configured, gin_files, bindings=()):
+  """What a binary does after its start-up, in this process: parse gin as the binaries do (files,
+  then ``NAME = VALUE`` bindings), then call ``configured`` (e.g. ``t5train.infer.infer``) with
+  what gin binds to it. Saves a process start-up where a test needs no exit status."""
+  import gin  # noqa: PLC0415
+  from t5train import gin_utils  # noqa: PLC0415
+  gin.clear_config()
+  try:
+    gin_utils.parse_gin(list(gin_files), list(bindings), search_paths=[gin_utils.REPO_ROOT])
+    return gin.get_configurable(configured)()
+  finally:
+    gin.clear_config()
+
+
 def run_train(*args, cwd=REPO, env=None):
   """``python -m t5train.train ARGS`` on the CPU; returns the CompletedProcess."""
   return run_binary('t5train.train', *args, cwd=cwd, env=env)

@@ -15,6 +15,7 @@ import math
 import os
 
 import pytest
+from binaries import call_configured
 
 import gin
 from t5train import (
@@ -50,16 +51,6 @@ LENGTHS = {'inputs': 32, 'targets': 32}  # gin/tasks/demo.gin's
 NUM_EXAMPLES = 8
 
 
-def _call(configured, gin_files, bindings):
-  """Parses gin as the binaries do, then calls ``configured`` with what gin binds to it."""
-  gin.clear_config()
-  try:
-    gin_utils.parse_gin(gin_files, bindings, search_paths=[gin_utils.REPO_ROOT])
-    return gin.get_configurable(configured)()
-  finally:
-    gin.clear_config()
-
-
 def _model(gin_files):
   """The MODEL the gin files bind, built as convert builds it."""
   gin.clear_config()
@@ -79,7 +70,7 @@ def _train(model_dir, kind, initial_checkpoint):
     bindings.append(f"INITIAL_CHECKPOINT_PATH = '{initial_checkpoint}'")
     steps += 2  # TRAIN_STEPS counts from the initial checkpoint's step
   bindings.append(f'TRAIN_STEPS = {steps}')
-  _call(train_script.train, [model_file, run_file, 'gin/tasks/demo.gin'], bindings)
+  call_configured(train_script.train, [model_file, run_file, 'gin/tasks/demo.gin'], bindings)
   return f'{model_dir}/checkpoint_{steps}'
 
 
@@ -96,7 +87,7 @@ def runs(tmp_path_factory):
 
 
 def _infer(model_dir, checkpoint, output_dir, mode='predict', num_examples=NUM_EXAMPLES):
-  written = _call(infer_script.infer, ['gin/runs/infer.gin', f'{model_dir}/config.gin'],
+  written = call_configured(infer_script.infer, ['gin/runs/infer.gin', f'{model_dir}/config.gin'],
                   [f"CHECKPOINT_PATH = '{checkpoint}'", f"INFER_OUTPUT_DIR = '{output_dir}'",
                    f"infer_script.infer.mode = '{mode}'",
                    f'infer_script.infer.num_examples = {num_examples}'])
@@ -111,7 +102,7 @@ def test_a_run_decodes_and_evaluates_through_its_config_gin(runs, kind, tmp_path
   records = _infer(model_dir, checkpoint, tmp_path / 'infer')
   assert len(records) == NUM_EXAMPLES and all('prediction' in r for r in records)
 
-  results = _call(eval_script.evaluate, ['gin/runs/eval.gin', f'{model_dir}/config.gin'],
+  results = call_configured(eval_script.evaluate, ['gin/runs/eval.gin', f'{model_dir}/config.gin'],
                   [f"CHECKPOINT_PATH = '{model_dir}/best'", f"EVAL_OUTPUT_DIR = '{tmp_path}/eval'",
                    'eval_script.evaluate.num_examples = 4'])
   with open(f'{model_dir}/best/best.json') as f:
