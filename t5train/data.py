@@ -37,7 +37,8 @@ class DatasetConfig:
   """Which data to read and how (T5X's field names)."""
 
   mixture_or_task_name: str
-  task_feature_lengths: Mapping[str, int]
+  # None (eval and infer, as T5X's eval.gin): the longest of each feature in the data.
+  task_feature_lengths: Mapping[str, int] | None
   split: str = 'train'
   batch_size: int = 32  # global, over all hosts
   shuffle: bool = True
@@ -59,13 +60,72 @@ def get_mixture_or_task(name: str) -> seqio.Task | seqio.Mixture:
 
 
 def task_for(config: DatasetConfig) -> seqio.Task | seqio.Mixture:
-  """The task or mixture of ``config``, after importing the module that registers it."""
+  """The task or mixture of ``config``, after importing the module that registers it; with
+  ``use_cached``, a UserError naming the first of its tasks that seqio's cache lacks."""
   if config.module:
     try:
       importlib.import_module(config.module)
     except ImportError as e:
       raise UserError(f'cannot import task module {config.module!r}: {e}') from e
-  return get_mixture_or_task(config.mixture_or_task_name)
+  task = get_mixture_or_task(config.mixture_or_task_name)
+  if config.use_cached:
+    check_cached(task)
+  return task
+
+
+def check_cached(task: seqio.Task | seqio.Mixture) -> None:
+  """A UserError naming the first task of ``task`` that no seqio cache directory holds
+  (``use_cached = True``, T5X's ``USE_CACHED_TASKS``, reads the cache only, as in T5X)."""
+  for subtask in seqio.get_subtasks(task):
+    if not subtask.cache_dir:
+      dirs = ', '.join(seqio.get_global_cache_dirs()) or 'none'
+      raise UserError(f'task {subtask.name!r} is not cached: USE_CACHED_TASKS = True (T5X\'s '
+                      f'default) reads seqio\'s cache, and no cache directory ({dirs}) holds it. '
+                      'Cache it with seqio\'s cache_tasks_main, name its cache directory with '
+                      '--seqio_additional_cache_dirs, or set USE_CACHED_TASKS = False')
+
+
+def max_feature_lengths(config: DatasetConfig, num_examples: int | None = None,
+                        evaluated_only: bool = False) -> dict[str, int]:
+  """The longest of each feature of ``config``'s split (the first ``num_examples`` of each task
+  with the split; with ``evaluated_only``, of each task seqio's Evaluator evaluates), read
+  without trimming: T5X's ``TASK_FEATURE_LENGTHS = None``, measured as seqio's Evaluator
+  measures it. ``config.task_feature_lengths`` when it is set."""
+  if config.task_feature_lengths is not None:
+    return dict(config.task_feature_lengths)
+  task = task_for(config)
+  check_split(config, task)
+  subtasks = [t for t in seqio.get_subtasks(task) if config.split in t.splits]
+  if evaluated_only:
+    from seqio import evaluation  # pylint: disable=g-import-not-at-top
+    subtasks = evaluation.get_valid_eval_tasks(subtasks, config.split)
+  lengths: dict[str, int] = {}
+  for subtask in subtasks:
+    try:
+      dataset = subtask.get_dataset(None, split=config.split, shuffle=False, num_epochs=1,
+                                    use_cached=config.use_cached, seed=config.seed)
+    except (ValueError, TypeError) as e:
+      raise UserError(f'TASK_FEATURE_LENGTHS = None needs task {subtask.name!r} to read its '
+                      f'examples without lengths, and it cannot ({_first_line(e)}); set '
+                      'TASK_FEATURE_LENGTHS') from None
+    if num_examples is not None:
+      dataset = dataset.take(num_examples)
+    features = [name for name in subtask.output_features]
+    with record_errors_as_user_errors():
+      for example in dataset.as_numpy_iterator():
+        for name in features:
+          if name in example and np.ndim(example[name]) > 0:
+            lengths[name] = max(lengths.get(name, 0), int(np.shape(example[name])[0]))
+  if not lengths:
+    which = 'task with metric functions' if evaluated_only else 'task'
+    raise UserError(f'TASK_FEATURE_LENGTHS = None: no {which} of '
+                    f'{config.mixture_or_task_name!r} has examples in its {config.split!r} '
+                    'split to measure')
+  return lengths
+
+
+def _first_line(error: BaseException) -> str:
+  return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def check_split(config: DatasetConfig, task: seqio.Task | seqio.Mixture | None = None) -> None:
@@ -82,6 +142,10 @@ def check_features(config: DatasetConfig, feature_converter_cls: type,
                    task: seqio.Task | seqio.Mixture | None = None) -> None:
   """A UserError unless the feature converter reads every feature it needs from the task and
   drops none of its inputs (a model of the wrong kind for the task)."""
+  if config.task_feature_lengths is None:
+    raise UserError(f'TASK_FEATURE_LENGTHS = None (the longest in the data) is for eval and '
+                    f'infer; reading {config.mixture_or_task_name!r} in batches for training '
+                    'needs lengths, e.g. {\'inputs\': 512, \'targets\': 128}')
   task = task or task_for(config)
   converter = f'seqio.{feature_converter_cls.__name__}'
   have = set(task.output_features)
@@ -331,15 +395,24 @@ def subtask_names(config: DatasetConfig) -> list[str]:
   return [task.name for task in seqio.get_subtasks(task_for(config))]
 
 
-def pretokenized_examples(config: DatasetConfig, num_examples: int | None = None
-                          ) -> list[dict[str, Any]]:
-  """The first examples of a split (all with None), unbatched and unconverted (text and ids)."""
+def pretokenized_examples(config: DatasetConfig, num_examples: int | None = None,
+                          shard_id: int = 0, num_shards: int = 1) -> list[dict[str, Any]]:
+  """The first examples of a split (all with None), unbatched and unconverted (text and ids).
+
+  With ``num_shards`` > 1, shard ``shard_id`` of them: every ``num_shards``-th example from
+  the ``shard_id``-th (of the first ``num_examples``), so that the shards together hold the
+  unsharded examples, each once. Without feature lengths the examples are not trimmed.
+  """
   task = task_for(config)
   check_split(config, task)
-  dataset = task.get_dataset(dict(config.task_feature_lengths), split=config.split,
-                             shuffle=False, num_epochs=1, use_cached=config.use_cached)
+  lengths = (dict(config.task_feature_lengths) if config.task_feature_lengths is not None
+             else None)
+  dataset = task.get_dataset(lengths, split=config.split, shuffle=False, num_epochs=1,
+                             use_cached=config.use_cached)
   if num_examples is not None:
     dataset = dataset.take(num_examples)
+  if num_shards > 1:
+    dataset = dataset.shard(num_shards, shard_id)
   with record_errors_as_user_errors():
     return list(dataset.as_numpy_iterator())
 
@@ -370,36 +443,42 @@ def _file_records(path: str) -> list[tuple[str, str | None]]:
 
 
 def file_examples(path: str, input_vocabulary: seqio.Vocabulary,
-                  output_vocabulary: seqio.Vocabulary, task_feature_lengths: Mapping[str, int],
-                  num_examples: int | None = None) -> list[dict[str, Any]]:
-  """Examples from a text file, tokenized as T5 tasks do: trimmed, then EOS appended.
+                  output_vocabulary: seqio.Vocabulary,
+                  task_feature_lengths: Mapping[str, int] | None,
+                  num_examples: int | None = None, shard_id: int = 0,
+                  num_shards: int = 1) -> list[dict[str, Any]]:
+  """Examples from a text file, tokenized as T5 tasks do: trimmed (unless the lengths are
+  None), then EOS appended; with ``num_shards`` > 1, every ``num_shards``-th from the
+  ``shard_id``-th.
 
   Each example has ``inputs`` and ``inputs_pretokenized`` and, where the file gives
   targets (.tsv second column, .jsonl "targets"), ``targets`` and ``targets_pretokenized``.
   """
   if not tf.io.gfile.exists(path):
     raise UserError(f'input file {path!r} does not exist')
-  def encode(vocabulary: seqio.Vocabulary, text: str, length: int) -> np.ndarray:
-    ids = list(vocabulary.encode(text))[:length - 1] + [vocabulary.eos_id]
+  def encode(vocabulary: seqio.Vocabulary, text: str, length: int | None) -> np.ndarray:
+    ids = list(vocabulary.encode(text))
+    ids = (ids if length is None else ids[:length - 1]) + [vocabulary.eos_id]
     return np.asarray(ids, np.int32)
   examples = []
   try:
     records = _file_records(path)
   except file_formats.RecordError as e:
     raise UserError(str(e)) from None
-  for inputs, targets in records[:num_examples]:
-    example = {'inputs': encode(input_vocabulary, inputs, task_feature_lengths['inputs']),
+  lengths = task_feature_lengths or {}
+  for inputs, targets in records[:num_examples][shard_id::num_shards]:
+    example = {'inputs': encode(input_vocabulary, inputs, lengths.get('inputs')),
                'inputs_pretokenized': inputs}
     if targets is not None:
-      example['targets'] = encode(output_vocabulary, str(targets), task_feature_lengths['targets'])
+      example['targets'] = encode(output_vocabulary, str(targets), lengths.get('targets'))
       example['targets_pretokenized'] = str(targets)
     examples.append(example)
-  if not examples:
+  if not examples and not records:
     raise UserError(f'input file {path!r} holds no examples')
   return examples
 
 
 __all__ = ['DatasetConfig', 'get_dataset', 'task_for', 'get_mixture_or_task',
            'BatchIterator', 'DataPosition', 'DatasetIteratorArgs', 'has_saved_iterator',
-           'saved_position',
+           'saved_position', 'check_cached', 'max_feature_lengths',
            'pretokenized_examples', 'subtask_names', 'file_examples', 'tasks']

@@ -46,9 +46,15 @@ def _write_results(path: str, results: AllMetrics) -> None:
 def evaluate(*, model: models.BaseTransformerModel, partitioner: partitioning.PjitPartitioner,
              restore_checkpoint_cfg: checkpoints.RestoreCheckpointConfig, output_dir: str,
              dataset_cfg: Any, num_examples: int | None = None,
-             decoder_params: dict[str, Any] | None = None, random_seed: int = 0) -> AllMetrics:
-  """Evaluates the selected checkpoints in step order; returns every step's metrics so far."""
+             decoder_params: dict[str, Any] | None = None,
+             random_seed: int | None = 0) -> AllMetrics:
+  """Evaluates the selected checkpoints in step order; returns every step's metrics so far.
+
+  ``dataset_cfg.task_feature_lengths = None`` (T5X's eval.gin): the longest of each feature
+  in the evaluated examples, as T5X's evaluation measures them.
+  """
   _GUARD.enter()
+  random_seed = gin_utils.resolve_random_seed(random_seed, evaluate)
   gin_utils.log_overridden_bindings('checkpoints.RestoreCheckpointConfig',
                                     checkpoints.RestoreCheckpointConfig, 'eval', 't5train.eval')
   from t5train import data, evaluation  # pylint: disable=g-import-not-at-top  (TensorFlow: slow)
@@ -66,11 +72,11 @@ def evaluate(*, model: models.BaseTransformerModel, partitioner: partitioning.Pj
   if not todo:
     return results
 
-  lengths = dict(dataset_cfg.task_feature_lengths)
+  lengths = data.max_feature_lengths(dataset_cfg, num_examples, evaluated_only=True)
   initializer = inference.params_initializer(model, partitioner, dataset_cfg.batch_size, lengths)
   evaluator = evaluation.InferenceEval(
       model, partitioner, initializer.train_state_shardings.params, dataset_cfg, num_examples,
-      log_dir=output_dir, decoder_params=decoder_params, seed=random_seed)
+      log_dir=output_dir, decoder_params=decoder_params, seed=random_seed, lengths=lengths)
   for step, path in todo:
     metrics = evaluator(checkpoint_reading.restore_params(path, initializer,
                                                           restore_checkpoint_cfg.dtype), step)

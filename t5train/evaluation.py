@@ -107,9 +107,20 @@ class InferenceEval:
   def __init__(self, model: models.BaseTransformerModel, partitioner: PjitPartitioner,
                param_shardings: Any, dataset_cfg: data.DatasetConfig,
                num_examples: int | None = None, log_dir: str | None = None,
-               decoder_params: Mapping[str, Any] | None = None, seed: int = 0):
+               decoder_params: Mapping[str, Any] | None = None, seed: int = 0,
+               lengths: Mapping[str, int] | None = None):
     import seqio  # pylint: disable=g-import-not-at-top  (imported by data already)
-    lengths = dict(dataset_cfg.task_feature_lengths)
+    # TASK_FEATURE_LENGTHS = None: the longest in the data (``lengths``, when the caller has
+    # measured them already), and seqio's Evaluator measures the same itself, as in T5X.
+    measured = dataset_cfg.task_feature_lengths is None
+    if measured:
+      lengths = dict(lengths or data.max_feature_lengths(dataset_cfg, num_examples,
+                                                         evaluated_only=True))
+      logging.info('TASK_FEATURE_LENGTHS = None: the longest in %s (%s) are %s.',
+                   dataset_cfg.mixture_or_task_name, dataset_cfg.split, lengths)
+    else:
+      lengths = dict(dataset_cfg.task_feature_lengths)
+    self.lengths = lengths
     self._runner = inference.InferenceRunner(model, partitioner, param_shardings,
                                              dataset_cfg.batch_size, lengths['targets'],
                                              decoder_params, seed=seed)
@@ -118,8 +129,8 @@ class InferenceEval:
     self._evaluator = seqio.Evaluator(
         dataset_cfg.mixture_or_task_name, model.FEATURE_CONVERTER_CLS(pack=False),
         eval_split=dataset_cfg.split, use_cached=dataset_cfg.use_cached, seed=seed,
-        sequence_length=lengths, num_examples=num_examples, shuffle=False, logger_cls=loggers,
-        log_dir=log_dir)
+        sequence_length=None if measured else lengths, num_examples=num_examples, shuffle=False,
+        logger_cls=loggers, log_dir=log_dir)
     if not self._evaluator.eval_tasks:
       raise UserError(f'{dataset_cfg.mixture_or_task_name!r} has no task with metric functions '
                       f'and a {dataset_cfg.split!r} split; there is nothing to evaluate')

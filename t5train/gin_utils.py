@@ -49,14 +49,36 @@ _DEBUG = flags.DEFINE_bool('debug', False, 'Show tracebacks for user errors too.
 _MULTIPROCESS = flags.DEFINE_bool(
     'multiprocess', False, 'Start jax.distributed before anything else. Without the three flags '
     'below, JAX detects the cluster itself (TPU VM, SLURM, Open MPI).')
+_MULTIPROCESS_GPU = flags.DEFINE_bool(
+    'multiprocess_gpu', False, 'T5X\'s name of --multiprocess (on any platform here).')
 _COORDINATOR_ADDRESS = flags.DEFINE_string(
     'coordinator_address', None, 'host:port of process 0, e.g. 10.0.0.2:1234 (with --multiprocess).')
 _PROCESS_COUNT = flags.DEFINE_integer('process_count', None, 'Number of processes (hosts).')
 _PROCESS_INDEX = flags.DEFINE_integer('process_index', None, 'This process\'s index, from 0.')
+_INITIALIZATION_TIMEOUT = flags.DEFINE_integer(
+    'initialization_timeout', None, 'With --multiprocess: seconds to wait for every process to '
+    'join jax.distributed (JAX\'s default, 300, when unset).', lower_bound=1)
 _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
     'heartbeat_timeout_seconds', multihost.HEARTBEAT_TIMEOUT_SECONDS,
     'With --multiprocess: a process that sends no heartbeat for this long counts as dead, and '
     'the others exit with an error instead of waiting for it.', lower_bound=1)
+
+# Data locations, as in T5X.
+_TFDS_DATA_DIR = flags.DEFINE_string(
+    'tfds_data_dir', None, 'Directory of the TensorFlow Datasets data that tasks read; overrides '
+    'the tfds_data_dir of every seqio Task (seqio.set_tfds_data_dir_override).')
+_SEQIO_ADDITIONAL_CACHE_DIRS = flags.DEFINE_list(
+    'seqio_additional_cache_dirs', [], 'Comma-separated directories in which to look for '
+    'cached seqio Tasks too (seqio.add_global_cache_dirs).')
+
+# t5train.infer: this job's share of the examples (T5X's infer flag; gin's infer.shard_id too).
+_SHARD_ID = flags.DEFINE_integer(
+    'shard_id', None, 't5train.infer only: infer shard SHARD_ID of --num_shards (or of '
+    'infer.num_shards) and write <task>-<mode>.jsonl-0000SHARD_ID-of-0000N. Overrides '
+    'infer.shard_id.', lower_bound=0)
+_NUM_SHARDS = flags.DEFINE_integer(
+    'num_shards', None, 't5train.infer only: the number of shards the examples are split into. '
+    'Overrides infer.num_shards.', lower_bound=1)
 
 
 def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
@@ -205,17 +227,92 @@ class _LibraryChatterFilter(std_logging.Filter):
 
 
 def initialize_multiprocess_from_flags() -> None:
-  """Joins the process group when ``--multiprocess`` is given; other hosts log warnings only."""
-  given = [_COORDINATOR_ADDRESS.value, _PROCESS_COUNT.value, _PROCESS_INDEX.value]
-  if not _MULTIPROCESS.value:
+  """Joins the process group when ``--multiprocess`` (or T5X's ``--multiprocess_gpu``) is given;
+  other hosts log warnings only."""
+  given = [_COORDINATOR_ADDRESS.value, _PROCESS_COUNT.value, _PROCESS_INDEX.value,
+           _INITIALIZATION_TIMEOUT.value]
+  if not (_MULTIPROCESS.value or _MULTIPROCESS_GPU.value):
     if any(value is not None for value in given):
-      raise UserError('--coordinator_address, --process_count and --process_index need '
-                      '--multiprocess')
+      raise UserError('--coordinator_address, --process_count, --process_index and '
+                      '--initialization_timeout need --multiprocess (or --multiprocess_gpu)')
     return
   multihost.initialize(_COORDINATOR_ADDRESS.value, _PROCESS_COUNT.value, _PROCESS_INDEX.value,
-                       heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value)
+                       heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value,
+                       initialization_timeout=_INITIALIZATION_TIMEOUT.value)
   if not multihost.is_primary():
     logging.set_verbosity(logging.WARNING)
+
+
+def apply_data_flags() -> None:
+  """``--tfds_data_dir`` and ``--seqio_additional_cache_dirs``, as T5X applies them (seqio is
+  imported only when one is given: it brings TensorFlow)."""
+  if not (_TFDS_DATA_DIR.value or _SEQIO_ADDITIONAL_CACHE_DIRS.value):
+    return
+  import seqio  # pylint: disable=g-import-not-at-top
+  if _TFDS_DATA_DIR.value:
+    seqio.set_tfds_data_dir_override(_TFDS_DATA_DIR.value)
+    logging.info('TFDS data dir: %s (--tfds_data_dir).', _TFDS_DATA_DIR.value)
+  if _SEQIO_ADDITIONAL_CACHE_DIRS.value:
+    seqio.add_global_cache_dirs(_SEQIO_ADDITIONAL_CACHE_DIRS.value)
+    logging.info('seqio cache dirs: %s.', ', '.join(seqio.get_global_cache_dirs()))
+
+
+def shard_arguments(program: str) -> dict[str, int]:
+  """``--shard_id`` / ``--num_shards`` as arguments of ``infer`` (they override its gin
+  bindings, as T5X's ``--shard_id`` does); a UserError for the other binaries."""
+  given = {name: flag.value for name, flag in (('shard_id', _SHARD_ID),
+                                                ('num_shards', _NUM_SHARDS))
+           if flag.value is not None}
+  if given and program != 't5train.infer':
+    raise UserError(f'--{" and --".join(given)} {"is a flag" if len(given) == 1 else "are flags"}'
+                    f' of t5train.infer, not of {program}')
+  return given
+
+
+def resolve_random_seed(random_seed: int | None, function: Callable[..., Any] | str) -> int:
+  """The run's seed: ``random_seed``, or for None (T5X's ``RANDOM_SEED = None``) a fresh one,
+  the same on every process, logged and written into gin's config (``RANDOM_SEED = <seed>`` in
+  config.gin) so that the run can be repeated. ``function`` is the binary's configurable
+  function (or its gin selector) whose ``random_seed`` gin binds."""
+  if random_seed is not None:
+    return random_seed
+  if isinstance(function, str):
+    selector = function
+  else:
+    registered = gin.config._inverse_lookup(function)  # pylint: disable=protected-access
+    selector = registered.selector if registered is not None else function.__name__
+  seed = multihost.draw_seed()
+  macro = None
+  try:
+    bound = gin.query_parameter(f'{selector}.random_seed')
+  except ValueError:
+    bound = None
+  if isinstance(bound, gin.config.ConfigurableReference) and \
+      bound.selector == 'gin.macro' and bound.scoped_selector.count('/') == 1:
+    macro = bound.scoped_selector.split('/')[0]
+  with gin.unlock_config():
+    if macro is not None:
+      gin.bind_parameter(f'{macro}/gin.macro.value', seed)
+      # Evaluating the macro records its new value in the operative config (config.gin).
+      gin.config.parse_value(f'%{macro}').scoped_configurable_fn()
+    elif bound is not None or _bound(f'{selector}.random_seed')[0]:
+      _record_seed_binding(selector, seed)
+  name = macro or f'{selector.split(".")[-1]}.random_seed'
+  logging.info('%s is None: drew the random seed %d (--gin.%s=%d repeats this run; config.gin '
+               'records it).', name, seed, name, seed)
+  return seed
+
+
+def _record_seed_binding(selector: str, seed: int) -> None:
+  """``<function>.random_seed = None`` bound directly: the drawn seed in its place, in the
+  bindings and in the operative config already recorded for the call."""
+  gin.bind_parameter(f'{selector}.random_seed', seed)
+  with gin.config._OPERATIVE_CONFIG_LOCK:  # pylint: disable=protected-access
+    for (_, recorded), values in gin.config._OPERATIVE_CONFIG.items():  # pylint: disable=protected-access
+      same = recorded == selector or recorded.endswith(f'.{selector}') or \
+          selector.endswith(f'.{recorded}')
+      if same and values.get('random_seed', 0) is None:
+        values['random_seed'] = seed
 
 
 def configured_binary(configured: Callable[..., Any], guard: GinCallGuard, program: str,
@@ -232,7 +329,8 @@ def configured_binary(configured: Callable[..., Any], guard: GinCallGuard, progr
     report = gin_report.Report(program)
     guard.on_enter = report.at_start
     try:
-      call_configured(lambda: gin.get_configurable(configured)(), guard)
+      arguments = shard_arguments(program)
+      call_configured(lambda: gin.get_configurable(configured)(**arguments), guard)
     finally:
       guard.on_enter = None
     report.at_end()
@@ -253,6 +351,7 @@ def run(main: Callable[[Sequence[str]], None], program: str) -> None:
     logging.get_absl_handler().addFilter(_LibraryChatterFilter())
     try:
       initialize_multiprocess_from_flags()
+      apply_data_flags()
       main(argv)
     except (UserError, TrainingError) as e:
       if _DEBUG.value:

@@ -6,7 +6,10 @@
 
 Gin binds the arguments of ``infer`` (see gin/runs/infer.gin). Each task of the
 mixture, or the ``INPUT_FILE``, gives one file ``<name>-<mode>.jsonl``; a file
-that already exists is a finished task and is skipped.
+that already exists is a finished task and is skipped. Jobs that split the
+examples (``--shard_id`` / ``--num_shards``, or ``infer.shard_id`` /
+``infer.num_shards``, as in T5X) each write their shard as T5X names it,
+``<name>-<mode>.jsonl-00000-of-00002``.
 """
 
 from __future__ import annotations
@@ -82,9 +85,21 @@ def infer(*, model: models.BaseTransformerModel, partitioner: partitioning.PjitP
           restore_checkpoint_cfg: checkpoints.RestoreCheckpointConfig, output_dir: str,
           dataset_cfg: Any = None, input_file: str | None = None, mode: str = 'predict',
           num_examples: int | None = None, include_tokens: bool = False,
-          decoder_params: dict[str, Any] | None = None, random_seed: int = 0) -> list[str]:
-  """Writes one JSONL file per task (or for ``input_file``); returns their paths."""
+          decoder_params: dict[str, Any] | None = None, random_seed: int | None = 0,
+          shard_id: int = 0, num_shards: int = 1) -> list[str]:
+  """Writes one JSONL file per task (or for ``input_file``); returns their paths.
+
+  With ``num_shards`` > 1 this job infers shard ``shard_id`` of each task's examples (every
+  ``num_shards``-th, from the ``shard_id``-th) into ``<name>-<mode>.jsonl-<shard_id>-of-
+  <num_shards>`` (five digits each, T5X's names); the shards' files together hold the lines of
+  the unsharded file. ``dataset_cfg.task_feature_lengths = None``: the longest of each feature
+  in the examples (of all shards, so every shard decodes alike).
+  """
   _GUARD.enter()
+  if not 0 <= shard_id < num_shards:
+    raise UserError(f'shard_id must be in [0, num_shards): shard_id={shard_id}, '
+                    f'num_shards={num_shards}')
+  random_seed = gin_utils.resolve_random_seed(random_seed, infer)
   gin_utils.log_overridden_bindings('checkpoints.RestoreCheckpointConfig',
                                     checkpoints.RestoreCheckpointConfig, 'infer', 't5train.infer')
   from t5train import data  # pylint: disable=g-import-not-at-top  (TensorFlow is slow to import)
@@ -95,15 +110,21 @@ def infer(*, model: models.BaseTransformerModel, partitioner: partitioning.PjitP
   if input_file is None and not dataset_cfg.mixture_or_task_name:
     raise UserError('set MIXTURE_OR_TASK_NAME or INPUT_FILE: there is nothing to infer')
   step, checkpoint_dir = checkpoints.select_checkpoints(restore_checkpoint_cfg)[-1]
-  lengths = dict(dataset_cfg.task_feature_lengths)
+  given = dataset_cfg.task_feature_lengths
   if input_file is not None:
     name = os.path.basename(input_file)
     sources = {name: lambda: data.file_examples(input_file, model.input_vocabulary,
-                                                 model.output_vocabulary, lengths, num_examples)}
+                                                 model.output_vocabulary, given, num_examples,
+                                                 shard_id, num_shards)}
+    lengths = dict(given) if given is not None else _longest(data.file_examples(
+        input_file, model.input_vocabulary, model.output_vocabulary, None, num_examples))
   else:
     names = data.subtask_names(dataset_cfg)
     sources = {task: (lambda task=task: data.pretokenized_examples(
-        _task_config(dataset_cfg, task), num_examples)) for task in names}
+        _task_config(dataset_cfg, task), num_examples, shard_id, num_shards)) for task in names}
+    lengths = data.max_feature_lengths(dataset_cfg, num_examples)
+  if given is None:
+    logging.info('TASK_FEATURE_LENGTHS = None: the longest in the data are %s.', lengths)
   partitioner.validate()
   initializer = inference.params_initializer(model, partitioner, dataset_cfg.batch_size, lengths)
   params = checkpoint_reading.restore_params(checkpoint_dir, initializer,
@@ -116,7 +137,7 @@ def infer(*, model: models.BaseTransformerModel, partitioner: partitioning.PjitP
   directory.mkdir(parents=True, exist_ok=True)
   written = []
   for name, read_examples in sources.items():
-    path = paths.join(directory, f'{name}-{mode}.jsonl')
+    path = paths.join(directory, output_file_name(name, mode, shard_id, num_shards))
     if epath.Path(path).exists():
       logging.info('%s already exists; skipping %s.', path, name)
       written.append(path)
@@ -128,6 +149,25 @@ def infer(*, model: models.BaseTransformerModel, partitioner: partitioning.PjitP
     logging.info('Wrote %d examples of %s to %s.', len(records), name, path)
     written.append(path)
   return written
+
+
+def output_file_name(name: str, mode: str, shard_id: int = 0, num_shards: int = 1) -> str:
+  """``<name>-<mode>.jsonl``, and for a shard of several T5X's
+  ``<name>-<mode>.jsonl-<shard_id:05>-of-<num_shards:05>``."""
+  if num_shards == 1:
+    return f'{name}-{mode}.jsonl'
+  return f'{name}-{mode}.jsonl-{shard_id:05}-of-{num_shards:05}'
+
+
+def _longest(examples: Sequence[dict[str, Any]]) -> dict[str, int]:
+  """The longest of each token feature of ``examples`` (TASK_FEATURE_LENGTHS = None)."""
+  lengths: dict[str, int] = {}
+  for example in examples:
+    for feature in ('inputs', 'targets'):
+      if feature in example:
+        lengths[feature] = max(lengths.get(feature, 0), len(example[feature]))
+  lengths.setdefault('targets', lengths.get('inputs', 1))
+  return lengths
 
 
 def _task_config(dataset_cfg: Any, task: str) -> Any:

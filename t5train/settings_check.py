@@ -63,7 +63,7 @@ MACROS: dict[str, Rule] = {
     'EVAL_PERIOD': Rule(int, 0, none_ok=True),  # 0 or None: no evaluation
     'EVAL_STEPS': _COUNT,
     'NUM_PARTITIONS': _COUNT,
-    'RANDOM_SEED': Rule(int, 0),
+    'RANDOM_SEED': Rule(int, 0, none_ok=True),  # None: a fresh seed, recorded in config.gin
     'INFER_EVAL_NUM_EXAMPLES': Rule(int, 1, none_ok=True),
     'DROPOUT_RATE': _PROBABILITY,
     'LABEL_SMOOTHING': _PROBABILITY,
@@ -127,7 +127,7 @@ def check_bound_settings() -> None:
     if bound:
       check_value(name, rule, value)
   bound, value = bound_value(f'%{FEATURE_LENGTHS}')
-  if bound:
+  if bound and value is not None:  # None: the longest in the data (eval and infer; T5X's)
     check_feature_lengths(value)
   for name, rule in BINDINGS.items():
     bound, value = bound_value(name)

@@ -238,7 +238,7 @@ def train(*, model: models.BaseTransformerModel, train_dataset_cfg: Any,
           checkpoint_cfg: checkpoints.SaveCheckpointConfig, model_dir: str, total_steps: int,
           restore_checkpoint_cfg: checkpoints.RestoreCheckpointConfig | None = None,
           learning_rate_fn: optimizers.LearningRateFn | None = None,
-          num_microbatches: int | None = None, random_seed: int = 0,
+          num_microbatches: int | None = None, random_seed: int | None = 0,
           summary_period: int = 100, log_every_secs: float = 5.0, eval_period: int | None = None,
           eval_steps: int = 20, train_eval_dataset_cfg: Any = None,
           infer_eval_dataset_cfg: Any = None, infer_eval_num_examples: int | None = None,
@@ -262,6 +262,8 @@ def train(*, model: models.BaseTransformerModel, train_dataset_cfg: Any,
   starts the data afresh instead (T5X's name).
   """
   _GUARD.enter()
+  # RANDOM_SEED = None (T5X's default): a fresh seed for every process, recorded in config.gin.
+  random_seed = gin_utils.resolve_random_seed(random_seed, train)
   from t5train import data  # pylint: disable=g-import-not-at-top  (TensorFlow is slow to import)
   if total_steps < 0:
     raise UserError(f'TRAIN_STEPS must be >= 0, got {total_steps}')

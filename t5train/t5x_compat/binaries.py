@@ -30,7 +30,8 @@ T5X_ARGUMENTS = {
               'concurrent_metrics', 'actions', 'train_eval_get_dataset_fn',
               'run_eval_before_training', 'train_state_initializer_cls', 'use_orbax',
               'verify_matching_vocabs_fn', 'gc_period'),
-    'infer': ('checkpoint_period', 'shard_id', 'num_shards', 'merge_chunked_results',
+    # shard_id and num_shards are t5train's own arguments of infer (each job infers its shard).
+    'infer': ('checkpoint_period', 'merge_chunked_results',
               'write_fn', 'checkpoint_ds_iter', 'train_state_initializer_cls',
               'fallback_init_rng', 'merge_fn', 'summarize_config_fn',
               'verify_matching_vocabs_fn', 'output_vocab_feature_name', 'file_extension',
@@ -219,8 +220,6 @@ def _translate_train(kwargs: dict[str, Any], t5x: dict[str, Any]) -> dict[str, A
 def _translate_infer(kwargs: dict[str, Any], t5x: dict[str, Any]) -> dict[str, Any]:
   program = 'infer'
   for name, default, why in (
-      ('shard_id', 0, 'one job infers the whole dataset'),
-      ('num_shards', 1, 'one job infers the whole dataset'),
       ('merge_chunked_results', True, 'each task is written as one file'),
       ('output_vocab_feature_name', 'targets', 'outputs are decoded with the model vocabulary'),
       ('file_extension', 'jsonl', 'outputs are JSONL files'),
