@@ -32,7 +32,8 @@ def call_configured(configured, gin_files, bindings=()):
   from t5train import gin_utils  # noqa: PLC0415
   gin.clear_config()
   try:
-    gin_utils.parse_gin(list(gin_files), list(bindings), search_paths=[gin_utils.REPO_ROOT])
+    gin_utils.parse_gin([str(f) for f in gin_files], list(bindings),
+                        search_paths=[gin_utils.REPO_ROOT])
     return gin.get_configurable(configured)()
   finally:
     gin.clear_config()

@@ -6,12 +6,14 @@ import os
 
 import numpy as np
 import pytest
-from binaries import read_params, read_scalars, run_binary, run_train
+from binaries import call_configured, read_params, read_scalars, run_train
 from test_notebook_api import QA_PAIRS as QA
 from test_notebook_api import build_model
 
 import gin
+from t5train import eval as eval_script
 from t5train import gin_utils, partitioning, tasks, testing
+from t5train import infer as infer_script
 from t5train import interactive_model as im_lib
 
 
@@ -146,11 +148,11 @@ def test_generated_configs_reproduce_it_in_the_binaries(tmp_path):
 
   validation = im_lib.get_batches_from_seqio('sort_digits', 'validation', batch_size=8,
                                              num_batches=2, shuffle=False)
-  inferred = run_binary('t5train.infer', _write_config(im, im_lib.ScriptType.INFERENCE,
-                                                       tmp_path / 'infer.gin'),
-                        "--gin.infer_script.infer.mode='predict_with_aux'",
-                        '--gin.infer_script.infer.num_examples=8')
-  assert inferred.returncode == 0, inferred.stderr[-3000:]
+  # infer and eval: their gin functions in this process, as the binaries call them.
+  _write_config(im, im_lib.ScriptType.INFERENCE, tmp_path / 'infer.gin')
+  call_configured(infer_script.infer, [tmp_path / 'infer.gin'],
+                  ["infer_script.infer.mode = 'predict_with_aux'",
+                   'infer_script.infer.num_examples = 8'])
   with open(tmp_path / 'im' / 'inference' / 'sort_digits-predict_with_aux.jsonl') as f:
     records = [json.loads(line) for line in f]
   predicted, aux = im.predict_with_aux(validation[0])
@@ -159,10 +161,9 @@ def test_generated_configs_reproduce_it_in_the_binaries(tmp_path):
   testing.assert_trees_close(np.asarray([r['aux']['scores'] for r in records]),
                              np.asarray(aux['scores']))
 
-  evaluated = run_binary('t5train.eval', _write_config(im, im_lib.ScriptType.EVALUATION,
-                                                       tmp_path / 'eval.gin'),
-                         '--gin.eval_script.evaluate.num_examples=16')
-  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  _write_config(im, im_lib.ScriptType.EVALUATION, tmp_path / 'eval.gin')
+  call_configured(eval_script.evaluate, [tmp_path / 'eval.gin'],
+                  ['eval_script.evaluate.num_examples = 16'])
   with open(tmp_path / 'im' / 'eval' / 'metrics.json') as f:
     binary_metrics = json.load(f)['3']['sort_digits']
   metrics = im.evaluate([ex for batch in validation for ex in batch],
