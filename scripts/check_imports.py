@@ -20,7 +20,7 @@ LAYERS = {
     'metrics': 3, 'model_info': 3, 'multihost': 3, 'preemption': 3, 'rng': 3, 'summaries': 3,
     'trainer': 4, 'assembly': 4, 'best_checkpoint': 4, 'inference': 4, 'evaluation': 4, 'testing': 4,
     'train': 5, 'infer': 5, 'eval': 5, 'gin_utils': 5, 'utils': 5, 'adafactor': 5,
-    'interactive_model': 5, 'vocab': 5,
+    'interactive_model': 5, 'vocab': 5, 'gin_report': 5, 't5x_compat': 5,
 }
 # Others import seqio / tensorflow lazily.
 TF_ALLOWED = {'data', 'tasks', 'file_tasks', 'span_corruption', 'interactive_model'}

@@ -17,9 +17,9 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import gin
 from absl import logging
 
+import gin
 from t5train.errors import UserError
 from t5train.t5x_compat._args import UNSET, require
 
