@@ -1,7 +1,9 @@
 """Test collection: the multi-device tests need 8 simulated devices, set before JAX starts.
 
 tests/test_multidevice.py runs tests/multidevice/ in a subprocess with
-XLA_FLAGS=--xla_force_host_platform_device_count=8; the main run skips that folder.
+XLA_FLAGS=--xla_force_host_platform_device_count=8, and tests/test_isolated.py runs
+tests/isolated/ (tests that give gin T5X's module names and ``__main__``, which gin remembers for
+the rest of a process) in a process of their own; the main run skips both folders.
 
 Every process of the suite (the test workers and the binaries they start, which inherit the
 environment) shares JAX's persistent compilation cache, so a program that several tests
@@ -15,8 +17,10 @@ import os
 import tempfile
 
 MULTIDEVICE_ENV = 'T5TRAIN_MULTIDEVICE_RUN'
+ISOLATED_ENV = 'T5TRAIN_ISOLATED_RUN'
 
-collect_ignore_glob = [] if os.environ.get(MULTIDEVICE_ENV) else ['multidevice/*']
+collect_ignore_glob = ([] if os.environ.get(MULTIDEVICE_ENV) else ['multidevice/*']) + (
+    [] if os.environ.get(ISOLATED_ENV) else ['isolated/*'])
 
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
                       os.path.join(tempfile.gettempdir(), 't5train-tests-jax-cache'))
