@@ -119,10 +119,23 @@ def alias_main(module_name: str) -> None:
 
   ``python -m t5train.train`` runs t5train/train.py as ``__main__`` and calls the function of
   the importable copy ``t5train.train``; a console script's ``__main__`` is the script itself.
-  Either way gin must see the function that runs, so ``__main__`` names that module.
+  Either way gin must see the function that runs, so ``__main__`` holds that module's names,
+  and the other binaries' functions besides.
   """
   module = importlib.import_module(module_name)
-  sys.modules['__main__'] = module
+  main = types.ModuleType('__main__', module.__doc__)
+  main.__dict__.update({k: v for k, v in vars(module).items() if not k.startswith('__')})
+  for binary, function in BINARY_FUNCTIONS.items():
+    if binary != module_name:
+      setattr(main, function, getattr(importlib.import_module(binary), function))
+  sys.modules['__main__'] = main
+
+
+# The function of each binary that T5X's run files bind through ``import __main__``. All three
+# are attributes of ``__main__`` in every binary, so that a T5X-style run's config.gin, which
+# binds ``train_script.train``, can be given to infer and eval, as t5train's own can.
+BINARY_FUNCTIONS = {'t5train.train': 'train', 't5train.infer': 'infer',
+                    't5train.eval': 'evaluate'}
 
 
 def prepare_binary(module_name: str) -> None:

@@ -204,3 +204,16 @@ def test_train_binary_runs_t5x_style_files(tmp_path):
         steps.update(step for step, _ in values)
   assert steps == {1, 2}  # evaluated every step: eval_period=1, not pretrain.gin's 1000
   assert 'import __main__ as train_script' in (model_dir / 'config.gin').read_text()
+
+  # The run's config.gin binds train_script.train through __main__; infer takes it too.
+  main = sys.modules['__main__']
+  gin.clear_config()
+  try:
+    t5x_compat.prepare_binary('t5train.infer')
+    gin_utils.parse_gin(['gin/runs/infer.gin', str(model_dir / 'config.gin')],
+                        [f"CHECKPOINT_PATH = '{model_dir}'", f"INFER_OUTPUT_DIR = '{tmp_path}'"],
+                        search_paths=[REPO])
+    assert gin.query_parameter('%TRAIN_STEPS') == 2  # bound through train_script.train
+  finally:
+    sys.modules['__main__'] = main
+    gin.clear_config()
