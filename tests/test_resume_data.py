@@ -7,13 +7,14 @@ the train binary through the same resumes.
 """
 
 import dataclasses
+import logging
 import os
 import types
 
 import numpy as np
 import pytest
 import seqio
-from binaries import SMOKE, run_train
+from binaries import SMOKE, call_configured, run_train
 
 from t5train import checkpoints, data, partitioning, train
 from t5train.errors import UserError
@@ -120,14 +121,21 @@ def test_resumes_continue_the_stream_or_stop_before_training(tmp_path):
     start_and_read(Manager(str(tmp_path)), 4, 0, batch_size=16)
 
 
-def test_binary_resumes_with_another_batch_size_and_stops_on_other_lengths(tmp_path):
+def test_binary_resumes_with_another_batch_size_and_stops_on_other_lengths(tmp_path, caplog):
+  """The train binary's function (in this process where no exit status is needed): 4 steps at
+  batch 8, a resume at 16, then other lengths (the binary: exit 2), then restore_dataset=False."""
   model_dir = str(tmp_path)
-  run = [*RUN, f"--gin.MODEL_DIR='{model_dir}'"]
-  first = run_train(*run, '--gin.TRAIN_STEPS=4', '--gin.BATCH_SIZE=8')
-  assert first.returncode == 0, first.stderr[-3000:]
-  resumed = run_train(*run, '--gin.TRAIN_STEPS=6', '--gin.BATCH_SIZE=16')
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert 'the data continue at row 32' in resumed.stderr
+  files = [f.split('=', 1)[1] for f in SMOKE]
+
+  def train_in_process(*bindings):
+    with caplog.at_level(logging.INFO):
+      call_configured(train.train, files,
+                      [f"MODEL_DIR = '{model_dir}'", 'EVAL_PERIOD = 0', *bindings])
+    text, _ = caplog.text, caplog.clear()
+    return text
+
+  train_in_process('TRAIN_STEPS = 4', 'BATCH_SIZE = 8')
+  assert 'the data continue at row 32' in train_in_process('TRAIN_STEPS = 6', 'BATCH_SIZE = 16')
   # Steps 5 and 6 read rows 32 to 63 of the stream: checkpoint_6's iterator gives rows 64 on.
   item_dir = os.path.join(model_dir, 'checkpoint_6', train.DATASET_ITEM)
   position = data.saved_position(item_dir)
@@ -142,13 +150,14 @@ def test_binary_resumes_with_another_batch_size_and_stops_on_other_lengths(tmp_p
 
   other_lengths = ["--gin.TASK_FEATURE_LENGTHS={'inputs': 16, 'targets': 16}",
                    '--gin.BATCH_SIZE=16', '--gin.TRAIN_STEPS=7']
-  refused = run_train(*run, *other_lengths)
+  refused = run_train(*RUN, f"--gin.MODEL_DIR='{model_dir}'", *other_lengths)
   assert refused.returncode == 2, refused.stderr[-3000:]
   last = refused.stderr.strip().splitlines()[-1]
   assert last.startswith('t5train.train: error: the data cannot continue where'), last
   assert 'task_feature_lengths' in last and 'restore_dataset=False' in last
   assert 'Traceback' not in refused.stderr and 'step 7/' not in refused.stderr
-  afresh = run_train(*run, *other_lengths, '--gin.train_script.train.restore_dataset=False')
-  assert afresh.returncode == 0, afresh.stderr[-3000:]
-  assert 'the data stream starts afresh (seed 0 + step 6)' in afresh.stderr
+  afresh = train_in_process("TASK_FEATURE_LENGTHS = {'inputs': 16, 'targets': 16}",
+                            'BATCH_SIZE = 16', 'TRAIN_STEPS = 7',
+                            'train_script.train.restore_dataset = False')
+  assert 'the data stream starts afresh (seed 0 + step 6)' in afresh
   assert os.path.isdir(os.path.join(model_dir, 'checkpoint_7'))
