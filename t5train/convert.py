@@ -391,33 +391,42 @@ def gin_model_config(gin_files: Sequence[str], gin_bindings: Sequence[str] = (),
   return config, getattr(model.output_vocabulary, 'sentencepiece_model_file', None)
 
 
+def convert(*, source: str | None = None, target: str | None = None, input_path: str,
+            output: str, dtype: str = 'float32', gin_files: Sequence[str] = (),
+            gin_bindings: Sequence[str] = (), search_paths: Sequence[str] = ()) -> str:
+  """What the binary does: import from ``source`` ('hf', 't5x') or export to ``target`` ('hf',
+  'merged'); the model of an export comes from ``gin_files``, else from the model directory's
+  config.gin or model.gin. Returns what was written."""
+  if (source is None) == (target is None):
+    raise UserError('give exactly one of --from=hf|t5x or --to=hf|merged')
+  if not input_path or not output:
+    raise UserError('--input and --output are required')
+  if not epath.Path(input_path).is_dir():
+    raise UserError(f'--input {input_path} is not a directory')
+  if source == 'hf':
+    return import_hf(input_path, output, dtype)
+  if source == 't5x':
+    config = None
+    if gin_files:
+      config = gin_model_config(gin_files, gin_bindings, search_paths, decoder_only_too=True)[0]
+    return import_t5x(input_path, output, dtype, config)
+  checkpoint = checkpoint_to_read(input_path)
+  config, sentencepiece_file = gin_model_config(
+      list(gin_files) or [run_config_file(checkpoint)], gin_bindings, search_paths,
+      decoder_only_too=target == 'merged')
+  if target == 'merged':
+    return export_merged(checkpoint, config, output, sentencepiece_file)
+  export_hf(checkpoint, config, output, sentencepiece_file)
+  return output
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
-  if (_FROM.value is None) == (_TO.value is None):
-    raise UserError('give exactly one of --from=hf|t5x or --to=hf|merged')
-  if not _INPUT.value or not _OUTPUT.value:
-    raise UserError('--input and --output are required')
-  if not epath.Path(_INPUT.value).is_dir():
-    raise UserError(f'--input {_INPUT.value} is not a directory')
-  if _FROM.value == 'hf':
-    written = import_hf(_INPUT.value, _OUTPUT.value, _DTYPE.value)
-  elif _FROM.value == 't5x':
-    config = None
-    if flags.FLAGS.gin_file:
-      config = gin_model_config(flags.FLAGS.gin_file, flags.FLAGS.gin_bindings,
-                                flags.FLAGS.gin_search_paths, decoder_only_too=True)[0]
-    written = import_t5x(_INPUT.value, _OUTPUT.value, _DTYPE.value, config)
-  else:
-    checkpoint = checkpoint_to_read(_INPUT.value)
-    config, sentencepiece_file = gin_model_config(
-        flags.FLAGS.gin_file or [run_config_file(checkpoint)], flags.FLAGS.gin_bindings,
-        flags.FLAGS.gin_search_paths, decoder_only_too=_TO.value == 'merged')
-    if _TO.value == 'merged':
-      written = export_merged(checkpoint, config, _OUTPUT.value, sentencepiece_file)
-    else:
-      export_hf(checkpoint, config, _OUTPUT.value, sentencepiece_file)
-      written = _OUTPUT.value
+  written = convert(source=_FROM.value, target=_TO.value, input_path=_INPUT.value,
+                    output=_OUTPUT.value, dtype=_DTYPE.value, gin_files=flags.FLAGS.gin_file,
+                    gin_bindings=flags.FLAGS.gin_bindings,
+                    search_paths=flags.FLAGS.gin_search_paths)
   logging.info('Wrote %s.', written)
   print(f'wrote {written}', flush=True)
 
