@@ -34,3 +34,19 @@ if _FAST_COMPILE not in os.environ.get('XLA_FLAGS', ''):
 def xla_flags_for_devices(count: int) -> str:
   """XLA_FLAGS for a process with ``count`` simulated CPU devices, keeping the suite's flags."""
   return f"--xla_force_host_platform_device_count={count} {os.environ.get('XLA_FLAGS', '')}".strip()
+
+
+def run_folder_in_subprocess(folder: str, env: dict) -> None:
+  """Runs the tests of ``tests/<folder>`` in a pytest process of their own, with ``env`` added
+  to the environment, and asserts that they all passed (none skipped)."""
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+  tests = os.path.dirname(os.path.abspath(__file__))
+  result = subprocess.run(
+      [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', '-rf',
+       os.path.join(tests, folder)],
+      cwd=os.path.dirname(tests), env={**os.environ, 'JAX_PLATFORMS': 'cpu', **env},
+      capture_output=True, text=True, timeout=1200)
+  summary = result.stdout[-6000:]
+  assert result.returncode == 0, summary + result.stderr[-2000:]
+  assert ' passed' in summary and 'skipped' not in summary and 'failed' not in summary, summary

@@ -6,21 +6,8 @@ registered each function, so command-line bindings of later tests in the same pr
 have to use T5X's names.
 """
 
-import os
-import subprocess
-import sys
-
-from conftest import ISOLATED_ENV
-
-TESTS = os.path.dirname(os.path.abspath(__file__))
+from conftest import ISOLATED_ENV, run_folder_in_subprocess
 
 
 def test_isolated_suite():
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', ISOLATED_ENV: '1'}
-  result = subprocess.run(
-      [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', '-rf',
-       os.path.join(TESTS, 'isolated')],
-      cwd=os.path.dirname(TESTS), env=env, capture_output=True, text=True, timeout=1200)
-  summary = result.stdout[-6000:]
-  assert result.returncode == 0, summary + result.stderr[-2000:]
-  assert ' passed' in summary and 'failed' not in summary, summary
+  run_folder_in_subprocess('isolated', {ISOLATED_ENV: '1'})
