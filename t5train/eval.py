@@ -55,8 +55,6 @@ def evaluate(*, model: models.BaseTransformerModel, partitioner: partitioning.Pj
   """
   _GUARD.enter()
   random_seed = gin_utils.resolve_random_seed(random_seed, evaluate)
-  gin_utils.log_overridden_bindings('checkpoints.RestoreCheckpointConfig',
-                                    checkpoints.RestoreCheckpointConfig, 'eval', 't5train.eval')
   from t5train import data, evaluation  # pylint: disable=g-import-not-at-top  (TensorFlow: slow)
   data.task_for(dataset_cfg)
   selected = checkpoints.select_checkpoints(restore_checkpoint_cfg)

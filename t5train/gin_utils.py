@@ -7,7 +7,6 @@ does). User mistakes become one line on stderr and exit status 2.
 
 from __future__ import annotations
 
-import dataclasses
 import logging as std_logging
 import os
 import sys
@@ -161,26 +160,6 @@ def _bound(selector: str) -> tuple[bool, Any]:
     return True, gin.query_parameter(selector)
   except ValueError:
     return False, None
-
-
-def log_overridden_bindings(configurable: str, cls: type, scope: str, program: str) -> list[str]:
-  """Logs (and returns) the unscoped bindings of ``configurable`` that ``scope/`` overrides.
-
-  A training run's config.gin binds, e.g., ``checkpoints.RestoreCheckpointConfig`` to the
-  checkpoint the run started from; infer and eval read their own scoped copy instead, and say
-  which bindings of the file they did not apply rather than ignoring them silently.
-  """
-  overridden = []
-  for field in (f.name for f in dataclasses.fields(cls)):
-    bound, value = _bound(f'{configurable}.{field}')
-    scoped, scoped_value = _bound(f'{scope}/{configurable}.{field}')
-    if bound and scoped and str(value) != str(scoped_value):
-      overridden.append(f'{field} = {value} (used: {scoped_value})')
-  if overridden:
-    logging.info('%s reads %s/%s, not the unscoped %s bindings (in a training run\'s '
-                 'config.gin they say how that run started): %s.', program, scope, configurable,
-                 configurable, '; '.join(overridden))
-  return overridden
 
 
 class GinCallGuard:

@@ -100,8 +100,6 @@ def infer(*, model: models.BaseTransformerModel, partitioner: partitioning.PjitP
     raise UserError(f'shard_id must be in [0, num_shards): shard_id={shard_id}, '
                     f'num_shards={num_shards}')
   random_seed = gin_utils.resolve_random_seed(random_seed, infer)
-  gin_utils.log_overridden_bindings('checkpoints.RestoreCheckpointConfig',
-                                    checkpoints.RestoreCheckpointConfig, 'infer', 't5train.infer')
   from t5train import data  # pylint: disable=g-import-not-at-top  (TensorFlow is slow to import)
   if mode not in MODES:
     raise UserError(f"infer mode must be one of {', '.join(MODES)}, not {mode!r}")

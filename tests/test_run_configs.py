@@ -21,6 +21,7 @@ import gin
 from t5train import (
   checkpoint_reading,
   convert,
+  gin_report,
   gin_utils,
   interactive_model,
   partitioning,
@@ -111,21 +112,24 @@ def test_a_run_decodes_and_evaluates_through_its_config_gin(runs, kind, tmp_path
   assert 'sort_digits' in results[str(best_step)]
 
 
-def test_the_runs_start_settings_are_reported_not_applied(runs):
-  """infer reads its own scoped RestoreCheckpointConfig and names what config.gin bound instead."""
+def test_the_runs_start_settings_are_reported_not_applied(runs, tmp_path):
+  """infer reads its own scoped RestoreCheckpointConfig; the unused-binding report names the
+  config.gin's unscoped one (how the run started) and why it configures nothing."""
   model_dir, checkpoint = runs['finetune_lora']
   gin.clear_config()
   try:
     gin_utils.parse_gin(['gin/runs/infer.gin', f'{model_dir}/config.gin'],
-                        [f"CHECKPOINT_PATH = '{checkpoint}'", "INFER_OUTPUT_DIR = '/unused'"],
+                        [f"CHECKPOINT_PATH = '{checkpoint}'", f"INFER_OUTPUT_DIR = '{tmp_path}'",
+                         'infer_script.infer.num_examples = 1'],
                         search_paths=[gin_utils.REPO_ROOT])
-    overridden = gin_utils.log_overridden_bindings(
-        'checkpoints.RestoreCheckpointConfig', infer_script.checkpoints.RestoreCheckpointConfig,
-        'infer', 't5train.infer')
+    gin.get_configurable(infer_script.infer)()
+    unused = {u.name: u for u in gin_report.unused_bindings()}
   finally:
     gin.clear_config()
-  assert [line.split(' = ')[0] for line in overridden] == ['path', 'mode', 'assignment_map']
-  assert '%INITIAL_CHECKPOINT_PATH (used: %CHECKPOINT_PATH)' in overridden[0]
+  for field in ('path', 'mode', 'assignment_map'):
+    found = unused[f'checkpoints.RestoreCheckpointConfig.{field}']
+    assert found.source.kind == gin_report.OPERATIVE_CONFIG
+    assert 'infer/checkpoints.RestoreCheckpointConfig' in found.reason
 
 
 def test_lora_checkpoints_hold_the_adapters_and_decode_as_their_merged_weights(runs, tmp_path):
