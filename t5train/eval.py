@@ -13,6 +13,8 @@ step to its metrics; a rerun skips the steps already in it.
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Sequence
 from typing import Any
 
 from absl import logging
@@ -26,6 +28,7 @@ from t5train import (
   multihost,
   partitioning,
   paths,
+  trackers,
 )
 from t5train.t5x_compat import binaries as t5x_binaries
 
@@ -47,16 +50,21 @@ def evaluate(*, model: models.BaseTransformerModel, partitioner: partitioning.Pj
              restore_checkpoint_cfg: checkpoints.RestoreCheckpointConfig, output_dir: str,
              dataset_cfg: Any, num_examples: int | None = None,
              decoder_params: dict[str, Any] | None = None,
-             random_seed: int | None = 0) -> AllMetrics:
+             random_seed: int | None = 0,
+             metric_writers: Sequence[str] | str = ('tensorboard',)) -> AllMetrics:
   """Evaluates the selected checkpoints in step order; returns every step's metrics so far.
 
   ``dataset_cfg.task_feature_lengths = None`` (T5X's eval.gin): the longest of each feature
-  in the evaluated examples, as T5X's evaluation measures them.
+  in the evaluated examples, as T5X's evaluation measures them. ``metric_writers``
+  (METRIC_WRITERS) adds experiment trackers (``'wandb'``, ``'mlflow'``): the job is the run
+  ``<run name>-eval`` in the training run's group, its metrics and predictions tagged
+  ``eval/<task>/...``, its tracker run kept in ``output_dir/trackers.json``.
   """
   _GUARD.enter()
   random_seed = gin_utils.resolve_random_seed(random_seed, evaluate)
   from t5train import data, evaluation  # pylint: disable=g-import-not-at-top  (TensorFlow: slow)
   data.task_for(dataset_cfg)
+  chosen_trackers = trackers.check_metric_writers(metric_writers)
   selected = checkpoints.select_checkpoints(restore_checkpoint_cfg)
   partitioner.validate()
   directory = paths.resolve(output_dir)
@@ -72,16 +80,22 @@ def evaluate(*, model: models.BaseTransformerModel, partitioner: partitioning.Pj
 
   lengths = data.max_feature_lengths(dataset_cfg, num_examples, evaluated_only=True)
   initializer = inference.params_initializer(model, partitioner, dataset_cfg.batch_size, lengths)
-  evaluator = evaluation.InferenceEval(
-      model, partitioner, initializer.train_state_shardings.params, dataset_cfg, num_examples,
-      log_dir=output_dir, decoder_params=decoder_params, seed=random_seed, lengths=lengths)
-  for step, path in todo:
-    metrics = evaluator(checkpoint_reading.restore_params(path, initializer,
-                                                          restore_checkpoint_cfg.dtype), step)
-    results[str(step)] = metrics
-    if multihost.is_primary():
-      _write_results(results_path, results)
-    print('\n'.join(evaluation.format_metrics(step, 'eval', metrics)), flush=True)
+  run_dir = os.path.dirname(os.fspath(selected[-1][1]).rstrip('/'))  # the training run's
+  identity = trackers.RunIdentity.of(run_dir, 'eval', directory=os.fspath(directory))
+  with trackers.open_trackers(chosen_trackers, identity, os.fspath(directory), prefix='eval'):
+    evaluator = evaluation.InferenceEval(
+        model, partitioner, initializer.train_state_shardings.params, dataset_cfg, num_examples,
+        log_dir=output_dir, decoder_params=decoder_params, seed=random_seed, lengths=lengths)
+    try:
+      for step, path in todo:
+        metrics = evaluator(checkpoint_reading.restore_params(path, initializer,
+                                                              restore_checkpoint_cfg.dtype), step)
+        results[str(step)] = metrics
+        if multihost.is_primary():
+          _write_results(results_path, results)
+        print('\n'.join(evaluation.format_metrics(step, 'eval', metrics)), flush=True)
+    finally:
+      evaluator.close()
   return results
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import PartitionSpec
 
-from t5train import data, inference, models, multihost, paths
+from t5train import data, inference, models, multihost, paths, prediction_summaries
 from t5train import metrics as metrics_lib
 from t5train.errors import UserError
 from t5train.metrics import SummaryWriter
@@ -100,8 +100,9 @@ class InferenceEval:
 
   seqio's Evaluator reads and caches the split once; each call decodes and
   scores it with ``InferenceRunner``. With ``log_dir``, process 0 writes
-  TensorBoard events (``log_dir/<task>/``) and ``<task>-metrics.jsonl`` and the
-  predictions (``<task>-<step>.jsonl``) there.
+  TensorBoard events (``log_dir/<task>/``: the metrics, and the first predictions as the
+  text summary ``predictions``), ``<task>-metrics.jsonl`` and the predictions
+  (``<task>-<step>.jsonl``) there, and sends the metrics and texts to the run's trackers.
   """
 
   def __init__(self, model: models.BaseTransformerModel, partitioner: PjitPartitioner,
@@ -124,7 +125,10 @@ class InferenceEval:
     self._runner = inference.InferenceRunner(model, partitioner, param_shardings,
                                              dataset_cfg.batch_size, lengths['targets'],
                                              decoder_params, seed=seed)
-    loggers = (seqio.TensorBoardLogger, seqio.JSONLogger) if log_dir and multihost.is_primary() else ()
+    # Looked up when called, so that gin's binding of PredictionSummaryLogger takes effect.
+    loggers = ((seqio.TensorBoardLogger, seqio.JSONLogger,
+                prediction_summaries.PredictionSummaryLogger)
+               if log_dir and multihost.is_primary() else ())
     data.task_for(dataset_cfg)  # imports the task module; a UserError for an unknown name
     self._evaluator = seqio.Evaluator(
         dataset_cfg.mixture_or_task_name, model.FEATURE_CONVERTER_CLS(pack=False),
@@ -158,6 +162,11 @@ class InferenceEval:
                                          **self._model_fns(params))
     return {task: {name: _metric_value(value) for name, value in metrics.items()}
             for task, metrics in future.result().items()}
+
+  def close(self) -> None:
+    """Closes the loggers' summary writers."""
+    for logger in self._evaluator.loggers:
+      getattr(logger, 'close', lambda: None)()
 
 
 def format_metrics(step: int, kind: str, results: TaskMetrics) -> list[str]:

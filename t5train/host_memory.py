@@ -1,4 +1,4 @@
-"""Handing freed host memory back to the operating system.
+"""Handing freed host memory back to the operating system, and the process's peak memory.
 
 XLA compilation and the first steps free hundreds of megabytes in many small
 pieces; glibc keeps them mapped, and a training step's large buffers are then
@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import sys
 
 
 @functools.cache
@@ -29,3 +30,14 @@ def release_freed_memory() -> bool:
   """Returns the allocator's free pages to the system; False where the C library cannot."""
   trim = _malloc_trim()
   return bool(trim is not None and trim(0) >= 0)
+
+
+def peak_rss_bytes() -> int | None:
+  """The most resident memory this process has held so far, in bytes; None where unknown."""
+  try:
+    import resource  # pylint: disable=g-import-not-at-top  (POSIX only)
+  except ImportError:
+    return None
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  # Linux reports kibibytes, macOS bytes.
+  return int(peak) if sys.platform == 'darwin' else int(peak) * 1024

@@ -32,6 +32,7 @@ from t5train import (
   multihost,
   partitioning,
   paths,
+  profiling,
 )
 from t5train.errors import UserError
 from t5train.t5x_compat import binaries as t5x_binaries
@@ -86,20 +87,24 @@ def infer(*, model: models.BaseTransformerModel, partitioner: partitioning.PjitP
           dataset_cfg: Any = None, input_file: str | None = None, mode: str = 'predict',
           num_examples: int | None = None, include_tokens: bool = False,
           decoder_params: dict[str, Any] | None = None, random_seed: int | None = 0,
-          shard_id: int = 0, num_shards: int = 1) -> list[str]:
+          shard_id: int = 0, num_shards: int = 1,
+          profile_batches: Sequence[int] | None = None) -> list[str]:
   """Writes one JSONL file per task (or for ``input_file``); returns their paths.
 
   With ``num_shards`` > 1 this job infers shard ``shard_id`` of each task's examples (every
   ``num_shards``-th, from the ``shard_id``-th) into ``<name>-<mode>.jsonl-<shard_id>-of-
   <num_shards>`` (five digits each, T5X's names); the shards' files together hold the lines of
   the unsharded file. ``dataset_cfg.task_feature_lengths = None``: the longest of each feature
-  in the examples (of all shards, so every shard decodes alike).
+  in the examples (of all shards, so every shard decodes alike). ``profile_batches``
+  (PROFILE_BATCHES, ``(first, last)``, counted over all tasks from 1) traces those batches with
+  ``jax.profiler`` into ``output_dir/plugins/profile``.
   """
   _GUARD.enter()
   if not 0 <= shard_id < num_shards:
     raise UserError(f'shard_id must be in [0, num_shards): shard_id={shard_id}, '
                     f'num_shards={num_shards}')
   random_seed = gin_utils.resolve_random_seed(random_seed, infer)
+  profile_range = profiling.parse_range(profile_batches, 'PROFILE_BATCHES')
   from t5train import data  # pylint: disable=g-import-not-at-top  (TensorFlow is slow to import)
   if mode not in MODES:
     raise UserError(f"infer mode must be one of {', '.join(MODES)}, not {mode!r}")
@@ -133,6 +138,22 @@ def infer(*, model: models.BaseTransformerModel, partitioner: partitioning.PjitP
                                      seed=random_seed)
   directory = paths.resolve(output_dir)
   directory.mkdir(parents=True, exist_ok=True)
+  profiler = profiling.RangeProfiler(*profile_range, output_dir) if profile_range else None
+  if profiler is not None:
+    _trace_batches(runner, profiler)
+  try:
+    return _infer_sources(sources, directory, mode, shard_id, num_shards, model, runner, params,
+                          lengths, include_tokens)
+  finally:
+    if profiler is not None:
+      profiler.close()
+
+
+def _infer_sources(sources: dict[str, Any], directory: Any, mode: str, shard_id: int,
+                   num_shards: int, model: models.BaseTransformerModel,
+                   runner: inference.InferenceRunner, params: Any, lengths: dict[str, int],
+                   include_tokens: bool) -> list[str]:
+  """Infers each source that has no output file yet; returns the paths of all output files."""
   written = []
   for name, read_examples in sources.items():
     path = paths.join(directory, output_file_name(name, mode, shard_id, num_shards))
@@ -147,6 +168,25 @@ def infer(*, model: models.BaseTransformerModel, partitioner: partitioning.PjitP
     logging.info('Wrote %d examples of %s to %s.', len(records), name, path)
     written.append(path)
   return written
+
+
+def _trace_batches(runner: inference.InferenceRunner, profiler: profiling.RangeProfiler) -> None:
+  """Makes ``profiler`` see each batch ``runner`` runs, numbered from 1 over all its calls.
+
+  The runner builds its batches in a generator (``_batches``); the profiler starts before a
+  batch is handed out and ends once the runner asks for the next one, by which time it has
+  fetched the results of the last (so the trace holds its device work).
+  """
+  batches, count = runner._batches, [0]  # pylint: disable=protected-access
+
+  def counted(features: Any) -> Any:
+    for item in batches(features):
+      count[0] += 1
+      profiler.before(count[0])
+      yield item
+      profiler.after(count[0])
+
+  runner._batches = counted  # pylint: disable=protected-access
 
 
 def output_file_name(name: str, mode: str, shard_id: int = 0, num_shards: int = 1) -> str:

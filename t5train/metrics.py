@@ -1,27 +1,35 @@
-"""Training metrics over a window of steps, and the TensorBoard writer.
+"""Training metrics over a window of steps, the TensorBoard writer, and memory figures.
 
 Per-step metrics stay on the device as clu metrics until a window is read,
 so the train loop never waits for them. TensorBoard scalars and texts in a local
 folder are written with TensorBoard's own event records, without TensorFlow, whose
 import alone adds about 0.55 GiB to a process; on a bucket, clu's writer (over
 TensorFlow's file system) writes them.
+
+A run's experiment trackers (W&B, MLflow: ``t5train.trackers``) are clu ``MetricWriter``s
+that an entry point opens and registers here with ``forward_to_tracker``; every
+``SummaryWriter`` under the registered directory then sends them what it writes, each tag
+prefixed with the writer's folder (``train/loss``, ``training_eval/<task>/loss``). This layer
+never imports a tracker.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import math
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 
-from t5train import multihost, paths
+from t5train import host_memory, multihost, paths
 
 StepMetrics = Mapping[str, Any]  # name -> clu metric (device arrays)
 
@@ -160,34 +168,125 @@ class _EventFile:
     self._records.close()
 
 
+# (root directory, writer, tag prefix) of each tracker registered by ``forward_to_tracker``.
+_TRACKERS: list[tuple[str, Any, str]] = []
+
+
+@contextlib.contextmanager
+def forward_to_tracker(root_dir: str, writer: Any, prefix: str = '') -> Iterator[None]:
+  """While open, ``SummaryWriter``s made for folders under ``root_dir`` also write to
+  ``writer`` (a clu ``MetricWriter``), their tags prefixed with ``prefix`` and the folder's
+  path below ``root_dir`` (``MODEL_DIR/training_eval/demo`` + ``loss``:
+  ``training_eval/demo/loss``). The caller owns ``writer`` and closes it."""
+  entry = (_normalized(root_dir), writer, prefix.strip('/'))
+  _TRACKERS.append(entry)
+  try:
+    yield
+  finally:
+    _TRACKERS.remove(entry)
+
+
+def _normalized(directory: str) -> str:
+  return str(directory) if paths.is_url(directory) else os.path.abspath(directory)
+
+
+def _tracker_for(summary_dir: str | None) -> tuple[Any, str]:
+  """(the tracker writer, the tag prefix ending in '/') for ``summary_dir``, or (None, '')."""
+  if not summary_dir:
+    return None, ''
+  directory = _normalized(summary_dir)
+  for root, writer, prefix in reversed(_TRACKERS):
+    if directory == root or directory.startswith(root.rstrip('/') + '/'):
+      relative = directory[len(root):].strip('/')
+      joined = '/'.join(part for part in (prefix, relative) if part)
+      return writer, f'{joined}/' if joined else ''
+  return None, ''
+
+
 class SummaryWriter:
   """TensorBoard scalars and texts under a directory, written by process 0 only (clu's
-  ``MetricWriter`` methods ``write_scalars``, ``write_texts``, ``flush``, ``close``)."""
+  ``MetricWriter`` methods ``write_scalars``, ``write_texts``, ``write_hparams``, ``flush``,
+  ``close``), and sent to the run's trackers too (see ``forward_to_tracker``)."""
 
   def __init__(self, summary_dir: str | None):
     self._writer = None
+    self._tracker, self._prefix, self._tracker_failed = None, '', False
     if not summary_dir or not multihost.is_primary():
       return
+    self._tracker, self._prefix = _tracker_for(summary_dir)
     if paths.is_url(summary_dir):
       from clu import metric_writers  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
       self._writer = metric_writers.AsyncWriter(metric_writers.SummaryWriter(summary_dir))
     else:
       self._writer = _EventFile(summary_dir)
 
+  def _prefixed(self, values: Mapping[str, Any]) -> dict[str, Any]:
+    return {f'{self._prefix}{tag}': value for tag, value in values.items()}
+
+  def _to_tracker(self, method: str, *args: Any) -> None:
+    """Calls the tracker; a tracker's failure (a server away) is logged, and training goes on
+    with TensorBoard, which has everything."""
+    if self._tracker is None:
+      return
+    try:
+      getattr(self._tracker, method)(*args)
+    except Exception:  # pylint: disable=broad-except
+      if not self._tracker_failed:
+        logging.exception('A tracker failed to take %s (TensorBoard has them); '
+                          'further failures of this writer are logged as warnings.', method)
+      else:
+        logging.warning('A tracker failed to take %s.', method)
+      self._tracker_failed = True
+
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     if self._writer is not None:
       self._writer.write_scalars(step, dict(scalars))
+    self.write_tracker_scalars(step, scalars)
+
+  def write_tracker_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+    """Scalars for the trackers only, where another writer (seqio's) wrote TensorBoard's."""
+    if scalars:
+      self._to_tracker('write_scalars', step, self._prefixed(scalars))
 
   def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
     """Text summaries (TensorBoard's text plugin renders them as Markdown)."""
     if self._writer is not None:
       self._writer.write_texts(step, dict(texts))
+    self._to_tracker('write_texts', step, self._prefixed(texts))
+
+  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+    """The run's settings, for the trackers (TensorBoard has them as the ``config`` text)."""
+    self._to_tracker('write_hparams', dict(hparams))
 
   def flush(self) -> None:
     if self._writer is not None:
       self._writer.flush()
+    self._to_tracker('flush')
 
   def close(self) -> None:
     if self._writer is not None:
       self._writer.close()
       self._writer = None
+    self._to_tracker('flush')  # the tracker's owner closes it
+    self._tracker = None
+
+
+_GIB = 1024 ** 3
+
+
+def memory_scalars() -> dict[str, float]:
+  """``memory/*`` figures for summaries, in GiB: this process's peak resident memory, and,
+  where the backend reports them (GPU, TPU), the most any local device has in use now and
+  has had at its peak."""
+  result = {}
+  peak = host_memory.peak_rss_bytes()
+  if peak is not None:
+    result['memory/host_peak_rss_gib'] = peak / _GIB
+  stats = [device.memory_stats() or {} for device in jax.local_devices()]
+  for key, name in (('bytes_in_use', 'device_in_use_gib'),
+                    ('peak_bytes_in_use', 'device_peak_gib'),
+                    ('bytes_limit', 'device_limit_gib')):
+    values = [s[key] for s in stats if key in s]
+    if values:
+      result[f'memory/{name}'] = max(values) / _GIB
+  return result

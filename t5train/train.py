@@ -10,11 +10,15 @@ with the same MODEL_DIR resumes from its newest checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import os
 import sys
+from collections.abc import Sequence
 from typing import Any
 
+import jax
 from absl import logging
 
 from t5train import (
@@ -27,7 +31,9 @@ from t5train import (
   partitioning,
   paths,
   preemption,
+  profiling,
   summaries,
+  trackers,
 )
 from t5train import trainer as trainer_lib
 from t5train.errors import UserError
@@ -233,6 +239,11 @@ def _check_best_metric(config: best_checkpoint.BestCheckpointConfig,
   config.check(configs, tasks, {'training_eval': model.metrics(zeros)})
 
 
+def _num_parameters(state_shape: Any) -> int:
+  """The number of model parameters in a train state's shapes (optimiser slots left out)."""
+  return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(state_shape.params))
+
+
 def train(*, model: models.BaseTransformerModel, train_dataset_cfg: Any,
           partitioner: partitioning.PjitPartitioner,
           checkpoint_cfg: checkpoints.SaveCheckpointConfig, model_dir: str, total_steps: int,
@@ -245,7 +256,8 @@ def train(*, model: models.BaseTransformerModel, train_dataset_cfg: Any,
           skip_nonfinite_steps: bool = False, finite_check_period: int = 10,
           stop_check_period: int = 10,
           best_checkpoint_cfg: best_checkpoint.BestCheckpointConfig | None = None,
-          restore_dataset: bool = True) -> dict[str, float]:
+          restore_dataset: bool = True, metric_writers: Sequence[str] | str = ('tensorboard',),
+          profile_steps: Sequence[int] | None = None) -> dict[str, float]:
   """Trains ``model`` to ``total_steps`` in ``model_dir``; returns the last metrics.
 
   Every ``eval_period`` steps (and at the last) it evaluates: teacher-forced on
@@ -259,7 +271,10 @@ def train(*, model: models.BaseTransformerModel, train_dataset_cfg: Any,
   the best checkpoint by an evaluation metric is kept in ``model_dir/best`` and training stops
   early when the metric stops improving (see ``best_checkpoint``). A resume continues the
   data where the checkpoint left off, with this run's batch size; ``restore_dataset=False``
-  starts the data afresh instead (T5X's name).
+  starts the data afresh instead (T5X's name). ``metric_writers`` (METRIC_WRITERS) adds
+  experiment trackers to TensorBoard (``'wandb'``, ``'mlflow'``; see ``trackers``), which
+  continue their runs on a resume. ``profile_steps`` (PROFILE_STEPS, ``(first, last)``) traces
+  those steps with ``jax.profiler`` into ``model_dir/plugins/profile``.
   """
   _GUARD.enter()
   # RANDOM_SEED = None (T5X's default): a fresh seed for every process, recorded in config.gin.
@@ -268,6 +283,8 @@ def train(*, model: models.BaseTransformerModel, train_dataset_cfg: Any,
   if total_steps < 0:
     raise UserError(f'TRAIN_STEPS must be >= 0, got {total_steps}')
   trainer_lib.check_finite_check_period(finite_check_period)
+  chosen_trackers = trackers.check_metric_writers(metric_writers)
+  profile_range = profiling.parse_range(profile_steps, 'PROFILE_STEPS')
   # Fail fast on a bad name or a task the model cannot read, before any compilation.
   data.check_features(train_dataset_cfg, model.FEATURE_CONVERTER_CLS)
   partitioner.validate()
@@ -285,10 +302,14 @@ def train(*, model: models.BaseTransformerModel, train_dataset_cfg: Any,
     _check_best_metric(best_checkpoint_cfg, model, eval_period, eval_steps,
                        train_eval_dataset_cfg, infer_eval_dataset_cfg)
   # From here on a stop signal is a request: during set-up too (restoring, compiling).
-  with preemption.StopRequest(sync_period=stop_check_period) as stop_request:
+  with (preemption.StopRequest(sync_period=stop_check_period) as stop_request,
+        contextlib.ExitStack() as stack):
     directory = paths.resolve(model_dir)
     directory.mkdir(parents=True, exist_ok=True)
     model_dir = os.fspath(directory)
+    # Before the trainer's and evaluations' summary writers exist, which forward to them.
+    stack.enter_context(trackers.open_trackers(
+        chosen_trackers, trackers.RunIdentity.of(model_dir, 'train'), model_dir))
 
     parts = assembly.assemble_training(
         model, partitioner, _input_shapes(model, train_dataset_cfg), model_dir=model_dir,
@@ -312,6 +333,9 @@ def train(*, model: models.BaseTransformerModel, train_dataset_cfg: Any,
     # The bindings the run actually used (every configurable has been called by now), in
     # config.gin and as TensorBoard text in MODEL_DIR/train, as T5X's train writes them.
     summaries.summarize_gin_config(model_dir, trainer.summary_writer, start_step)
+    trainer.summary_writer.write_hparams(
+        {'model/num_parameters': _num_parameters(parts.initializer.global_train_state_shape)})
+    profiler = (profiling.RangeProfiler(*profile_range, model_dir) if profile_range else None)
     if start_step >= total_steps:
       logging.info('Step %d already reaches TRAIN_STEPS=%d; nothing to train.', start_step,
                    total_steps)
@@ -329,9 +353,12 @@ def train(*, model: models.BaseTransformerModel, train_dataset_cfg: Any,
             trainer, batches, start_step, total_steps, manager, summary_period, log_every_secs,
             batch_shapes=_input_shapes(model, train_dataset_cfg),
             evaluate=evaluations or None, eval_period=eval_period, stop_request=stop_request,
-            finite_check_period=finite_check_period, data_scalars_fn=data.data_scalars)
+            finite_check_period=finite_check_period, data_scalars_fn=data.data_scalars,
+            step_hooks=(profiler,) if profiler else ())
         summary = result.summary
       finally:  # on an error too: let the checkpoints already started finish
+        if profiler is not None:
+          profiler.close()
         _finish_saves(manager)
         trainer.close()
         if evaluations is not None:

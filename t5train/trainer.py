@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import clu.metrics as clu_metrics
 import jax
@@ -25,7 +25,7 @@ from jax.sharding import PartitionSpec
 from t5train import host_memory, models, optimizers
 from t5train.checkpoints import CheckpointManager
 from t5train.errors import TrainingError, UserError
-from t5train.metrics import MetricsWindow, SummaryWriter, batch_sizes
+from t5train.metrics import MetricsWindow, SummaryWriter, batch_sizes, memory_scalars
 from t5train.optimizers import LearningRateFn
 from t5train.partitioning import PjitPartitioner
 from t5train.preemption import StopRequest
@@ -318,6 +318,15 @@ def _timed(windows: Sequence[MetricsWindow], phase: str) -> Iterator[None]:
 EARLY_STOPPING = 'early stopping'
 
 
+class StepHook(Protocol):
+  """Called around each step of ``run_training`` (e.g. ``profiling.RangeProfiler``): ``before``
+  the step is dispatched, ``after`` with its metrics (not waited for)."""
+
+  def before(self, step: int) -> None: ...
+
+  def after(self, step: int, outputs: Any) -> None: ...
+
+
 @dataclasses.dataclass
 class LoopResult:
   """What ``run_training`` did: the last window's metrics, the last step, a signal if stopped."""
@@ -334,7 +343,8 @@ def run_training(trainer: Trainer, batches: Iterator[Batch], first_step: int, la
                  evaluate: Callable[[int], bool | None] | None = None,
                  eval_period: int | None = None, stop_request: StopRequest | None = None,
                  finite_check_period: int = 10,
-                 data_scalars_fn: Callable[[], dict[str, float]] | None = None) -> LoopResult:
+                 data_scalars_fn: Callable[[], dict[str, float]] | None = None,
+                 step_hooks: Sequence[StepHook] = ()) -> LoopResult:
   """Trains from ``first_step`` to ``last_step``.
 
   Every ``summary_period`` steps the window's metrics go to TensorBoard; every
@@ -345,7 +355,8 @@ def run_training(trainer: Trainer, batches: Iterator[Batch], first_step: int, la
   ``finite_check_period`` steps (so the host does not wait on each step) and
   always before a save. When ``stop_request`` says so, or ``evaluate`` returns True (early
   stopping), the loop saves a checkpoint at the current step and returns. ``data_scalars_fn`` adds the input
-  pipeline's counters to each summary.
+  pipeline's counters to each summary, which also hold the ``memory/*`` figures.
+  ``step_hooks`` are called around each step (a profiler of some steps).
   """
   sizes = batch_sizes(batch_shapes or {})
   new_window = lambda: MetricsWindow(*sizes)
@@ -362,7 +373,11 @@ def run_training(trainer: Trainer, batches: Iterator[Batch], first_step: int, la
     if step == first_step + 1:  # T5X's wait for the input pipeline's first batch
       trainer.write_summary(first_step, {'timing/train_iter_warmup':
                                          time.perf_counter() - data_start})
+    for hook in step_hooks:
+      hook.before(step)
     metrics = trainer.train_step(batch)
+    for hook in step_hooks:
+      hook.after(step, metrics)
     finite_checks.add(step, metrics)
     summary_window.add(metrics)
     log_window.add(metrics)
@@ -383,7 +398,7 @@ def run_training(trainer: Trainer, batches: Iterator[Batch], first_step: int, la
       trainer.write_summary(step, {'timing/checkpoint_seconds': time.perf_counter() - save_start})
     if step % summary_period == 0 or step == last_step:
       summary = (summary_window.summary() | {'timing/uptime': trainer.uptime()} |
-                 (data_scalars_fn() if data_scalars_fn else {}))
+                 (data_scalars_fn() if data_scalars_fn else {}) | memory_scalars())
       trainer.write_summary(step, summary)
       summary_window.reset()
     if time.perf_counter() - last_log >= log_every_secs or step == last_step:
