@@ -19,8 +19,10 @@ LAYERS = {
     'text_metrics': 3, 'settings_check': 3,
     'metrics': 3, 'model_info': 3, 'multihost': 3, 'preemption': 3, 'rng': 3, 'summaries': 3,
     'trainer': 4, 'assembly': 4, 'best_checkpoint': 4, 'inference': 4, 'evaluation': 4, 'testing': 4,
+    'batching': 4,
     'train': 5, 'infer': 5, 'eval': 5, 'gin_utils': 5, 'utils': 5, 'adafactor': 5,
     'interactive_model': 5, 'vocab': 5, 'gin_report': 5, 't5x_compat': 5,
+    'serving': 5, 'serve': 5,
     # Edges: experiment trackers, the profiler and the plot binary (nothing below imports them).
     'trackers': 5, 'wandb_writer': 5, 'mlflow_writer': 5, 'profiling': 5, 'plot': 5,
     'prediction_summaries': 4,
