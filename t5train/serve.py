@@ -53,8 +53,14 @@ def load_batcher(model: models.BaseTransformerModel, partitioner: partitioning.P
   lengths = {'inputs': batching_cfg.input_lengths[-1], 'targets': batching_cfg.target_lengths[-1]}
   initializer = inference.params_initializer(model, partitioner, batching_cfg.batch_sizes[-1],
                                              lengths)
-  params = checkpoint_reading.restore_params(checkpoint_dir, initializer,
-                                             restore_checkpoint_cfg.dtype)
+  try:
+    params = checkpoint_reading.restore_params(checkpoint_dir, initializer,
+                                               restore_checkpoint_cfg.dtype)
+  except UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (a damaged or foreign directory)
+    reason = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+    raise UserError(f'cannot read the checkpoint {checkpoint_dir}: {reason}') from e
   logging.info('Restored step %d from %s.', step, checkpoint_dir)
   batcher = batching.Batcher(model, partitioner, params,
                              initializer.train_state_shardings.params, batching_cfg,
