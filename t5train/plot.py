@@ -144,7 +144,8 @@ def plot_runs(run_dirs: Sequence[str], output: str, scalars: Sequence[str] = ('t
                   linestyle=('-', '--', ':', '-.')[number % 4], marker='o' if len(xs) < 12 else None,
                   markersize=3)
       ax.set_xlabel('step' if x_axis == 'step' else 'hours since the run began')
-      ax.set_ylabel(pattern)
+      ax.set_title(pattern, fontsize=9)
+      ax.set_ylabel(pattern.rsplit('/', 1)[-1], fontsize=8)
       ax.grid(alpha=0.3)
       ax.legend(fontsize=8)
   if title:
