@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import prometheus_client
+from absl import logging
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -300,6 +301,10 @@ def create_app(batcher: batching.Batcher, limits: RequestLimits,
                        {'Retry-After': str(limits.retry_after_secs)})
     except batching.ShuttingDown as e:
       response = error(503, str(e))
+    except Exception as e:  # pylint: disable=broad-except  (a failed batch fails its requests only)
+      logging.exception('%s request failed.', route)
+      reason = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+      response = error(500, f'internal error: {reason}')
     if response.status_code == 200:
       metrics.latency.labels(route).observe(time.perf_counter() - started)
     metrics.requests.labels(route, str(response.status_code)).inc()
