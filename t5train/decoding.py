@@ -154,7 +154,7 @@ def _gather_beams(tree: Any, beam_indices: Array, batch_size: int, old_beams: in
   def gather(path: tuple, x: Any) -> Any:
     if (getattr(x, 'ndim', 0) >= 1 and x.shape[0] == batch_size * old_beams
         and not _same_for_every_beam(path)):
-      return jnp.take(x, flat, axis=0)
+      return x.at[flat].get(mode='promise_in_bounds')
     return x
   return jax.tree_util.tree_map_with_path(gather, tree)
 
@@ -188,11 +188,19 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Cache, batch_size: int,
     last = jnp.where(index == 0, first, jax.lax.dynamic_index_in_dim(
         state['live_seqs'], jnp.maximum(index - 1, 0), axis=2, keepdims=False))
     logits, cache = tokens_to_logits(last.reshape(vocab_rows, 1), state['cache'])
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32)).reshape(batch_size, beams, -1)
-    vocab = log_probs.shape[-1]
-    candidates = (state['live_log_prob'][:, :, None] + log_probs).reshape(batch_size, -1)
+    logits = logits.astype(jnp.float32)
+    # The best 2 x beams candidates of an example are among the best 2 x beams tokens of each
+    # of its beams: only those are normalised and ranked, not beams x vocab of them (ties
+    # still go to the lower beam, then the lower token id).
+    per_row = min(2 * beams, logits.shape[-1])
+    row_top, row_token = jax.lax.top_k(logits, per_row)
+    row_log_prob = row_top - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    candidates = (state['live_log_prob'].reshape(vocab_rows, 1) + row_log_prob
+                  ).reshape(batch_size, -1)
     top_log_prob, top_index = jax.lax.top_k(candidates, 2 * beams)
-    top_beam, top_token = top_index // vocab, (top_index % vocab).astype(jnp.int32)
+    top_beam = top_index // per_row
+    top_token = jnp.take_along_axis(row_token.reshape(batch_size, -1), top_index, axis=1
+                                    ).astype(jnp.int32)
     top_seqs = jnp.take_along_axis(state['live_seqs'], top_beam[:, :, None], axis=1)
     top_seqs = jax.lax.dynamic_update_slice(
         top_seqs, top_token[:, :, None], (0, 0, index))

@@ -21,6 +21,29 @@ from t5train.train_state import TrainStateInitializer
 
 Features = Mapping[str, np.ndarray]  # one example's model features, padded
 
+# Inputs are cut to the shortest of these fractions of their padded length that holds every
+# input of the batch: a few compiled shapes, and an encoder that works on real tokens.
+INPUT_BUCKET_FRACTIONS = (8, 4, 2, 1)
+MIN_INPUT_BUCKET = 8
+
+
+def input_length(features: Features) -> int:
+  """Position after an example's last input token (0 for a model without encoder inputs)."""
+  tokens = features.get('encoder_input_tokens')
+  if tokens is None:
+    return 0
+  nonzero = np.flatnonzero(np.asarray(tokens))
+  return int(nonzero[-1]) + 1 if nonzero.size else 0
+
+
+def input_bucket(length: int, padded_length: int) -> int:
+  """The shortest bucket of ``padded_length`` (see INPUT_BUCKET_FRACTIONS) that holds ``length``."""
+  for fraction in INPUT_BUCKET_FRACTIONS:
+    bucket = padded_length // fraction
+    if bucket >= max(length, MIN_INPUT_BUCKET) or fraction == 1:
+      return bucket
+  return padded_length
+
 
 def text(value: Any) -> str:
   return value.decode('utf-8', 'replace') if isinstance(value, bytes) else str(value)
@@ -38,16 +61,21 @@ def params_initializer(model: models.BaseTransformerModel, partitioner: PjitPart
 class InferenceRunner:
   """Compiled, sharded predict and score functions over batches of ``batch_size`` examples.
 
-  The last batch is filled up with copies of its last example, so every batch has
-  the same shape and the functions compile once.
+  Examples are decoded in order of input length and returned in their own order, and each
+  batch's encoder inputs are cut to a bucket (``input_bucket``) that holds its longest
+  input, so a set of mostly short inputs costs in proportion to its real tokens; this
+  needs at most one compilation per bucket. ``bucket_inputs=False`` keeps the padded
+  length. The last batch is filled up with copies of its last example.
   """
 
   def __init__(self, model: models.BaseTransformerModel, partitioner: PjitPartitioner,
                param_shardings: Any, batch_size: int, max_decode_length: int,
-               decoder_params: Mapping[str, Any] | None = None, seed: int = 0):
+               decoder_params: Mapping[str, Any] | None = None, seed: int = 0,
+               bucket_inputs: bool = True):
     self._model = model
     self._partitioner = partitioner
     self._batch_size = batch_size
+    self._bucket_inputs = bucket_inputs
     partitioner.get_data_layout(batch_size)  # a UserError if the batch does not split evenly
     self._batch_sharding = partitioner.sharding(partitioner.data_partition_spec)
     self._rng = jax.random.PRNGKey(seed)
@@ -61,16 +89,26 @@ class InferenceRunner:
         model.score_batch, in_shardings=(param_shardings, self._batch_sharding),
         out_shardings=replicated)
 
+  def _order(self, features: Sequence[Features]) -> list[int]:
+    """The order examples are decoded in: by input length when inputs are bucketed."""
+    if not self._bucket_inputs:
+      return list(range(len(features)))
+    return sorted(range(len(features)), key=lambda i: input_length(features[i]))
+
   def _batches(self, features: Sequence[Features]) -> Iterator[tuple[dict[str, jax.Array], int]]:
     """(global batch, number of real examples in it)."""
     for start in range(0, len(features), self._batch_size):
       chunk = list(features[start:start + self._batch_size])
       real = len(chunk)
       chunk += [chunk[-1]] * (self._batch_size - real)
+      cut = {}
+      if self._bucket_inputs and 'encoder_input_tokens' in chunk[0]:
+        padded = len(chunk[0]['encoder_input_tokens'])
+        cut['encoder_input_tokens'] = input_bucket(max(map(input_length, chunk)), padded)
       batch = {}
       for name in chunk[0]:
         # Every process holds the whole batch; each contributes the rows of its own devices.
-        host = np.stack([example[name] for example in chunk])
+        host = np.stack([example[name][:cut.get(name)] for example in chunk])
         batch[name] = jax.make_array_from_callback(host.shape, self._batch_sharding,
                                                    lambda index, h=host: h[index])
       yield batch, real
@@ -78,20 +116,30 @@ class InferenceRunner:
   def predict(self, params: Any, features: Sequence[Features]
               ) -> tuple[list[np.ndarray], list[float]]:
     """The best decode (token ids, 0 after EOS) of each example, and its score."""
+    order = self._order(features)
     tokens, scores = [], []
-    for number, (batch, real) in enumerate(self._batches(features)):
+    for number, (batch, real) in enumerate(self._batches([features[i] for i in order])):
       decoded, aux = jax.device_get(
           self._predict(params, batch, jax.random.fold_in(self._rng, number)))
       tokens.extend(np.asarray(decoded)[:real])
       scores.extend(float(s) for s in np.asarray(aux['scores'])[:real])
-    return tokens, scores
+    return _in_order(tokens, order), _in_order(scores, order)
 
   def score(self, params: Any, features: Sequence[Features]) -> list[float]:
     """Log-likelihood of each example's targets."""
+    order = self._order(features)
     scores: list[float] = []
-    for batch, real in self._batches(features):
+    for batch, real in self._batches([features[i] for i in order]):
       scores.extend(float(s) for s in np.asarray(jax.device_get(self._score(params, batch)))[:real])
-    return scores
+    return _in_order(scores, order)
+
+
+def _in_order(values: list[Any], order: Sequence[int]) -> list[Any]:
+  """``values`` computed in ``order`` (positions of the examples), put back in example order."""
+  result: list[Any] = [None] * len(values)
+  for value, position in zip(values, order):
+    result[position] = value
+  return result
 
 
 @dataclasses.dataclass(frozen=True)

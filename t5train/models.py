@@ -44,6 +44,11 @@ def _pad(tokens: Any, length: int) -> np.ndarray:
 _EXAMPLES, _NONPADDING, _POSITIONS = 'examples/', 'nonpadding/', 'positions/'
 
 
+def _is_self_cache(path: tuple) -> bool:
+  """Whether a decoding-cache leaf holds self-attention keys or values of past positions."""
+  return str(getattr(path[-1], 'key', '')) in ('cached_key', 'cached_value')
+
+
 def count_packed_examples(segment_ids: Array) -> Array:
   """The examples in a [batch, length] array of segment ids (0 is padding), as T5X counts them:
   the changes of id along each row, plus the rows, less the rows that end in padding."""
@@ -268,12 +273,18 @@ class EncoderDecoderModel(BaseTransformerModel):
 
   def _initial_cache(self, params: Any, encoded: Array, encoder_tokens: Array,
                      length: int) -> Any:
-    """Empty self-attention caches of ``length`` positions and the projected encoder outputs."""
+    """Empty self-attention caches of ``length`` positions and the projected encoder outputs.
+
+    The creating call runs the decoder over a placeholder; its self-attention keys and
+    values would be overwritten before any step reads them, so they are zeros instead,
+    which lets XLA drop that whole decoder pass and keep only the cross projections.
+    """
     placeholder = jnp.zeros((encoded.shape[0], length), jnp.int32)
     _, variables = self.module.apply(
         {'params': params}, encoded, encoder_tokens, placeholder, enable_dropout=False,
         decode=True, max_decode_length=length, method=self.module.decode, mutable=['cache'])
-    return variables['cache']
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.zeros_like(x) if _is_self_cache(path) else x, variables['cache'])
 
   def _decode_step(self, params: Any, encoded: Array, encoder_tokens: Array, length: int,
                    tokens: Array, cache: Any) -> tuple[Array, Any]:

@@ -187,9 +187,10 @@ def test_full_sampling_follows_the_distribution_and_temperature_zero_is_argmax()
 def test_decoding_stops_at_eos_and_pads_after_it():
   # Row 0 prefers EOS from the third step on, row 1 never: row 0 ends and is padded with 0.
   def step(tokens, cache):
-    index = cache
-    logits = jnp.log(jnp.asarray([[0.01, 0.01, 0.9, 0.04, 0.02, 0.02]] * 2))
-    logits = logits.at[0, EOS].set(jnp.where(index >= 2, 5.0, logits[0, EOS]))
+    index, rows = cache, tokens.shape[0]  # rows: 2 examples x their decodes, example-major
+    logits = jnp.log(jnp.asarray([[0.01, 0.01, 0.9, 0.04, 0.02, 0.02]] * rows))
+    first_example = (jnp.arange(rows) < rows // 2) & (index >= 2)
+    logits = logits.at[:, EOS].set(jnp.where(first_example, 5.0, logits[:, EOS]))
     return logits, index + 1
 
   for decode_fn, kwargs in ((decoding.temperature_sample, {'temperature': 0.0}),
