@@ -139,8 +139,7 @@ def infer(*, model: models.BaseTransformerModel, partitioner: partitioning.PjitP
   directory = paths.resolve(output_dir)
   directory.mkdir(parents=True, exist_ok=True)
   profiler = profiling.RangeProfiler(*profile_range, output_dir) if profile_range else None
-  if profiler is not None:
-    _trace_batches(runner, profiler)
+  runner.batch_observer = profiler
   try:
     return _infer_sources(sources, directory, mode, shard_id, num_shards, model, runner, params,
                           lengths, include_tokens)
@@ -168,25 +167,6 @@ def _infer_sources(sources: dict[str, Any], directory: Any, mode: str, shard_id:
     logging.info('Wrote %d examples of %s to %s.', len(records), name, path)
     written.append(path)
   return written
-
-
-def _trace_batches(runner: inference.InferenceRunner, profiler: profiling.RangeProfiler) -> None:
-  """Makes ``profiler`` see each batch ``runner`` runs, numbered from 1 over all its calls.
-
-  The runner builds its batches in a generator (``_batches``); the profiler starts before a
-  batch is handed out and ends once the runner asks for the next one, by which time it has
-  fetched the results of the last (so the trace holds its device work).
-  """
-  batches, count = runner._batches, [0]  # pylint: disable=protected-access
-
-  def counted(features: Any) -> Any:
-    for item in batches(features):
-      count[0] += 1
-      profiler.before(count[0])
-      yield item
-      profiler.after(count[0])
-
-  runner._batches = counted  # pylint: disable=protected-access
 
 
 def output_file_name(name: str, mode: str, shard_id: int = 0, num_shards: int = 1) -> str:

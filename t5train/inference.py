@@ -71,8 +71,12 @@ class InferenceRunner:
   def __init__(self, model: models.BaseTransformerModel, partitioner: PjitPartitioner,
                param_shardings: Any, batch_size: int, max_decode_length: int,
                decoder_params: Mapping[str, Any] | None = None, seed: int = 0,
-               bucket_inputs: bool = True):
+               bucket_inputs: bool = True, batch_observer: Any = None):
     self._model = model
+    # Told ``before(n)`` a batch is handed out and ``after(n)`` once the next is asked for (its
+    # results fetched by then), n counting from 1 over all calls: e.g. a RangeProfiler.
+    self.batch_observer = batch_observer
+    self._batches_run = 0
     self._partitioner = partitioner
     self._batch_size = batch_size
     self._bucket_inputs = bucket_inputs
@@ -111,7 +115,12 @@ class InferenceRunner:
         host = np.stack([example[name][:cut.get(name)] for example in chunk])
         batch[name] = jax.make_array_from_callback(host.shape, self._batch_sharding,
                                                    lambda index, h=host: h[index])
+      self._batches_run += 1
+      if self.batch_observer is not None:
+        self.batch_observer.before(self._batches_run)
       yield batch, real
+      if self.batch_observer is not None:
+        self.batch_observer.after(self._batches_run)
 
   def predict(self, params: Any, features: Sequence[Features]
               ) -> tuple[list[np.ndarray], list[float]]:
