@@ -64,7 +64,7 @@ _DECODER_ONLY_SIZES = flags.DEFINE_list(
     'decoder_only_sizes', ['small'],
     'gin/models/decoder_only sizes for the decoder-only workload (prefix LM on inputs + '
     'targets, beside transformers\' Mistral of the same dimensions).')
-_DECODE_BATCHES = flags.DEFINE_list('decode_batch_sizes', ['1', '32'],
+_DECODE_BATCHES = flags.DEFINE_list('decode_batch_sizes', ['1', '32', '128'],
                                     'Batch sizes for decoding (latency and throughput).')
 _DECODE_METHODS = flags.DEFINE_list('decode_methods', ['greedy', 'beam4'],
                                     'greedy and/or beam<N>.')
@@ -98,16 +98,59 @@ def train_flops_per_step(size: dict[str, Any], batch: int, input_length: int,
   norms and softmax are left out. Not 6N per token: that would charge the decoder's
   parameters to encoder tokens and overstate an encoder-decoder's cost.
   """
+  return 3.0 * _forward_flops(size, input_length, target_length) * batch
+
+
+def _forward_flops(size: dict[str, Any], input_length: int, target_length: int,
+                   decoder_rows: int = 1) -> float:
+  """One example's forward FLOPs as ``train_flops_per_step`` counts them, with the decoder side
+  run ``decoder_rows`` times (beams)."""
   d, inner, mlp = size['emb_dim'], size['num_heads'] * size['head_dim'], size['mlp_dim']
   num_mlp_inputs = len(size.get('mlp_activations', ('relu',)))  # gated MLPs have two
   enc_layers, dec_layers = size['num_encoder_layers'], size['num_decoder_layers']
   mlp_params = (num_mlp_inputs + 1) * d * mlp
   enc_token = enc_layers * (4 * d * inner + mlp_params) + dec_layers * 2 * d * inner
   dec_token = dec_layers * (6 * d * inner + mlp_params) + d * size['vocab_size']
-  attention = (enc_layers * 4 * input_length**2 * inner +
-               dec_layers * 4 * (target_length**2 + target_length * input_length) * inner)
-  forward = 2 * (enc_token * input_length + dec_token * target_length) + attention
-  return 3.0 * forward * batch
+  encoder = 2 * enc_token * input_length + enc_layers * 4 * input_length**2 * inner
+  decoder = (2 * dec_token * target_length +
+             dec_layers * 4 * (target_length**2 + target_length * input_length) * inner)
+  return encoder + decoder_rows * decoder
+
+
+def decode_flops(size: dict[str, Any], batch: int, input_length: int, target_length: int,
+                 beams: int = 1) -> float:
+  """Matmul and attention FLOPs of decoding ``target_length`` tokens for ``batch`` examples:
+  the encoder once, the decoder once per beam (the forward pass of ``train_flops_per_step``)."""
+  return _forward_flops(size, input_length, target_length, beams) * batch
+
+
+def decode_weight_bytes(size: dict[str, Any], input_length: int, target_length: int,
+                        bytes_per_param: int = 4) -> float:
+  """Parameter bytes one decode of one example must read: the encoder and the cross K, V
+  projections once, the rest of the decoder and the output layer at every step. At batch 1
+  this traffic over the measured memory bandwidth is the decode's floor."""
+  d, inner, mlp = size['emb_dim'], size['num_heads'] * size['head_dim'], size['mlp_dim']
+  mlp_params = (len(size.get('mlp_activations', ('relu',))) + 1) * d * mlp
+  once = (size['num_encoder_layers'] * (4 * d * inner + mlp_params)
+          + size['num_decoder_layers'] * 2 * d * inner)
+  per_step = size['num_decoder_layers'] * (6 * d * inner + mlp_params) + d * size['vocab_size']
+  del input_length
+  return float(bytes_per_param * (once + per_step * target_length))
+
+
+def _memory_bandwidth() -> float:
+  """Bytes/s of reading 512 MiB once (a sum; best of 5), as a decode step reads its weights."""
+  import jax
+  import jax.numpy as jnp
+  x = jnp.ones((2**27,), jnp.float32)
+  total = jax.jit(jnp.sum)
+  total(x).block_until_ready()
+  times = []
+  for _ in range(5):
+    start = time.perf_counter()
+    total(x).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return x.nbytes / min(times)
 
 
 def decoder_only_train_flops_per_step(size: dict[str, Any], batch: int, length: int) -> float:
@@ -706,8 +749,25 @@ def _measure_t5train_decode(size_name: str, batch: int, input_length: int, targe
 
   first = timed()
   secs = [timed() for _ in range(repeats)]
-  return _decode_row(secs, first, batch, target_length, 't5train (JAX)',
-                     device=str(jax.devices()[0].device_kind), jax_version=jax.__version__)
+  row = _decode_row(secs, first, batch, target_length, 't5train (JAX)',
+                    device=str(jax.devices()[0].device_kind), jax_version=jax.__version__)
+  return row | _decode_limits(row['sec_per_decode_median'], size_name, batch, input_length,
+                              target_length, beams, dtype)
+
+
+def _decode_limits(secs: float, size_name: str, batch: int, input_length: int,
+                   target_length: int, beams: int, dtype: str) -> dict[str, Any]:
+  """How near a decode of ``secs`` is to this process's limits: its FLOPs over the measured
+  matmul rate (the bound at batch), and the weight traffic floor over its time (at batch 1)."""
+  size = model_sizes.t5_1_1_size(size_name)
+  flops = decode_flops(size, batch, input_length, target_length, beams)
+  bytes_per_param = 2 if dtype == 'bfloat16' else 4
+  floor = decode_weight_bytes(size, input_length, target_length, bytes_per_param) / (
+      _memory_bandwidth())
+  peak = _jax_matmul_flops(dtype)
+  return {'model_tflops_per_decode': flops / 1e12, 'achieved_tflops': flops / secs / 1e12,
+          'peak_tflops_measured': peak / 1e12, 'mfu': flops / secs / peak,
+          'bandwidth_floor_secs': floor, 'bandwidth_floor_share': floor / secs}
 
 
 def _measure_transformers_decode(size_name: str, batch: int, input_length: int,
@@ -842,7 +902,8 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 def _decode_table(rows: list[dict[str, Any]]) -> str:
   header = (f'{"system":<30} {"size":<6} {"method":<7} {"batch":>5} {"s/decode":>9} '
-            f'{"spread":>15} {"tokens/s":>10} {"compile+1st":>11} {"vs peer":>8}')
+            f'{"spread":>15} {"tokens/s":>10} {"compile+1st":>11} {"vs peer":>8} '
+            f'{"MFU":>6} {"BW floor":>8}')
   lines = [header, '-' * len(header)]
   for r in rows:
     if 'error' in r:
@@ -853,8 +914,13 @@ def _decode_table(rows: list[dict[str, Any]]) -> str:
     lines.append(
         f'{r["system"]:<30} {r["size"]:<6} {r["method"]:<7} {r["batch"]:>5} '
         f'{r["sec_per_decode_median"]:>9.3f} {spread:>15} {r["tokens_per_sec"]:>10,.1f} '
-        f'{r["compile_and_first_decode_secs"]:>10.1f}s {_ratio(r):>8}')
+        f'{r["compile_and_first_decode_secs"]:>10.1f}s {_ratio(r):>8} {_share(r, "mfu"):>6} '
+        f'{_share(r, "bandwidth_floor_share"):>8}')
   return '\n'.join(lines)
+
+
+def _share(row: dict[str, Any], key: str) -> str:
+  return f'{100 * row[key]:.1f}%' if key in row else ''
 
 
 def _paired(group: list[dict[str, Any]], peer: bool) -> list[dict[str, Any]]:
