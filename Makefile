@@ -65,7 +65,7 @@ test: install-test
 bench: install
 	$(PY) -m benchmarks.bench
 	$(PY) -m benchmarks.bench_data --out=docs/bench/cpu_data.json
-	$(PY) -m benchmarks.infer_buckets --out=docs/bench/cpu_infer_buckets.json
+	$(PY) -m benchmarks.infer_buckets --json_out=docs/bench/cpu_infer_buckets.json
 	$(PY) -m pip install --quiet -e '.[serve]' httpx==0.29.0 && $(PY) -m benchmarks.serve_load --out=docs/bench/cpu_serve.json
 
 lint: install-test

@@ -1,6 +1,6 @@
 """Inference over real text of skewed lengths, with and without input length buckets.
 
-    python -m benchmarks.infer_buckets --out=docs/bench/cpu_infer_buckets.json
+    python -m benchmarks.infer_buckets --json_out=docs/bench/cpu_infer_buckets.json
 
 The examples are the validation paragraphs of the text demo's corpus (Python's own
 documentation, ``scripts/python_text_corpus.py``) as UTF-8 bytes (seqio's byte vocabulary),
@@ -22,9 +22,10 @@ from typing import Any
 from absl import app, flags
 
 _EXAMPLES = flags.DEFINE_integer('examples', 256, 'Paragraphs to decode.')
-_BATCH = flags.DEFINE_integer('batch_size', 32, 'Inference batch size.')
+# Named apart from benchmarks.bench's flags, which this module imports.
+_BATCH = flags.DEFINE_integer('inference_batch_size', 32, 'Inference batch size.')
 _ROUNDS = flags.DEFINE_integer('rounds', 2, 'Timed passes of each kind, alternated.')
-_OUT = flags.DEFINE_string('out', 'docs/bench/cpu_infer_buckets.json', 'JSON results.')
+_OUT = flags.DEFINE_string('json_out', 'docs/bench/cpu_infer_buckets.json', 'JSON results.')
 
 INPUT_LENGTH, TARGET_LENGTH = 512, 32
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
