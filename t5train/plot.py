@@ -13,6 +13,7 @@ a pattern may hold ``*`` (``training_eval/*/loss``: every task's). Runs may be l
 from __future__ import annotations
 
 import fnmatch
+import functools
 import io
 import os
 from collections.abc import Mapping, Sequence
@@ -22,21 +23,6 @@ from absl import flags
 
 from t5train import gin_utils, paths, summaries
 from t5train.errors import UserError
-
-_OUTPUT = flags.DEFINE_string('output', None, 'The PNG to write (a local path or a gs:// URL).')
-_SCALARS = flags.DEFINE_list(
-    'scalars', ['train/cross_ent_per_nonpadding_target_token',
-                'training_eval/*/cross_ent_per_nonpadding_target_token'],
-    'Scalars to draw, one row of plots each: <folder under the run directory>/<tag>, with * '
-    'matching anything (e.g. train/accuracy, training_eval/*/loss, memory: train/memory/*).')
-_X = flags.DEFINE_list('x', ['step', 'time'],
-                       'Horizontal axes, one column each: step, time (hours since the run began).')
-_LABELS = flags.DEFINE_list('labels', [], 'A name per run for the legend (default: the folder '
-                            'names, with their parents where two are alike).')
-_TITLE = flags.DEFINE_string('title', None, 'A title above the plots.')
-_SMOOTHING = flags.DEFINE_float(
-    'smoothing', 0.0, 'Exponential moving average weight in [0, 1) (TensorBoard\'s smoothing); '
-    '0 draws the values as written.')
 
 _MAX_DEPTH = 3  # folders below the run directory searched for event files
 _IGNORED_FOLDERS = ('plugins', 'wandb')  # profiles, and W&B's own run files
@@ -168,16 +154,41 @@ def _matches(pattern: str, runs: Mapping[str, Mapping[str, Series]]) -> dict[str
   return {name: keys for name, keys in found.items() if keys}
 
 
-def main(argv: Sequence[str]) -> None:
-  if not _OUTPUT.value:
+def _define_flags() -> dict[str, Any]:
+  """The binary's flags, defined only when it runs: t5train.convert and t5train.vocab, which a
+  process may import beside this module, define an --output of their own."""
+  return {
+      'output': flags.DEFINE_string('output', None,
+                                    'The PNG to write (a local path or a gs:// URL).'),
+      'scalars': flags.DEFINE_list(
+          'scalars', ['train/cross_ent_per_nonpadding_target_token',
+                      'training_eval/*/cross_ent_per_nonpadding_target_token'],
+          'Scalars to draw, one row of plots each: <folder under the run directory>/<tag>, with '
+          '* matching anything (e.g. train/accuracy, training_eval/*/loss, memory: '
+          'train/memory/*).'),
+      'x': flags.DEFINE_list('x', ['step', 'time'], 'Horizontal axes, one column each: step, '
+                             'time (hours since the run began).'),
+      'labels': flags.DEFINE_list('labels', [], 'A name per run for the legend (default: the '
+                                  'folder names, with their parents where two are alike).'),
+      'title': flags.DEFINE_string('title', None, 'A title above the plots.'),
+      'smoothing': flags.DEFINE_float(
+          'smoothing', 0.0, 'Exponential moving average weight in [0, 1) (TensorBoard\'s '
+          'smoothing); 0 draws the values as written.'),
+  }
+
+
+def main(argv: Sequence[str], options: Mapping[str, Any]) -> None:
+  value = {name: holder.value for name, holder in options.items()}
+  if not value['output']:
     raise UserError('--output is required: the PNG to write, e.g. --output=runs.png')
-  width, height = plot_runs(argv[1:], _OUTPUT.value, _SCALARS.value, _X.value, _LABELS.value,
-                            _TITLE.value, _SMOOTHING.value)
-  print(f'wrote {_OUTPUT.value} ({width}x{height})', flush=True)
+  width, height = plot_runs(argv[1:], value['output'], value['scalars'], value['x'],
+                            value['labels'], value['title'], value['smoothing'])
+  print(f"wrote {value['output']} ({width}x{height})", flush=True)
 
 
 def console_main() -> None:
-  gin_utils.run(main, program='t5train.plot')
+  options = _define_flags()
+  gin_utils.run(functools.partial(main, options=options), program='t5train.plot')
 
 
 if __name__ == '__main__':
