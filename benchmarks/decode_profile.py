@@ -1,6 +1,6 @@
 """Where a decode's time goes: per-op thread time from a ``jax.profiler`` trace, by model op.
 
-    python -m benchmarks.decode_profile --size=small --batch_size=32 --method=beam4
+    python -m benchmarks.decode_profile --profile_batch_size=32 --profile_method=beam4
 
 Decodes random inputs as ``make bench``'s decode rows do (T5 1.1, float32, input length 128,
 32 new tokens, an EOS id that is never produced), traces one warm decode, and sums the
@@ -22,9 +22,10 @@ import types
 
 from absl import app, flags
 
-_SIZE = flags.DEFINE_string('size', 'small', 'T5 1.1 size.')
-_BATCH = flags.DEFINE_integer('batch_size', 32, 'Examples per decode.')
-_METHOD = flags.DEFINE_string('method', 'greedy', 'greedy or beam<N>.')
+# Named apart from benchmarks.bench's flags, which this module imports.
+_SIZE = flags.DEFINE_string('profile_size', 'small', 'T5 1.1 size.')
+_BATCH = flags.DEFINE_integer('profile_batch_size', 32, 'Examples per decode.')
+_METHOD = flags.DEFINE_string('profile_method', 'greedy', 'greedy or beam<N>.')
 _TOP = flags.DEFINE_integer('top', 25, 'Rows of the table.')
 
 INPUT_LENGTH, TARGET_LENGTH = 128, 32
