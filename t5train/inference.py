@@ -38,11 +38,9 @@ def input_length(features: Features) -> int:
 
 def input_bucket(length: int, padded_length: int) -> int:
   """The shortest bucket of ``padded_length`` (see INPUT_BUCKET_FRACTIONS) that holds ``length``."""
-  for fraction in INPUT_BUCKET_FRACTIONS:
-    bucket = padded_length // fraction
-    if bucket >= max(length, MIN_INPUT_BUCKET) or fraction == 1:
-      return bucket
-  return padded_length
+  needed = max(length, MIN_INPUT_BUCKET)
+  return next((padded_length // fraction for fraction in INPUT_BUCKET_FRACTIONS
+               if padded_length // fraction >= needed), padded_length)
 
 
 def text(value: Any) -> str:
