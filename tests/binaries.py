@@ -1,12 +1,11 @@
 """Helpers for tests that run t5train's binaries in a subprocess and read what they wrote."""
 
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import process_forks
 from flax import traverse_util
 
 from t5train import checkpoint_reading
@@ -17,11 +16,14 @@ SMOKE = ['--gin_file=gin/models/t5_1_1/tiny.gin', '--gin_file=gin/runs/pretrain.
          '--gin_file=gin/tasks/demo.gin']
 
 
+_LAUNCHER = process_forks.Launcher()
+
+
 def run_binary(module, *args, cwd=REPO, env=None):
-  """``python -m MODULE ARGS`` on the CPU; returns the CompletedProcess."""
+  """``python -m MODULE ARGS`` on the CPU; returns the CompletedProcess. The process is a fork
+  of one that has the libraries imported already (tests/process_forks.py)."""
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', **(env or {})}
-  return subprocess.run([sys.executable, '-m', module, *args], cwd=cwd, env=env,
-                        capture_output=True, text=True, timeout=600)
+  return _LAUNCHER.run(module, args, cwd=cwd, env=env, timeout=600)
 
 
 def call_configured(configured, gin_files, bindings=()):

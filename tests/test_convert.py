@@ -4,8 +4,6 @@ import dataclasses
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,6 +14,7 @@ transformers = pytest.importorskip('transformers')
 import hf_models  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from binaries import run_binary  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 from t5x_testdata import save_as_t5x as _save_as_t5x  # noqa: E402
 from t5x_testdata import scanned_t5x_checkpoint as _scanned_t5x_checkpoint  # noqa: E402
@@ -162,8 +161,7 @@ def test_t5x_import_reproduces_t5x_logits(fmt, tmp_path):
 
 
 def _convert(*args):
-  return subprocess.run([sys.executable, '-m', 't5train.convert', *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=300)
+  return run_binary('t5train.convert', *args)
 
 
 def test_convert_binary_and_its_errors(tmp_path):

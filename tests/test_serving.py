@@ -19,7 +19,7 @@ import time
 import httpx
 import pytest
 import uvicorn
-from binaries import REPO, call_configured
+from binaries import REPO, call_configured, run_binary
 
 import gin
 from t5train import batching, checkpoints, gin_utils, partitioning, serving
@@ -292,10 +292,8 @@ def test_binary_exits_2_with_one_line_when_the_checkpoint_is_unreadable(model_di
   broken = tmp_path / 'checkpoint_1'
   broken.mkdir()
   (broken / 'state').write_text('not a checkpoint')
-  result = subprocess.run(
-      [sys.executable, '-m', 't5train.serve', f'--gin_file={model_dir}/config.gin',
-       f"--gin.CHECKPOINT_PATH='{broken}'"], cwd=REPO, capture_output=True, text=True,
-      timeout=300, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  result = run_binary('t5train.serve', f'--gin_file={model_dir}/config.gin',
+                      f"--gin.CHECKPOINT_PATH='{broken}'")
   assert result.returncode == 2, result.stderr[-2000:]
   errors = [line for line in result.stderr.splitlines() if 't5train.serve: error:' in line]
   assert len(errors) == 1 and str(broken) in errors[0], result.stderr[-2000:]

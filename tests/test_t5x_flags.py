@@ -9,12 +9,11 @@ one train binary launch checks the flags and RANDOM_SEED = None end to end.
 import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 from absl import flags
 from absl.testing import flagsaver
+from binaries import run_train
 
 import gin
 from t5train import checkpoints, convert, gin_utils, multihost, testing
@@ -181,13 +180,12 @@ def test_eval_measures_the_feature_lengths_when_they_are_none(checkpoint, tmp_pa
 
 def test_train_binary_draws_and_records_a_seed_with_t5x_flags(tmp_path):
   model_dir = tmp_path / 'run'
-  result = subprocess.run(
-      [sys.executable, '-m', 't5train.train', f'--gin_file={TINY}',
-       '--gin_file=gin/runs/pretrain.gin', f'--gin_file={DEMO}',
-       f"--gin.MODEL_DIR='{model_dir}'", '--gin.TRAIN_STEPS=1', '--gin.BATCH_SIZE=4',
-       '--gin.RANDOM_SEED=None', '--gin.EVAL_PERIOD=None',
-       f'--seqio_additional_cache_dirs={tmp_path}/cache', f'--tfds_data_dir={tmp_path}/tfds'],
-      capture_output=True, text=True, cwd=gin_utils.REPO_ROOT, timeout=300, check=False)
+  result = run_train(
+      f'--gin_file={TINY}', '--gin_file=gin/runs/pretrain.gin', f'--gin_file={DEMO}',
+      f"--gin.MODEL_DIR='{model_dir}'", '--gin.TRAIN_STEPS=1', '--gin.BATCH_SIZE=4',
+      '--gin.RANDOM_SEED=None', '--gin.EVAL_PERIOD=None',
+      f'--seqio_additional_cache_dirs={tmp_path}/cache', f'--tfds_data_dir={tmp_path}/tfds',
+      cwd=gin_utils.REPO_ROOT)
   assert result.returncode == 0, result.stderr[-3000:]
   drawn = re.search(r'RANDOM_SEED is None: drew the random seed (\d+)', result.stderr)
   assert drawn, result.stderr[-3000:]
