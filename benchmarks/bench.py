@@ -68,6 +68,12 @@ _DECODE_BATCHES = flags.DEFINE_list('decode_batch_sizes', ['1', '32', '128'],
                                     'Batch sizes for decoding (latency and throughput).')
 _DECODE_METHODS = flags.DEFINE_list('decode_methods', ['greedy', 'beam4'],
                                     'greedy and/or beam<N>.')
+_DECODE_DECODER_ONLY_SIZES = flags.DEFINE_list(
+    'decode_decoder_only_sizes', ['small'], 'Decoder-only sizes (gin/models/decoder_only/) for '
+    'decoding: prompts of the input length continued by the target length.')
+_DECODE_COMPILED = flags.DEFINE_boolean(
+    'decode_compiled_peer', True, "Decode rows: also transformers' generate with its static "
+    'cache and torch.compile (compiling takes minutes per row on a CPU).')
 _DECODE_REPEATS = flags.DEFINE_integer('decode_repeats', 3, 'Timed decodes per row (median).')
 _SCAN_LAYERS = flags.DEFINE_boolean('scan_layers', False, 't5train rows: nn.scan over layers.')
 _REMAT_POLICY = flags.DEFINE_enum('remat_policy', 'none', ['none', 'full', 'dots_saveable'],
@@ -165,6 +171,18 @@ def decoder_only_train_flops_per_step(size: dict[str, Any], batch: int, length: 
   per_token = layers * (4 * d * inner + (num_mlp_inputs + 1) * d * mlp) + d * size['vocab_size']
   forward = 2 * per_token * length + layers * 4 * length**2 * inner
   return 3.0 * forward * batch
+
+
+def decoder_only_decode_flops(size: dict[str, Any], batch: int, input_length: int,
+                              target_length: int, beams: int) -> float:
+  """Matmul FLOPs of decoding ``target_length`` tokens after an ``input_length``-token prompt
+  with a cache: the layers over the prompt once, then the layers and the logits for each new
+  token of each beam. Attention over the cache is left out (a few percent at these lengths)."""
+  d, inner, mlp = size['emb_dim'], size['num_heads'] * size['head_dim'], size['mlp_dim']
+  num_mlp_inputs = len(size.get('mlp_activations', ('relu',)))
+  layers = size['num_decoder_layers'] * (4 * d * inner + (num_mlp_inputs + 1) * d * mlp)
+  return 2.0 * batch * (layers * input_length + (layers + d * size['vocab_size']) * beams *
+                        target_length)
 
 
 def _peak_rss_gib() -> float:
@@ -581,6 +599,24 @@ def _measure_t5train_decoder_only(size_name: str, batch: int, input_length: int,
   return row
 
 
+def _transformers_causal_lm(size: dict[str, Any], length: int, dtype: str) -> tuple[Any, str]:
+  """transformers' Mistral of the decoder-only ``size`` (seed 0), sequences up to ``length``,
+  on the GPU if there is one, and that device."""
+  import torch
+  import transformers
+  torch.manual_seed(0)
+  config = transformers.MistralConfig(
+      vocab_size=size['vocab_size'], hidden_size=size['emb_dim'],
+      intermediate_size=size['mlp_dim'], num_hidden_layers=size['num_decoder_layers'],
+      num_attention_heads=size['num_heads'], num_key_value_heads=size['num_heads'],
+      head_dim=size['head_dim'], hidden_act='gelu_pytorch_tanh', tie_word_embeddings=True,
+      max_position_embeddings=length, attention_dropout=0.0, sliding_window=None,
+      pad_token_id=0, eos_token_id=1, bos_token_id=0)
+  device = 'cuda' if torch.cuda.is_available() else 'cpu'
+  torch_dtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[dtype]
+  return transformers.MistralForCausalLM(config).to(device=device, dtype=torch_dtype), device
+
+
 def _measure_transformers_causal_lm(size_name: str, batch: int, input_length: int,
                                     target_length: int, steps: int, dtype: str) -> dict[str, Any]:
   """transformers' closest decoder-only model to T5X's: Mistral without a sliding window, i.e.
@@ -589,17 +625,8 @@ def _measure_transformers_causal_lm(size_name: str, batch: int, input_length: in
   import torch
   import transformers
   size = model_sizes.model_size('decoder_only', size_name)
-  torch.manual_seed(0)
-  config = transformers.MistralConfig(
-      vocab_size=size['vocab_size'], hidden_size=size['emb_dim'],
-      intermediate_size=size['mlp_dim'], num_hidden_layers=size['num_decoder_layers'],
-      num_attention_heads=size['num_heads'], num_key_value_heads=size['num_heads'],
-      head_dim=size['head_dim'], hidden_act='gelu_pytorch_tanh', tie_word_embeddings=True,
-      max_position_embeddings=input_length + target_length, attention_dropout=0.0,
-      sliding_window=None)
-  device = 'cuda' if torch.cuda.is_available() else 'cpu'
-  torch_dtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[dtype]
-  model = transformers.MistralForCausalLM(config).to(device=device, dtype=torch_dtype).train()
+  model, device = _transformers_causal_lm(size, input_length + target_length, dtype)
+  model = model.train()
   optimizer = transformers.optimization.Adafactor(model.parameters(), lr=1e-3,
                                                   relative_step=False, scale_parameter=True,
                                                   warmup_init=False)
@@ -711,48 +738,64 @@ def _beams(method: str) -> int:
   return 1 if method == 'greedy' else int(method.removeprefix('beam'))
 
 
-def _measure_t5train_decode(size_name: str, batch: int, input_length: int, target_length: int,
-                            repeats: int, dtype: str, method: str,
-                            **model_options: Any) -> dict[str, Any]:
+def _decode_fn(method: str) -> Any:
   import functools
-  import types
 
+  from t5train import decoding
+  beams = _beams(method)
+  return (functools.partial(decoding.temperature_sample, temperature=0.0) if beams == 1
+          else functools.partial(decoding.beam_search, num_decodes=beams, alpha=0.6))
+
+
+def _time_predict(model: Any, shapes: dict[str, tuple[int, ...]], batch_in: dict[str, Any],
+                  target_length: int, repeats: int, batch: int) -> dict[str, Any]:
+  """A decode row of ``model.predict_batch`` (jitted) on ``batch_in``, random parameters."""
   import flax.linen as nn
   import jax
   import numpy as np
 
-  from t5train import decoding, models, network, partitioning
-  config = _t5_config(size_name, dtype, **model_options)
-  beams = _beams(method)
-  decode_fn = (functools.partial(decoding.temperature_sample, temperature=0.0) if beams == 1
-               else functools.partial(decoding.beam_search, num_decodes=beams, alpha=0.6))
-  # An EOS id that is never produced, so that every decode runs to the full length.
-  model = models.EncoderDecoderModel(network.Transformer(config), None,
-                                     types.SimpleNamespace(eos_id=-1), None, decode_fn=decode_fn)
-  inputs = np.random.default_rng(0).integers(2, config.vocab_size, (batch, input_length))
-  shapes = {'encoder_input_tokens': (batch, input_length),
-            'decoder_input_tokens': (batch, target_length),
-            'decoder_target_tokens': (batch, target_length)}
+  from t5train import partitioning
   partitioner = partitioning.PjitPartitioner()
   params = jax.jit(lambda rng: model.get_initial_variables(rng, shapes)['params'])(
       jax.random.PRNGKey(0))
   params = nn.unbox(params)
   sharding = partitioner.sharding(partitioner.data_partition_spec)
-  tokens = jax.device_put(inputs.astype(np.int32), sharding)
-  predict = jax.jit(lambda p, x: model.predict_batch(p, {'encoder_input_tokens': x},
-                                                     max_decode_length=target_length))
+  device_batch = {name: jax.device_put(np.asarray(value, np.int32), sharding)
+                  for name, value in batch_in.items()}
+  predict = jax.jit(lambda p, x: model.predict_batch(p, x, max_decode_length=target_length))
 
   def timed() -> float:
     start = time.perf_counter()
-    jax.block_until_ready(predict(params, tokens))
+    jax.block_until_ready(predict(params, device_batch))
     return time.perf_counter() - start
 
   first = timed()
   secs = [timed() for _ in range(repeats)]
-  row = _decode_row(secs, first, batch, target_length, 't5train (JAX)',
-                    device=str(jax.devices()[0].device_kind), jax_version=jax.__version__)
+  return _decode_row(secs, first, batch, target_length, 't5train (JAX)',
+                     device=str(jax.devices()[0].device_kind), jax_version=jax.__version__)
+
+
+def _measure_t5train_decode(size_name: str, batch: int, input_length: int, target_length: int,
+                            repeats: int, dtype: str, method: str,
+                            **model_options: Any) -> dict[str, Any]:
+  import types
+
+  import numpy as np
+
+  from t5train import models, network
+  config = _t5_config(size_name, dtype, **model_options)
+  # An EOS id that is never produced, so that every decode runs to the full length.
+  model = models.EncoderDecoderModel(network.Transformer(config), None,
+                                     types.SimpleNamespace(eos_id=-1), None,
+                                     decode_fn=_decode_fn(method))
+  inputs = np.random.default_rng(0).integers(2, config.vocab_size, (batch, input_length))
+  shapes = {'encoder_input_tokens': (batch, input_length),
+            'decoder_input_tokens': (batch, target_length),
+            'decoder_target_tokens': (batch, target_length)}
+  row = _time_predict(model, shapes, {'encoder_input_tokens': inputs}, target_length, repeats,
+                      batch)
   return row | _decode_limits(row['sec_per_decode_median'], size_name, batch, input_length,
-                              target_length, beams, dtype)
+                              target_length, _beams(method), dtype)
 
 
 def _decode_limits(secs: float, size_name: str, batch: int, input_length: int,
@@ -772,32 +815,107 @@ def _decode_limits(secs: float, size_name: str, batch: int, input_length: int,
 
 def _measure_transformers_decode(size_name: str, batch: int, input_length: int,
                                  target_length: int, repeats: int, dtype: str,
-                                 method: str) -> dict[str, Any]:
-  import torch
-  import transformers
+                                 method: str, compiled: bool = False) -> dict[str, Any]:
+  """transformers' ``generate``: eager with its dynamic cache, or (``compiled``) with its static
+  cache and the model's forward compiled by ``torch.compile``, as its docs advise for speed."""
   size = model_sizes.t5_1_1_size(size_name)
   model, device = _transformers_t5(size, dtype)
+  return _time_generate(model, device, size['vocab_size'], batch, input_length, target_length,
+                        repeats, method, compiled)
+
+
+def _time_generate(model: Any, device: str, vocab_size: int, batch: int, input_length: int,
+                   target_length: int, repeats: int, method: str, compiled: bool
+                   ) -> dict[str, Any]:
+  """A decode row of ``model.generate`` on random inputs (the prompt, for a causal LM)."""
+  import torch
+  import transformers
   model = model.eval()
+  options = {}
+  if compiled:
+    model.forward = torch.compile(model.forward, dynamic=False)
+    options = {'cache_implementation': 'static'}
   gen = torch.Generator().manual_seed(0)
-  inputs = torch.randint(2, size['vocab_size'], (batch, input_length), generator=gen).to(device)
+  inputs = torch.randint(2, vocab_size, (batch, input_length), generator=gen).to(device)
   beams = _beams(method)
 
   def timed() -> float:
     start = time.perf_counter()
     with torch.no_grad():
       # min_new_tokens: every decode runs to the full length, as the t5train rows do.
-      model.generate(input_ids=inputs, max_new_tokens=target_length,
-                     min_new_tokens=target_length, num_beams=beams, do_sample=False,
-                     length_penalty=0.6 if beams > 1 else 1.0, early_stopping=False)
+      model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs),
+                     max_new_tokens=target_length, min_new_tokens=target_length,
+                     num_beams=beams, do_sample=False,
+                     length_penalty=0.6 if beams > 1 else 1.0, early_stopping=False, **options)
     if device == 'cuda':
       torch.cuda.synchronize()
     return time.perf_counter() - start
 
   first = timed()
   secs = [timed() for _ in range(repeats)]
-  return _decode_row(secs, first, batch, target_length, 'transformers (PyTorch eager)',
-                     device=device, torch_version=torch.__version__,
+  system = ('transformers (static cache, torch.compile)' if compiled
+            else 'transformers (PyTorch eager)')
+  return _decode_row(secs, first, batch, target_length, system, device=device,
+                     torch_version=torch.__version__,
                      transformers_version=transformers.__version__)
+
+
+def _measure_transformers_causal_lm_decode(size_name: str, batch: int, input_length: int,
+                                           target_length: int, repeats: int, dtype: str,
+                                           method: str, compiled: bool = False
+                                           ) -> dict[str, Any]:
+  size = model_sizes.model_size('decoder_only', size_name)
+  model, device = _transformers_causal_lm(size, input_length + target_length, dtype)
+  row = _time_generate(model, device, size['vocab_size'], batch, input_length, target_length,
+                       repeats, method, compiled)
+  return row | _decoder_only_decode_mfu(row, size, batch, input_length, target_length, method,
+                                        dtype)
+
+
+def _measure_transformers_causal_lm_decode_compiled(size_name: str, batch: int,
+                                                    input_length: int, target_length: int,
+                                                    repeats: int, dtype: str, method: str
+                                                    ) -> dict[str, Any]:
+  return _measure_transformers_causal_lm_decode(size_name, batch, input_length, target_length,
+                                                repeats, dtype, method, compiled=True)
+
+
+def _decoder_only_decode_mfu(row: dict[str, Any], size: dict[str, Any], batch: int,
+                             input_length: int, target_length: int, method: str, dtype: str
+                             ) -> dict[str, Any]:
+  flops = decoder_only_decode_flops(size, batch, input_length, target_length, _beams(method))
+  secs, peak = row['sec_per_decode_median'], _jax_matmul_flops(dtype)
+  return {'model_tflops_per_decode': flops / 1e12, 'achieved_tflops': flops / secs / 1e12,
+          'peak_tflops_measured': peak / 1e12, 'mfu': flops / secs / peak}
+
+
+def _measure_t5train_decoder_only_decode(size_name: str, batch: int, input_length: int,
+                                         target_length: int, repeats: int, dtype: str,
+                                         method: str, **model_options: Any) -> dict[str, Any]:
+  """A prefix LM of gin/models/decoder_only/<size>.gin continuing ``input_length``-token
+  prompts by ``target_length`` tokens (never an EOS, so every row runs to the end)."""
+  import types
+
+  from t5train import decoder_only_network, models, network
+  size = model_sizes.model_size('decoder_only', size_name)
+  config = network.T5Config(**size, dtype=dtype, dropout_rate=0.0, **model_options)
+  model = models.DecoderOnlyModel(decoder_only_network.DecoderOnlyTransformer(config),
+                                  types.SimpleNamespace(eos_id=-1), None,
+                                  decode_fn=_decode_fn(method),
+                                  inputs_bidirectional_attention=True)
+  host = _prefix_lm_batch(config.vocab_size, batch, input_length, target_length)
+  batch_in = {name: host[name] for name in ('decoder_input_tokens', 'decoder_causal_attention')}
+  shapes = {name: value.shape for name, value in host.items()}
+  row = _time_predict(model, shapes, batch_in, target_length, repeats, batch)
+  return row | _decoder_only_decode_mfu(row, size, batch, input_length, target_length, method,
+                                        dtype)
+
+
+def _measure_transformers_decode_compiled(size_name: str, batch: int, input_length: int,
+                                          target_length: int, repeats: int, dtype: str,
+                                          method: str) -> dict[str, Any]:
+  return _measure_transformers_decode(size_name, batch, input_length, target_length, repeats,
+                                      dtype, method, compiled=True)
 
 
 def _decode_row(secs: list[float], first_secs: float, batch: int, length: int, system: str,
@@ -816,7 +934,12 @@ _WORKERS = {'t5train': _measure_t5train, 't5train_notebook': _measure_t5train_no
             't5train_finetune': _measure_t5train_finetune,
             'transformers_lora': _measure_transformers_lora,
             'transformers_causal_lm': _measure_transformers_causal_lm,
-            'transformers_decode': _measure_transformers_decode}
+            'transformers_decode': _measure_transformers_decode,
+            'transformers_decode_compiled': _measure_transformers_decode_compiled,
+            't5train_decoder_only_decode': _measure_t5train_decoder_only_decode,
+            'transformers_causal_lm_decode': _measure_transformers_causal_lm_decode,
+            'transformers_causal_lm_decode_compiled':
+                _measure_transformers_causal_lm_decode_compiled}
 
 
 def _peer_available() -> bool:
@@ -901,18 +1024,18 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 
 def _decode_table(rows: list[dict[str, Any]]) -> str:
-  header = (f'{"system":<30} {"size":<6} {"method":<7} {"batch":>5} {"s/decode":>9} '
+  header = (f'{"system":<42} {"size":<20} {"method":<7} {"batch":>5} {"s/decode":>9} '
             f'{"spread":>15} {"tokens/s":>10} {"compile+1st":>11} {"vs peer":>8} '
             f'{"MFU":>6} {"BW floor":>8}')
   lines = [header, '-' * len(header)]
   for r in rows:
     if 'error' in r:
-      lines.append(f'{r["system"]:<30} {r["size"]:<6} {r["method"]:<7} {r["batch"]:>5} '
+      lines.append(f'{r["system"]:<42} {r["size"]:<20} {r["method"]:<7} {r["batch"]:>5} '
                    f'failed: {r["error"]}')
       continue
     spread = f'{r["sec_per_decode_min"]:.3f}-{r["sec_per_decode_max"]:.3f}'
     lines.append(
-        f'{r["system"]:<30} {r["size"]:<6} {r["method"]:<7} {r["batch"]:>5} '
+        f'{r["system"]:<42} {r["size"]:<20} {r["method"]:<7} {r["batch"]:>5} '
         f'{r["sec_per_decode_median"]:>9.3f} {spread:>15} {r["tokens_per_sec"]:>10,.1f} '
         f'{r["compile_and_first_decode_secs"]:>10.1f}s {_ratio(r):>8} {_share(r, "mfu"):>6} '
         f'{_share(r, "bandwidth_floor_share"):>8}')
@@ -990,21 +1113,37 @@ def _finetune_rows(peer: bool, lengths: list[int]) -> list[dict[str, Any]]:
   return rows
 
 
+_DECODE_WORKERS = {  # t5train's, transformers' compiled and transformers' eager
+    't5': ('t5train_decode', 'transformers_decode_compiled', 'transformers_decode'),
+    'decoder_only': ('t5train_decoder_only_decode', 'transformers_causal_lm_decode_compiled',
+                     'transformers_causal_lm_decode')}
+
+
 def _decode_rows(peer: bool, lengths: list[int]) -> list[dict[str, Any]]:
-  """t5train and the peer alternate (A B A B), so that drift in the machine hits both."""
+  """t5train and the peers take turns (A B C A B C), so that drift in the machine hits all."""
   rows = []
-  for size in _DECODE_SIZES.value:
+  models = ([('t5', size) for size in _DECODE_SIZES.value] +
+            [('decoder_only', size) for size in _DECODE_DECODER_ONLY_SIZES.value])
+  for family, size in models:
+    ours, compiled, eager = _DECODE_WORKERS[family]
+    workers = [ours] + ([compiled] if peer and _DECODE_COMPILED.value else [])
+    workers += [eager] if peer else []
     for method in _DECODE_METHODS.value:
       for batch in (int(b) for b in _DECODE_BATCHES.value):
-        pair = []
-        for worker in ['t5train_decode'] + (['transformers_decode'] if peer else []):
+        group = []
+        for worker in workers:
           row = _run_row(worker, size, batch, lengths, _DECODE_REPEATS.value, _DTYPE.value,
                          method)
-          row.update(size=size, method=method, batch=batch)
-          pair.append(row)
-        for row in _paired(pair, peer):
+          row.update(size=size if family == 't5' else f'{size} (decoder-only)', method=method,
+                     batch=batch)
+          group.append(row)
+        group = _paired(group, peer)
+        if len(group) == 3 and 'error' not in group[0] and 'error' not in group[1]:
+          group[0]['speedup_vs_compiled_peer'] = (group[0]['tokens_per_sec'] /
+                                                  group[1]['tokens_per_sec'])
+        for row in group:
           print(_decode_table([row]).splitlines()[-1], flush=True)
-        rows.extend(pair)
+        rows.extend(group)
   return rows
 
 
@@ -1040,7 +1179,7 @@ def main(argv: Sequence[str]) -> None:
   if _WORKER.value:
     measure = _WORKERS[_WORKER.value]
     args = (_SIZES.value[0], _BATCH.value, lengths[0], lengths[1], _STEPS.value, _DTYPE.value)
-    if _WORKER.value.endswith(('_decode', '_finetune', '_lora')):
+    if _WORKER.value.endswith(('_decode', '_decode_compiled', '_finetune', '_lora')):
       args += (_METHOD.value,)
     model_options = (_model_options() if _WORKER.value.startswith('t5train') else {})
     row = measure(*args, **model_options)
@@ -1051,9 +1190,9 @@ def main(argv: Sequence[str]) -> None:
   if unknown:
     raise app.UsageError(f'unknown sizes {sorted(unknown)}; known (gin/models/t5_1_1/): {known}')
   known = model_sizes.known_sizes('decoder_only')
-  if set(_DECODER_ONLY_SIZES.value) - set(known):
-    raise app.UsageError(f'unknown decoder-only sizes '
-                         f'{sorted(set(_DECODER_ONLY_SIZES.value) - set(known))}; known '
+  unknown = (set(_DECODER_ONLY_SIZES.value) | set(_DECODE_DECODER_ONLY_SIZES.value)) - set(known)
+  if unknown:
+    raise app.UsageError(f'unknown decoder-only sizes {sorted(unknown)}; known '
                          f'(gin/models/decoder_only/): {known}')
   peer = _PEER.value == 'transformers' or (_PEER.value == 'auto' and _peer_available())
   rows = _train_rows(peer, lengths) if 'train' in _WORKLOADS.value else []

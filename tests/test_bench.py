@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import seqio
+from binaries import run_binary
 
 import gin
 from benchmarks import bench, model_sizes
@@ -44,11 +45,10 @@ def test_decoder_only_step_flops():
 
 def test_decoder_only_and_finetune_rows_are_measured(tmp_path):
   out = tmp_path / 'bench.json'
-  result = subprocess.run(
-      [sys.executable, '-m', 'benchmarks.bench', '--workloads=decoder_only,finetune',
+  result = run_binary(
+      'benchmarks.bench', '--workloads=decoder_only,finetune',
        '--decoder_only_sizes=tiny', '--finetune_sizes=tiny', '--finetune_methods=lora,prompt',
-       '--steps=1', '--train_rounds=1', '--peer=none', f'--out={out}', '--lengths=16,8'],
-      capture_output=True, text=True, timeout=600, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+       '--steps=1', '--train_rounds=1', '--peer=none', f'--out={out}', '--lengths=16,8')
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(out.read_text())
   (row,) = report['decoder_only_rows']
@@ -66,28 +66,40 @@ def test_decoder_only_and_finetune_rows_are_measured(tmp_path):
 
 def test_decode_rows_are_measured(tmp_path):
   out = tmp_path / 'bench.json'
-  result = subprocess.run(
-      [sys.executable, '-m', 'benchmarks.bench', '--workloads=decode', '--decode_sizes=tiny',
-       '--decode_batch_sizes=2', '--decode_methods=greedy,beam2', '--decode_repeats=1',
-       '--peer=none', f'--out={out}', '--lengths=16,8'],
-      capture_output=True, text=True, timeout=600, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  result = run_binary(
+      'benchmarks.bench', '--workloads=decode', '--decode_sizes=tiny',
+      '--decode_decoder_only_sizes=tiny', '--decode_batch_sizes=2',
+      '--decode_methods=greedy,beam2', '--decode_repeats=1', '--peer=none', f'--out={out}',
+      '--lengths=16,8')
   assert result.returncode == 0, result.stderr[-3000:]
   rows = json.loads(out.read_text())['decode_rows']
-  assert [(r['method'], r['batch']) for r in rows] == [('greedy', 2), ('beam2', 2)]
+  assert [(r['size'], r['method'], r['batch']) for r in rows] == [
+      ('tiny', 'greedy', 2), ('tiny', 'beam2', 2), ('tiny (decoder-only)', 'greedy', 2),
+      ('tiny (decoder-only)', 'beam2', 2)]
   for row in rows:
     assert 'error' not in row, row
     # Here and below, pytest.approx (1e-6): the bench's float64 arithmetic on the same numbers,
     # possibly grouped otherwise.
     assert row['tokens_per_sec'] == pytest.approx(2 * 8 / row['sec_per_decode_median'])
-    assert row['sec_per_decode_median'] > 0
+    assert row['mfu'] == pytest.approx(row['achieved_tflops'] / row['peak_tflops_measured'])
+    assert row['achieved_tflops'] == pytest.approx(
+        row['model_tflops_per_decode'] / row['sec_per_decode_median'])
+
+
+def test_decoder_only_decode_flops():
+  # gin/models/decoder_only/tiny.gin: 2 layers of (4 x 8 x 12 + 3 x 8 x 16) matmul weights,
+  # 8 x 32,128 logits; 16 prompt tokens, then 8 new tokens for each of 2 beams, batch 2.
+  size = model_sizes.model_size('decoder_only', 'tiny')
+  layers = 2 * (4 * 8 * 12 + 3 * 8 * 16)
+  expected = 2 * 2 * (layers * 16 + (layers + 8 * 32128) * 2 * 8)
+  assert bench.decoder_only_decode_flops(size, 2, 16, 8, 2) == expected
 
 
 def test_checkpoint_rows_are_measured(tmp_path):
   out = tmp_path / 'bench.json'
-  result = subprocess.run(
-      [sys.executable, '-m', 'benchmarks.bench', '--workloads=checkpoint', '--checkpoint_sizes=tiny',
-       '--steps=2', f'--out={out}', '--lengths=16,8'],
-      capture_output=True, text=True, timeout=600, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  result = run_binary(
+      'benchmarks.bench', '--workloads=checkpoint', '--checkpoint_sizes=tiny',
+       '--steps=2', f'--out={out}', '--lengths=16,8')
   assert result.returncode == 0, result.stderr[-3000:]
   (row,) = json.loads(out.read_text())['checkpoint_rows']
   assert 'error' not in row, row
@@ -98,10 +110,9 @@ def test_checkpoint_rows_are_measured(tmp_path):
 
 def test_train_rows_take_turns_with_the_peer_and_print_every_column(tmp_path):
   out = tmp_path / 'bench.json'
-  result = subprocess.run(
-      [sys.executable, '-m', 'benchmarks.bench', '--workloads=train', '--sizes=tiny', '--steps=1',
-       '--train_rounds=1', '--peer=transformers', f'--out={out}', '--lengths=16,8'],
-      capture_output=True, text=True, timeout=600, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  result = run_binary(
+      'benchmarks.bench', '--workloads=train', '--sizes=tiny', '--steps=1',
+       '--train_rounds=1', '--peer=transformers', f'--out={out}', '--lengths=16,8')
   assert result.returncode == 0, result.stderr[-3000:]
   rows = json.loads(out.read_text())['rows']
   assert [r['system'] for r in rows] == ['t5train (JAX)', 't5train (notebook API)',

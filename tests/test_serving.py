@@ -147,6 +147,43 @@ def test_outputs_equal_infer_and_concurrent_requests_share_batches(served, infer
   assert _metric(url, 't5train_serve_requests_total') >= len(INPUTS) + 1
 
 
+BEAM_GIN = """
+from __gin__ import dynamic_registration
+from t5train import decoding
+from t5train import models
+
+models.EncoderDecoderModel.decode_fn = @decoding.beam_search
+decoding.beam_search.num_decodes = 2
+decoding.beam_search.alpha = 0.6
+"""
+
+
+def test_sampling_and_beam_requests_decode_as_infer_does(served, model_dir, infer_records,
+                                                         tmp_path):
+  url, _ = served
+  # Sampling from the single most likely token is greedy decoding.
+  sampled = _post(url, 'predict', {'inputs': INPUTS, 'decoding': {
+      'method': 'sample', 'temperature': 0.7, 'top_k': 1}}).json()['predictions']
+  assert [p['output'] for p in sampled] == [
+      r['prediction'] for r in infer_records['predict_with_aux']]
+  beams = _post(url, 'predict', {'inputs': INPUTS, 'decoding': {
+      'method': 'beam', 'num_beams': 2}}).json()['predictions']
+  examples, beam_gin = tmp_path / 'examples.tsv', tmp_path / 'beam.gin'
+  examples.write_text(''.join(f'{i}\t{t}\n' for i, t in zip(INPUTS, TARGETS)))
+  beam_gin.write_text(BEAM_GIN)
+  [path] = call_configured(
+      infer_script.infer, ['gin/runs/infer.gin', os.path.join(model_dir, 'config.gin'), beam_gin],
+      [f"CHECKPOINT_PATH = '{model_dir}'", f"INFER_OUTPUT_DIR = '{tmp_path}'",
+       f"INPUT_FILE = '{examples}'",
+       f"TASK_FEATURE_LENGTHS = {{'inputs': {LENGTH}, 'targets': {LENGTH}}}", 'BATCH_SIZE = 4',
+       "infer_script.infer.mode = 'predict_with_aux'"])
+  with open(path) as f:
+    expected = [json.loads(line) for line in f]
+  assert [p['output'] for p in beams] == [r['prediction'] for r in expected]
+  for prediction, record in zip(beams, expected):
+    assert prediction['score'] == pytest.approx(record['aux']['scores'], rel=1e-4, abs=1e-4)
+
+
 BAD_REQUESTS = [  # (body or raw bytes, status, words the reason must hold)
     (b'{"inputs": ["84"', 400, 'malformed JSON'),
     ([1, 2], 400, 'JSON object'),
