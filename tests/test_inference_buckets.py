@@ -6,13 +6,14 @@ import pytest
 
 from t5train import decoding, inference, partitioning, testing
 
-LENGTHS = {'inputs': 64, 'targets': 8}
+LENGTHS = {'inputs': 128, 'targets': 8}
 
 
 def test_input_buckets_are_fractions_of_the_padded_length():
-  assert [inference.input_bucket(n, 64) for n in (0, 5, 8, 9, 16, 17, 33, 64)] == [
-      8, 8, 8, 16, 16, 32, 64, 64]
-  assert inference.input_bucket(3, 16) == 8  # never below MIN_INPUT_BUCKET
+  assert [inference.input_bucket(n, 256) for n in (0, 31, 32, 33, 64, 65, 129, 256)] == [
+      32, 32, 32, 64, 64, 128, 256, 256]
+  assert inference.input_bucket(3, 64) == 32  # never below MIN_INPUT_BUCKET
+  assert inference.input_bucket(3, 16) == 16  # a shorter task keeps its own length
   assert inference.input_length({'encoder_input_tokens': np.array([5, 0, 7, 0, 0])}) == 3
 
 
@@ -26,7 +27,7 @@ def test_bucketed_inference_equals_padded_inference_in_the_examples_order(decode
   rng = np.random.default_rng(0)
   # Mostly short inputs and one long one, in no particular order.
   examples = [{'inputs': rng.integers(2, 60, n), 'targets': rng.integers(2, 60, 5)}
-              for n in (3, 40, 5, 12, 2, 7, 30, 4, 9, 6, 60)]
+              for n in (3, 40, 5, 12, 2, 7, 30, 4, 9, 6, 100)]
   features = [model.example_features(ex, LENGTHS) for ex in examples]
   partitioner = partitioning.PjitPartitioner()
   shardings = jax.tree.map(lambda _: partitioner.sharding(jax.sharding.PartitionSpec()), params)
@@ -39,6 +40,6 @@ def test_bucketed_inference_equals_padded_inference_in_the_examples_order(decode
     tokens, scores = runner.predict(params, features)
     runs[bucketed] = widths, np.stack(tokens), np.asarray(scores), runner.score(params, features)
   (widths, tokens, scores, score), (padded_widths, *padded) = runs[True], runs[False]
-  assert widths == [8, 16, 64] and padded_widths == [64, 64, 64]
+  assert widths == [32, 32, 128] and padded_widths == [128, 128, 128]
   np.testing.assert_array_equal(tokens, padded[0])
   testing.assert_trees_close((scores, np.asarray(score)), (padded[1], np.asarray(padded[2])))
