@@ -39,6 +39,10 @@ _CLIENTS = flags.DEFINE_list('clients', ['1', '8', '64'], 'Concurrent clients pe
 _NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', 32, 'Tokens decoded per request.')
 _PEER = flags.DEFINE_boolean('peer', True, 'Also serve transformers\' generate (if installed).')
 _OUT = flags.DEFINE_string('out', 'docs/bench/cpu_serve.json', 'Where to write the JSON results.')
+_SWEEP = flags.DEFINE_list(
+    'sweep', [], "Instead of the three servers: the dynamic server with each 'SIZES@WINDOW' "
+    "setting (e.g. '1/4/16@5,1/8/32@20': batch sizes 1, 4, 16 with a 5 ms window, ...), one "
+    'after the other, at each --clients level.')
 
 INPUT_LENGTH = 128
 WINDOW_MS = 5.0
@@ -194,11 +198,16 @@ def main(argv: list[str]) -> None:
   params = initializer.from_scratch(jax.random.PRNGKey(0)).params
   shardings = initializer.train_state_shardings.params
   rows = []
-  for name, sizes, window in (('t5train dynamic batching', BATCH_SIZES, WINDOW_MS),
-                              ('t5train naive (one request at a time)', (1,), 0.0)):
+  servers = [(f'sweep {setting}', *_setting(setting)) for setting in _SWEEP.value] or [
+      ('t5train dynamic batching', BATCH_SIZES, WINDOW_MS),
+      ('t5train naive (one request at a time)', (1,), 0.0)]
+  for name, sizes, window in servers:
     asgi_app, batcher = _t5train_app(model, params, shardings, partitioner, sizes, window)
     rows += _drive(name, asgi_app, texts)
     batcher.close(60)
+  if _SWEEP.value:
+    _print_sweep(rows)
+    return
   if _PEER.value:
     try:
       import transformers  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
@@ -220,6 +229,20 @@ def main(argv: list[str]) -> None:
                'max_new_tokens': _NEW_TOKENS.value, 'input_length': INPUT_LENGTH,
                'batch_sizes': BATCH_SIZES, 'window_ms': WINDOW_MS, 'secs_per_level': _SECS.value,
                'rows': rows, 'summary': summary}, f, indent=1)
+
+
+def _setting(text: str) -> tuple[tuple[int, ...], float]:
+  """'1/8/32@5' -> ((1, 8, 32), 5.0)."""
+  sizes, _, window = text.partition('@')
+  return tuple(int(size) for size in sizes.split('/')), float(window or WINDOW_MS)
+
+
+def _print_sweep(rows: list[dict[str, Any]]) -> None:
+  print(f'{"setting":<22} {"clients":>7} {"requests/s":>10} {"p50 s":>7} {"p99 s":>7}')
+  for row in rows:
+    print(f'{row["system"].removeprefix("sweep "):<22} {row["clients"]:>7} '
+          f'{row["requests_per_sec"]:>10.2f} {row["latency_p50_secs"] or 0:>7.2f} '
+          f'{row["latency_p99_secs"] or 0:>7.2f}')
 
 
 def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
