@@ -55,7 +55,7 @@ class BatchingConfig:
   compiled at start-up for every length bucket: 'greedy', 'score', 'beam<N>' (N beams).
   """
 
-  batch_sizes: tuple[int, ...] = (1, 4, 16)
+  batch_sizes: tuple[int, ...] = (1, 8, 32)
   window_ms: float = 5.0
   input_lengths: tuple[int, ...] = (32, 128)
   target_lengths: tuple[int, ...] = (32,)
