@@ -5,7 +5,7 @@
 A fine-tune's config.gin says how the run started (RestoreCheckpointConfig bound to
 INITIAL_CHECKPOINT_PATH, an assignment map that leaves adapters fresh); that must not change which
 checkpoint infer and eval read. The same runs check what LoRA checkpoints hold and how they decode
-merged, and a decoder-only run's evaluation with decoding and scoring. The binaries' entry points
+merged, and a decoder-only run's evaluation and serving with decoding and scoring. The binaries' entry points
 are called in this process (gin parsed as the binaries parse it), so that each run and decode costs
 its compilation, not a process start-up.
 """
@@ -173,3 +173,34 @@ def test_a_prefix_lm_evaluates_with_decoding_and_scoring_and_infer_scores(runs, 
   records = _infer(model_dir, checkpoint, tmp_path, mode='score', num_examples=3)
   assert len(records) == 3
   assert all(math.isfinite(r['score']) and r['score'] < 0 and r['targets'] for r in records)
+
+
+def test_a_prefix_lm_is_served_with_the_input_as_its_prompt(runs, tmp_path):
+  """The server continues and scores a decoder-only model's inputs as infer does (text in, text
+  out): the same decodes and decode scores, and the same log-likelihoods of the targets."""
+  testclient = pytest.importorskip('starlette.testclient')
+  from t5train import batching, checkpoints, serving  # noqa: PLC0415  (the serve extra)
+  from t5train import serve as serve_script  # noqa: PLC0415
+  model_dir, checkpoint = runs['decoder_only']
+  decoded = _infer(model_dir, checkpoint, tmp_path / 'p', mode='predict_with_aux', num_examples=4)
+  scored = _infer(model_dir, checkpoint, tmp_path / 's', mode='score', num_examples=4)
+  batcher, _ = serve_script.load_batcher(
+      _model([f'{model_dir}/config.gin']), partitioning.PjitPartitioner(),
+      checkpoints.RestoreCheckpointConfig(path=checkpoint),
+      batching.BatchingConfig(batch_sizes=(4,), input_lengths=(LENGTHS['inputs'],),
+                              target_lengths=(LENGTHS['targets'],), warmup=('greedy', 'score')))
+  try:
+    with testclient.TestClient(serving.create_app(batcher, serving.RequestLimits())) as client:
+      predicted = client.post('/v1/predict', json={'inputs': [r['inputs'] for r in decoded]})
+      likelihoods = client.post('/v1/score', json={'inputs': [r['inputs'] for r in scored],
+                                                    'targets': [r['targets'] for r in scored]})
+  finally:
+    batcher.close(10)
+  assert predicted.status_code == 200 and likelihoods.status_code == 200, predicted.text
+  predictions = predicted.json()['predictions']
+  assert [p['output'] for p in predictions] == [r['prediction'] for r in decoded]
+  assert [p['score'] for p in predictions] == pytest.approx(
+      [r['aux']['scores'] for r in decoded], rel=1e-4, abs=1e-4)
+  scores = [s['log_likelihood'] for s in likelihoods.json()['scores']]
+  assert len(set(scores)) == len(scores)  # the targets differ, and so do their likelihoods
+  assert scores == pytest.approx([r['score'] for r in scored], rel=1e-4, abs=1e-4)
