@@ -2,8 +2,9 @@
 
     python -m benchmarks.decode_profile --profile_batch_size=32 --profile_method=beam4
 
-Decodes random inputs as ``make bench``'s decode rows do (T5 1.1, float32, input length 128,
-32 new tokens, an EOS id that is never produced), traces one warm decode, and sums the
+Decodes random inputs as ``make bench``'s decode rows do (T5 1.1 or, with
+``--profile_model=decoder_only``, a prefix LM; float32, input length 128, 32 new tokens, an EOS
+id that is never produced), traces one warm decode, and sums the
 trace's XLA op events by the model operation each HLO op came from (its ``op_name``, layer
 numbers folded), split into work done once per decode and work inside the decoding loop.
 """
@@ -11,7 +12,6 @@ numbers folded), split into work done once per decode and work inside the decodi
 from __future__ import annotations
 
 import collections
-import functools
 import glob
 import gzip
 import json
@@ -19,11 +19,14 @@ import re
 import tempfile
 import time
 import types
+from typing import Any
 
 from absl import app, flags
 
 # Named apart from benchmarks.bench's flags, which this module imports.
-_SIZE = flags.DEFINE_string('profile_size', 'small', 'T5 1.1 size.')
+_SIZE = flags.DEFINE_string('profile_size', 'small', 'Size (gin/models/<family>/<size>.gin).')
+_FAMILY = flags.DEFINE_enum('profile_model', 't5', ['t5', 'decoder_only'],
+                            "T5 1.1, or a decoder-only prefix LM (the input is the prompt).")
 _BATCH = flags.DEFINE_integer('profile_batch_size', 32, 'Examples per decode.')
 _METHOD = flags.DEFINE_string('profile_method', 'greedy', 'greedy or beam<N>.')
 _TOP = flags.DEFINE_integer('top', 25, 'Rows of the table.')
@@ -39,6 +42,34 @@ def _op_names(hlo_text: str) -> dict[str, str]:
   return names
 
 
+def _model_and_inputs(bench: Any, family: str, size: str, batch: int
+                      ) -> tuple[Any, dict[str, tuple[int, ...]], dict[str, Any]]:
+  """The model the bench's decode rows build, its initialisation shapes and random inputs."""
+  import numpy as np
+
+  from benchmarks import model_sizes
+  from t5train import decoder_only_network, models, network
+  decode_fn = bench._decode_fn(_METHOD.value)  # pylint: disable=protected-access
+  never = types.SimpleNamespace(eos_id=-1)
+  if family == 't5':
+    config = bench._t5_config(size, 'float32')  # pylint: disable=protected-access
+    model = models.EncoderDecoderModel(network.Transformer(config), None, never, None,
+                                       decode_fn=decode_fn)
+    inputs = np.random.default_rng(0).integers(2, config.vocab_size, (batch, INPUT_LENGTH))
+    shapes = {'encoder_input_tokens': (batch, INPUT_LENGTH),
+              'decoder_input_tokens': (batch, TARGET_LENGTH),
+              'decoder_target_tokens': (batch, TARGET_LENGTH)}
+    return model, shapes, {'encoder_input_tokens': inputs}
+  config = network.T5Config(**model_sizes.model_size('decoder_only', size), dtype='float32',
+                            dropout_rate=0.0)
+  model = models.DecoderOnlyModel(decoder_only_network.DecoderOnlyTransformer(config), never, None,
+                                  decode_fn=decode_fn, inputs_bidirectional_attention=True)
+  host = bench._prefix_lm_batch(config.vocab_size, batch, INPUT_LENGTH, TARGET_LENGTH)  # pylint: disable=protected-access
+  shapes = {name: value.shape for name, value in host.items()}
+  return model, shapes, {name: host[name]
+                         for name in ('decoder_input_tokens', 'decoder_causal_attention')}
+
+
 def main(argv: list[str]) -> None:
   del argv
   import flax.linen as nn
@@ -46,23 +77,12 @@ def main(argv: list[str]) -> None:
   import numpy as np
 
   from benchmarks import bench
-  from t5train import decoding, models, network
-  beams = 1 if _METHOD.value == 'greedy' else int(_METHOD.value.removeprefix('beam'))
-  decode_fn = (functools.partial(decoding.temperature_sample, temperature=0.0) if beams == 1
-               else functools.partial(decoding.beam_search, num_decodes=beams, alpha=0.6))
-  config = bench._t5_config(_SIZE.value, 'float32')  # pylint: disable=protected-access
-  model = models.EncoderDecoderModel(network.Transformer(config), None,
-                                     types.SimpleNamespace(eos_id=-1), None, decode_fn=decode_fn)
+  model, shapes, inputs = _model_and_inputs(bench, _FAMILY.value, _SIZE.value, _BATCH.value)
   batch = _BATCH.value
-  shapes = {'encoder_input_tokens': (batch, INPUT_LENGTH),
-            'decoder_input_tokens': (batch, TARGET_LENGTH),
-            'decoder_target_tokens': (batch, TARGET_LENGTH)}
   params = nn.unbox(jax.jit(lambda rng: model.get_initial_variables(rng, shapes)['params'])(
       jax.random.PRNGKey(0)))
-  inputs = np.random.default_rng(0).integers(2, config.vocab_size, (batch, INPUT_LENGTH),
-                                             dtype=np.int32)
-  predict = jax.jit(lambda p, x: model.predict_batch(p, {'encoder_input_tokens': x},
-                                                     max_decode_length=TARGET_LENGTH))
+  inputs = {name: np.asarray(value, np.int32) for name, value in inputs.items()}
+  predict = jax.jit(lambda p, x: model.predict_batch(p, x, max_decode_length=TARGET_LENGTH))
   jax.block_until_ready(predict(params, inputs))
   trace_dir = tempfile.mkdtemp(prefix='decode_profile_')
   jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
@@ -83,9 +103,9 @@ def main(argv: list[str]) -> None:
     where = 'loop' if calls[event['name']] >= TARGET_LENGTH else 'once'
     table[(where, names.get(event['name'], event['name']))] += event['dur'] / 1e6
   total = sum(table.values())
-  print(f'{_SIZE.value} {_METHOD.value} batch {batch}: {wall:.2f} s wall, {total:.2f} s of op '
-        f'thread time (once {sum(v for (w, _), v in table.items() if w == "once"):.2f} s, '
-        f'loop {sum(v for (w, _), v in table.items() if w == "loop"):.2f} s)')
+  once, loop = (sum(v for (w, _), v in table.items() if w == where) for where in ('once', 'loop'))
+  print(f'{_FAMILY.value} {_SIZE.value} {_METHOD.value} batch {batch}: {wall:.2f} s wall, '
+        f'{total:.2f} s of op thread time (once {once:.2f} s, loop {loop:.2f} s)')
   for (where, name), secs in table.most_common(_TOP.value):
     print(f'{secs:7.3f} s {100 * secs / total:5.1f}%  {where:<4}  {name}')
 

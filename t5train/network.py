@@ -469,9 +469,10 @@ class MultiHeadAttention(nn.Module):
       start = (0, 0, cache_index, 0)
       k = jax.lax.dynamic_update_slice(cached_k, k, start)
       v = jax.lax.dynamic_update_slice(cached_v, v, start)
-    else:
-      here = (jnp.arange(cached_k.shape[2]) == cache_index[:, None])[:, None, :, None]
-      k, v = jnp.where(here, k, cached_k), jnp.where(here, v, cached_v)
+    else:  # one position per row, written in place (a select over the cache reads it all)
+      rows = jnp.arange(cached_k.shape[0])
+      k = cached_k.at[rows, :, cache_index].set(k[:, :, 0], mode='drop')
+      v = cached_v.at[rows, :, cache_index].set(v[:, :, 0], mode='drop')
     self.put_variable('cache', 'cached_key', k)
     self.put_variable('cache', 'cached_value', v)
     return k, v
