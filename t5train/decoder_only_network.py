@@ -11,7 +11,9 @@ so T5X decoder-only checkpoints line up. The depth is ``T5Config.num_decoder_lay
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from t5train import network
 from t5train.network import Array, T5Config
@@ -23,11 +25,12 @@ class DecoderOnlyStack(nn.Module):
   Decoding runs in two kinds of ``decode=True`` calls. The first, with the whole
   sequence [batch, length] (the prompt, zeros after it), creates the cache: every
   layer stores its keys and values of all positions, computed in one pass with
-  the prompt's (prefix-LM) mask, and each row's next position is set to its
-  ``prefill_lengths``. Each later call takes one token per row [rows, 1], writes
-  it at that row's position and returns the logits of the next token. A row's
-  position never passes ``max_decode_length`` (the cache's length) in a valid
-  decode.
+  the prompt's (prefix-LM) mask, of which each example's first ``prefill_lengths``
+  are its prompt, and room for ``max_decode_length`` generated positions (default:
+  the length). Each later call takes one token per row [rows, 1] (several decodes
+  of an example, such as beams, are consecutive rows that share its prompt), writes
+  it at the step's generated position and returns the logits of the next token; it
+  is given the same ``max_decode_length``, which no decode passes.
 
   With ``num_prompts`` (prompt tuning), N learned embeddings (``decoder/prompt/prompt``) come
   before every sequence: they belong to the prefix (bidirectional in a prefix LM), the cache
@@ -50,10 +53,12 @@ class DecoderOnlyStack(nn.Module):
     y = embedding(decoder_input_tokens)
     cache_index = None
     decode_step = decode and self.has_variable('cache', 'cache_index')
+    generated_length = max_decode_length or decoder_input_tokens.shape[1]
     if decode_step:
       if max_decode_length is None:
-        raise ValueError('a decoding step needs max_decode_length, the length of the cache')
-      bias, buckets, cache_index = self._decode_step_bias(max_decode_length + num_prompts)
+        raise ValueError('a decoding step needs max_decode_length, the generated positions the '
+                         'cache holds')
+      bias, buckets, cache_index = self._decode_step_bias(max_decode_length)
     else:
       rows = decoder_input_tokens.shape[0]
       if num_prompts:
@@ -63,10 +68,13 @@ class DecoderOnlyStack(nn.Module):
         if decoder_causal_attention is not None:
           decoder_causal_attention = network.with_prompt_positions(decoder_causal_attention,
                                                                    num_prompts)
+      length = y.shape[1]
       if decode:  # creating the cache from the prompt
         start = jnp.zeros((rows,), jnp.int32) if prefill_lengths is None else prefill_lengths
-        self.put_variable('cache', 'cache_index', start.astype(jnp.int32) + num_prompts)
-      length = y.shape[1]
+        first_generated = start.astype(jnp.int32) + num_prompts
+        self.put_variable('cache', 'prompt_offsets',
+                          jnp.arange(length, dtype=jnp.int32)[None, :] - first_generated[:, None])
+        self.put_variable('cache', 'cache_index', jnp.zeros((), jnp.int32))
       mask = network.attention_mask(decoder_target_tokens, decoder_target_tokens,
                                     decoder_segment_ids, decoder_segment_ids, causal=True,
                                     bidirectional_region=decoder_causal_attention)
@@ -74,12 +82,14 @@ class DecoderOnlyStack(nn.Module):
       buckets = self._buckets(length)
     layer_buckets = buckets if cfg.relative_attention_per_layer else None
     if layer_buckets is None:
-      bias = network.relative_position_table(cfg)(buckets) + bias
+      table = network.relative_position_table(cfg)
+      bias = network.add_bias(bias, jax.tree_util.tree_map(table, buckets))
     dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
     y = dropout(y, deterministic=deterministic)
     y = nn.with_logical_constraint(y, ('batch', 'length', 'embed'))
-    y = network.run_layers(network.DecoderLayer, cfg, cfg.num_decoder_layers, (5, 6), y, None,
-                           bias, None, deterministic, decode, cache_index, layer_buckets)
+    y = network.run_layers(network.DecoderLayer, cfg, cfg.num_decoder_layers, (5, 6, 9), y, None,
+                           bias, None, deterministic, decode, cache_index, layer_buckets,
+                           generated_length)
     y = network.LayerNorm(cfg.layer_norm_epsilon, cfg.activation_dtype, name='decoder_norm')(y)
     y = dropout(y, deterministic=deterministic)
     logits = network.output_logits(cfg, embedding, y)
@@ -91,15 +101,33 @@ class DecoderOnlyStack(nn.Module):
                                                 cfg.relative_attention_num_buckets,
                                                 cfg.relative_attention_max_distance))
 
-  def _decode_step_bias(self, max_length: int) -> tuple[Array, Array, Array]:
-    """Mask bias [rows, 1, 1, max_length] and bucket ids [rows, 1, max_length] for each row's
-    one query at its cached position, and those positions [rows]."""
-    cache_index = self.get_variable('cache', 'cache_index')
-    self.put_variable('cache', 'cache_index', cache_index + 1)
-    visible = jnp.arange(max_length)[None, :] <= cache_index[:, None]  # the past and this position
-    bias = network.mask_to_bias(visible[:, None, None, :], self.config.activation_dtype)
-    buckets = jnp.take(self._buckets(max_length), cache_index, axis=0, mode='clip')[:, None, :]
-    return bias, buckets, cache_index
+  def _decode_step_bias(self, generated_length: int
+                        ) -> tuple[network.PromptCacheBias, network.PromptCacheBias, Array]:
+    """The step's mask bias and relative-position bucket ids over the two parts of the cache
+    (the prompt's positions, the generated ones) for each example's one query, and the step."""
+    step = self.get_variable('cache', 'cache_index')
+    self.put_variable('cache', 'cache_index', step + 1)
+    # Each prompt position less the example's first generated one: < 0 on its prompt.
+    offsets = self.get_variable('cache', 'prompt_offsets')
+    generated = jnp.arange(generated_length, dtype=jnp.int32)
+    dtype = self.config.activation_dtype
+    bias = network.PromptCacheBias(
+        network.mask_to_bias((offsets < 0)[:, None, None, :], dtype),
+        network.mask_to_bias((generated <= step)[None, None, None, :], dtype))
+    # Key minus query positions; the query sits `step` after the example's first generated one.
+    span = offsets.shape[1] + generated_length
+    buckets = network.PromptCacheBias(self._distance_buckets(offsets - step, span)[:, None, :],
+                                      self._distance_buckets(generated - step, span)[None, :])
+    return bias, buckets, step
+
+  def _distance_buckets(self, distances: Array, span: int) -> Array:
+    """Causal bucket ids of key - query distances (at most ``span`` back; later keys get
+    bucket 0, as the distance 0 does)."""
+    cfg = self.config
+    table = network.relative_position_bucket(np.arange(-span, 1, dtype=np.int32), False,
+                                             cfg.relative_attention_num_buckets,
+                                             cfg.relative_attention_max_distance)
+    return jnp.take(jnp.asarray(table), distances + span, mode='clip')
 
 
 class DecoderOnlyTransformer(nn.Module):

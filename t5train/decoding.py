@@ -9,9 +9,10 @@ dimension is repeated ``num_decodes`` times, example-major (row
 beams; other leaves (a step counter) are left as they are. Leaves under a key that
 starts with ``cross`` (the projected encoder outputs) are the same for every
 decode of an example, so they keep one row per example and are never repeated
-or reordered. ``tokens_to_logits`` sees ``batch_size * num_decodes`` token rows. Outputs are
-``[batch, num_decodes, length]`` token ids, 0 after EOS, and ``[batch, num_decodes]``
-scores, best first.
+or reordered; so are leaves under a key that starts with ``prompt`` (a decoder-only
+model's prompt keys and values). ``tokens_to_logits`` sees ``batch_size * num_decodes``
+token rows. Outputs are ``[batch, num_decodes, length]`` token ids, 0 after EOS, and
+``[batch, num_decodes]`` scores, best first.
 
 A decoder-only model continues a prompt whose keys and values are already in the
 cache: ``first_tokens`` [batch] are the tokens fed at the first step (the prompt's
@@ -38,9 +39,13 @@ def shift_right(tokens: Array) -> Array:
   return jnp.pad(tokens, ((0, 0), (1, 0)))[:, :-1]
 
 
+_PER_EXAMPLE_CACHE = ('cross', 'prompt')
+
+
 def _same_for_every_beam(path: tuple) -> bool:
-  """Whether a cache leaf holds per-example values, such as cross-attention keys and values."""
-  return any(str(getattr(key, 'key', '')).startswith('cross') for key in path)
+  """Whether a cache leaf holds per-example values: cross-attention keys and values, or a
+  decoder-only model's prompt."""
+  return any(str(getattr(key, 'key', '')).startswith(_PER_EXAMPLE_CACHE) for key in path)
 
 
 def _expand_rows(cache: Cache, batch_size: int, num_decodes: int) -> Cache:

@@ -398,28 +398,30 @@ class DecoderOnlyModel(BaseTransformerModel):
     rows, total = prompt.shape
     prefix = prompt_lengths(region)
     width = max_decode_length or total
-    cache = self._prefilled_cache(params, prompt, region, prefix)
-    tokens_to_logits = functools.partial(self._decode_step, params, total)
+    cache = self._prefilled_cache(params, prompt, region, prefix, width)
+    tokens_to_logits = functools.partial(self._decode_step, params, width)
     return self._decode(
         tokens_to_logits, cache, rows, width, rng, decoder_params, num_decodes,
         return_all_decodes,
         first_tokens=jnp.take_along_axis(prompt, prefix[:, None], axis=1)[:, 0],
         max_lengths=jnp.minimum(width, total - prefix))
 
-  def _prefilled_cache(self, params: Any, prompt: Array, region: Array, prefix: Array) -> Any:
-    """The cache with the keys and values of each row's first ``prefix`` positions."""
+  def _prefilled_cache(self, params: Any, prompt: Array, region: Array, prefix: Array,
+                       width: int) -> Any:
+    """The cache with the keys and values of each row's first ``prefix`` positions, and room
+    for ``width`` generated ones per decode."""
     _, variables = self.module.apply(
         {'params': params}, prompt, region, None, None,
         region if self.inputs_bidirectional_attention else None, enable_dropout=False,
-        decode=True, prefill_lengths=prefix, mutable=['cache'])
+        decode=True, max_decode_length=width, prefill_lengths=prefix, mutable=['cache'])
     return variables['cache']
 
-  def _decode_step(self, params: Any, total: int, tokens: Array, cache: Any
+  def _decode_step(self, params: Any, width: int, tokens: Array, cache: Any
                    ) -> tuple[Array, Any]:
     """Logits [rows, vocab] of the token after ``tokens`` [rows, 1], and the new cache."""
     logits, variables = self.module.apply(
         {'params': params, 'cache': cache}, tokens, enable_dropout=False, decode=True,
-        max_decode_length=total, mutable=['cache'])
+        max_decode_length=width, mutable=['cache'])
     return logits[:, 0], variables['cache']
 
 

@@ -359,9 +359,28 @@ def _lengths(tokens: Array) -> Array:
   return jnp.sum(tokens > 0, axis=-1, dtype=jnp.int32)
 
 
-def add_bias(bias: Array | AttentionBias, relpos: Array) -> Array | AttentionBias:
-  """``bias`` (an array or an AttentionBias) plus a relative-position bias."""
-  return bias.plus(relpos) if isinstance(bias, AttentionBias) else bias + relpos
+@flax.struct.dataclass
+class PromptCacheBias:
+  """The additive bias of one decoding step of a decoder-only model, in the two parts of its
+  cache: ``prompt`` [examples, heads or 1, 1, prompt_length] over the prompt's keys, which
+  the example's decodes share, and ``generated`` [1, heads or 1, 1, generated_length] over
+  each decode's own keys (see ``MultiHeadAttention``). Relative-position bucket ids come in
+  the same two parts."""
+
+  prompt: Array
+  generated: Array
+
+  def plus(self, relpos: PromptCacheBias) -> PromptCacheBias:
+    """This bias with a relative-position bias of the same two parts added."""
+    return PromptCacheBias(self.prompt + relpos.prompt, self.generated + relpos.generated)
+
+
+def add_bias(bias: Array | AttentionBias | PromptCacheBias, relpos: Any
+             ) -> Array | AttentionBias | PromptCacheBias:
+  """``bias`` (an array, an AttentionBias or a PromptCacheBias) plus a relative-position bias."""
+  if isinstance(bias, (AttentionBias, PromptCacheBias)):
+    return bias.plus(relpos)
+  return bias + relpos
 
 
 def _heads_major(x: Array) -> Array:
@@ -375,12 +394,18 @@ class MultiHeadAttention(nn.Module):
 
   For cached decoding, ``cache`` is ``'self'`` (keys and values of past positions
   are kept in the ``cache`` collection and this call adds position
-  ``cache_index``) or ``'cross'`` (the projected encoder outputs are computed
-  once and reused). Cached keys and values are stored heads-major
-  ``[batch, heads, length, kv]``. The first call with a cache creates it: zeros for ``'self'``,
-  sized by that call's length, which is the maximum decode length. The cross cache keeps one
-  row per example; a decoding step may bring several consecutive query rows per example
-  (beams or samples), each with one query position and a cross bias of one row per example.
+  ``cache_index``), ``'cross'`` (the projected encoder outputs are computed
+  once and reused) or ``'prompt'`` (a decoder-only model's self-attention: the
+  prompt's keys and values, one row per example, and ``generated_length`` more
+  positions per decode for what the decodes generate, written at ``cache_index``,
+  the step; the bias is a ``PromptCacheBias``). Cached keys and values are stored
+  heads-major ``[batch, heads, length, kv]``. The first call with a cache creates
+  it: zeros for ``'self'``, sized by that call's length, which is the maximum
+  decode length; the projected prompt (that call's keys and values) for
+  ``'prompt'``. Cross and prompt caches keep one row per example; a decoding step
+  may bring several consecutive query rows per example (beams or samples), each
+  with one query position, and those rows share the example's one copy, so beam
+  search neither repeats nor reorders it.
   """
 
   num_heads: int
@@ -392,8 +417,9 @@ class MultiHeadAttention(nn.Module):
   lora: LoraConfig | None = None
 
   @nn.compact
-  def __call__(self, inputs_q: Array, inputs_kv: Array, bias: Array, deterministic: bool,
-               cache: str | None = None, cache_index: Array | None = None) -> Array:
+  def __call__(self, inputs_q: Array, inputs_kv: Array, bias: Any, deterministic: bool,
+               cache: str | None = None, cache_index: Array | None = None,
+               generated_length: int | None = None) -> Array:
     inner = self.num_heads * self.head_dim
     query_init = _fan_in_normal(1.0 / self.head_dim)  # variance 1/(fan_in * head_dim)
     projection = lambda name, init: Dense(inner, ('embed', 'joined_kv'), init, self.dtype,
@@ -404,7 +430,9 @@ class MultiHeadAttention(nn.Module):
     key_value = lambda: (constrain(split(projection('key', _fan_in_normal())(inputs_kv))),
                          constrain(split(projection('value', _fan_in_normal())(inputs_kv))))
     dropout = not deterministic and self.dropout_rate > 0.0
-    if self.implementation is not None and cache is None and not dropout:
+    if cache == 'prompt' and self.has_variable('cache', 'prompt_key'):
+      out = self._prompt_cache_step(q, *key_value(), bias, cache_index)
+    elif self.implementation is not None and cache is None and not dropout:
       # No 1/sqrt(head_dim) scale, as everywhere in T5; the softmax runs in float32.
       k, v = key_value()
       if isinstance(bias, AttentionBias):
@@ -423,6 +451,8 @@ class MultiHeadAttention(nn.Module):
         k, v = self._cross_cache(key_value)
       elif cache == 'self':
         k, v = self._self_cache(*key_value(), cache_index)
+      elif cache == 'prompt':
+        k, v = self._create_prompt_cache(*key_value(), generated_length)
       else:
         k, v = (_heads_major(x) for x in key_value())
       # Several decodes of an example (beams, samples: consecutive rows) share its one copy of
@@ -476,6 +506,57 @@ class MultiHeadAttention(nn.Module):
     self.put_variable('cache', 'cached_key', k)
     self.put_variable('cache', 'cached_value', v)
     return k, v
+
+
+  def _create_prompt_cache(self, k: Array, v: Array, generated_length: int | None
+                           ) -> tuple[Array, Array]:
+    """Stores the prompt's keys and values and zeros for ``generated_length`` positions."""
+    if generated_length is None:
+      raise ValueError('creating a prompt cache needs generated_length')
+    k, v = _heads_major(k).astype(self.dtype), _heads_major(v).astype(self.dtype)
+    self.put_variable('cache', 'prompt_key', k)
+    self.put_variable('cache', 'prompt_value', v)
+    generated_shape = k.shape[:2] + (generated_length, k.shape[3])
+    self.put_variable('cache', 'cached_key', jnp.zeros(generated_shape, self.dtype))
+    self.put_variable('cache', 'cached_value', jnp.zeros(generated_shape, self.dtype))
+    return k, v
+
+  def _prompt_cache_step(self, q: Array, k: Array, v: Array, bias: PromptCacheBias,
+                         step: Array) -> Array:
+    """Attention of one query per decode [rows, 1, heads, kv] over its example's prompt and
+    its own generated positions, with this step's keys and values written at ``step``.
+
+    One softmax runs over both parts; the prompt's logits come from one matmul per
+    example whose queries are the example's decodes.
+    """
+    start = (0, 0, step, 0)
+    generated_k = jax.lax.dynamic_update_slice(self.get_variable('cache', 'cached_key'),
+                                               _heads_major(k).astype(self.dtype), start)
+    generated_v = jax.lax.dynamic_update_slice(self.get_variable('cache', 'cached_value'),
+                                               _heads_major(v).astype(self.dtype), start)
+    self.put_variable('cache', 'cached_key', generated_k)
+    self.put_variable('cache', 'cached_value', generated_v)
+    prompt_k = self.get_variable('cache', 'prompt_key')
+    prompt_v = self.get_variable('cache', 'prompt_value')
+    rows, examples = q.shape[0], prompt_k.shape[0]
+    decodes, prompt_length = rows // examples, prompt_k.shape[2]
+    if self.float32_logits:
+      q, prompt_k, generated_k = (x.astype(jnp.float32) for x in (q, prompt_k, generated_k))
+    per_example = q.reshape((examples, decodes) + q.shape[2:])  # decodes as query positions
+    prompt_logits = (jnp.einsum('bqhd,bhkd->bhqk', per_example, prompt_k)
+                     + bias.prompt.astype(q.dtype))  # [examples, heads, decodes, prompt]
+    generated_logits = (jnp.einsum('bqhd,bhkd->bhqk', q, generated_k)
+                        + bias.generated.astype(q.dtype))  # [rows, heads, 1, generated]
+    generated_logits = jnp.swapaxes(
+        generated_logits.reshape((examples, decodes) + generated_logits.shape[1:2] + (-1,)), 1, 2)
+    weights = jax.nn.softmax(jnp.concatenate([prompt_logits, generated_logits], axis=-1
+                                             ).astype(jnp.float32)).astype(self.dtype)
+    out = jnp.einsum('bhqk,bhkd->bqhd', weights[..., :prompt_length], prompt_v.astype(self.dtype))
+    generated_weights = jnp.swapaxes(weights[..., prompt_length:], 1, 2)  # [examples, decodes, ...]
+    generated_weights = generated_weights.reshape((rows,) + generated_weights.shape[2:3] + (1, -1))
+    out = out.reshape((rows, 1) + out.shape[2:]) + jnp.einsum(
+        'bhqk,bhkd->bqhd', generated_weights, generated_v.astype(self.dtype))
+    return out
 
 
 class MlpBlock(nn.Module):
@@ -560,18 +641,22 @@ class DecoderLayer(nn.Module):
   @nn.compact
   def __call__(self, y: Array, encoded: Array | None, self_bias: Array, cross_bias: Array | None,
                deterministic: bool, decode: bool = False, cache_index: Array | None = None,
-               relpos_buckets: Array | None = None) -> Array:
+               relpos_buckets: Any = None, generated_length: int | None = None) -> Array:
+    """Without ``encoded`` (a decoder-only model) decoding keeps the prompt apart from the
+    ``generated_length`` positions each decode generates (the ``'prompt'`` cache)."""
     cfg = self.config
     if relpos_buckets is not None:  # umT5: this layer's own table (see EncoderLayer)
-      self_bias = add_bias(self_bias, relative_position_table(cfg)(relpos_buckets))
+      table = relative_position_table(cfg)
+      self_bias = add_bias(self_bias, jax.tree_util.tree_map(table, relpos_buckets))
     dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
     norm = lambda name: LayerNorm(cfg.layer_norm_epsilon, cfg.activation_dtype, name=name)
     attention = lambda name: MultiHeadAttention(cfg.num_heads, cfg.head_dim, cfg.activation_dtype,
                                                 cfg.dropout_rate, cfg.float32_attention_logits,
                                                 cfg.attention_implementation, cfg.lora, name=name)
     h = norm('pre_self_attention_layer_norm')(y)
-    h = attention('self_attention')(h, h, self_bias, deterministic,
-                                    'self' if decode else None, cache_index)
+    self_cache = None if not decode else 'self' if encoded is not None else 'prompt'
+    h = attention('self_attention')(h, h, self_bias, deterministic, self_cache, cache_index,
+                                    generated_length)
     y = y + dropout(h, deterministic=deterministic)
     if encoded is not None:  # a decoder-only model has no encoder to attend to
       h = norm('pre_cross_attention_layer_norm')(y)

@@ -77,22 +77,33 @@ def _teacher_forced(model, params, region, sequence):
                                           'decoder_causal_attention': region}))
 
 
-def test_cached_decoding_equals_full_recomputation(prefix_lm):
-  """Every cached step's logits equal the teacher-forced logits of the same sequence."""
+@pytest.mark.parametrize('options', [{}, {'scan_layers': True},
+                                     {'relative_attention_per_layer': True,
+                                      'float32_attention_logits': True}],
+                         ids=['unrolled', 'scanned', 'per_layer_tables'])
+def test_cached_decoding_equals_full_recomputation(prefix_lm, options):
+  """Every cached step's logits equal the teacher-forced logits of the same sequence, for
+  rows whose prompts end at different positions (the prompt's keys and values are cached
+  apart from the generated ones)."""
   model, params, batch = prefix_lm
+  if options:
+    model = testing.tiny_decoder_only_model(_config(num_decoder_layers=2, **options))
+    params = (network.stack_layers(params) if options.get('scan_layers')
+              else _init(model, 14, seed=2))
   region = batch['decoder_causal_attention']
   prompt = batch['decoder_input_tokens'] * region
   prefix = np.asarray(models.prompt_lengths(region))
   rng = np.random.default_rng(0)
   sequence = np.where(region > 0, prompt, rng.integers(2, 50, prompt.shape)).astype(np.int32)
   full = _teacher_forced(model, params, region, sequence)
-  cache = model._prefilled_cache(params, jnp.asarray(prompt), jnp.asarray(region),
-                                 jnp.asarray(prefix))
   total = prompt.shape[1]
-  for step in range(total - prefix.max()):
+  width = total - prefix.min()  # the most positions any row generates
+  cache = model._prefilled_cache(params, jnp.asarray(prompt), jnp.asarray(region),
+                                 jnp.asarray(prefix), width)
+  for step in range(width):
     position = np.minimum(prefix + step, total - 1)
     tokens = sequence[np.arange(3), position][:, None]
-    logits, cache = model._decode_step(params, total, jnp.asarray(tokens), cache)
+    logits, cache = model._decode_step(params, width, jnp.asarray(tokens), cache)
     live = prefix + step < total
     testing.assert_trees_close(np.asarray(logits)[live], full[np.arange(3), position][live],
                                rtol=testing.SIMPLE_RTOL)
