@@ -481,32 +481,23 @@ class MultiHeadAttention(nn.Module):
     return k, v
 
   def _self_cache(self, k: Array, v: Array, cache_index: Array | None) -> tuple[Array, Array]:
-    """Keys and values of every cached position, with this call's written in.
+    """Keys and values of every cached position, with this call's written at ``cache_index``
+    (one position for every row).
 
-    The creating call stores its own keys and values (a decoder-only model's
-    prompt, computed in one pass); later positions are overwritten as decoding
-    reaches them, and masks hide them until then. ``cache_index`` is one
-    position for every row, or [rows] positions, one per row.
+    The creating call stores its own keys and values, sized by its length; later
+    positions are overwritten as decoding reaches them, and masks hide them until then.
     """
     k, v = _heads_major(k).astype(self.dtype), _heads_major(v).astype(self.dtype)
     if not self.has_variable('cache', 'cached_key'):  # creating the cache: max length = k's
       self.put_variable('cache', 'cached_key', k)
       self.put_variable('cache', 'cached_value', v)
       return k, v
-    cached_k = self.get_variable('cache', 'cached_key')
-    cached_v = self.get_variable('cache', 'cached_value')
-    if jnp.ndim(cache_index) == 0:
-      start = (0, 0, cache_index, 0)
-      k = jax.lax.dynamic_update_slice(cached_k, k, start)
-      v = jax.lax.dynamic_update_slice(cached_v, v, start)
-    else:  # one position per row, written in place (a select over the cache reads it all)
-      rows = jnp.arange(cached_k.shape[0])
-      k = cached_k.at[rows, :, cache_index].set(k[:, :, 0], mode='drop')
-      v = cached_v.at[rows, :, cache_index].set(v[:, :, 0], mode='drop')
+    start = (0, 0, cache_index, 0)
+    k = jax.lax.dynamic_update_slice(self.get_variable('cache', 'cached_key'), k, start)
+    v = jax.lax.dynamic_update_slice(self.get_variable('cache', 'cached_value'), v, start)
     self.put_variable('cache', 'cached_key', k)
     self.put_variable('cache', 'cached_value', v)
     return k, v
-
 
   def _create_prompt_cache(self, k: Array, v: Array, generated_length: int | None
                            ) -> tuple[Array, Array]:
