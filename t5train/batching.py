@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import PartitionSpec
 
-from t5train import decoding, models
+from t5train import decoding, inference, models
 from t5train.partitioning import PjitPartitioner
 
 METHODS = ('greedy', 'sample', 'beam')
@@ -156,10 +156,6 @@ class _Queued:
   index: int
   features: dict[str, np.ndarray]
   arrival: float
-
-
-def _bucket(length: int, buckets: Sequence[int]) -> int | None:
-  return next((b for b in buckets if b >= length), None)
 
 
 class Batcher:
@@ -292,9 +288,9 @@ class Batcher:
     queued = []
     now = time.perf_counter()
     for index, row in enumerate(rows):
-      input_length = _bucket(len(row.inputs), self.config.input_lengths)
+      input_length = inference.smallest_bucket(len(row.inputs), self.config.input_lengths)
       wanted = len(row.targets) if kind == 'score' else (decode_length or self.max_target_length)
-      target_length = _bucket(wanted, self.config.target_lengths)
+      target_length = inference.smallest_bucket(wanted, self.config.target_lengths)
       if input_length is None or target_length is None:
         raise ValueError(f'row {index} is longer than the longest length bucket')
       example = {'inputs': row.inputs} if kind == 'predict' else {'inputs': row.inputs,
@@ -397,7 +393,7 @@ class Batcher:
   def _run(self, key: GroupKey, programs: dict[int, Any], rows: list[_Queued]) -> None:
     """Runs one batch and hands each row's result to its ticket."""
     kind = key[0]
-    size = _bucket(len(rows), self.config.batch_sizes)
+    size = inference.smallest_bucket(len(rows), self.config.batch_sizes)
     started = time.perf_counter()
     generated = 0
     try:

@@ -38,11 +38,15 @@ def input_length(features: Features) -> int:
   return int(nonzero[-1]) + 1 if nonzero.size else 0
 
 
+def smallest_bucket(length: int, buckets: Sequence[int]) -> int | None:
+  """The first of ``buckets`` (ascending) that holds ``length``; None if none does."""
+  return next((bucket for bucket in buckets if bucket >= length), None)
+
+
 def input_bucket(length: int, padded_length: int) -> int:
   """The shortest bucket of ``padded_length`` (see INPUT_BUCKET_FRACTIONS) that holds ``length``."""
-  needed = max(length, MIN_INPUT_BUCKET)
-  return next((padded_length // fraction for fraction in INPUT_BUCKET_FRACTIONS
-               if padded_length // fraction >= needed), padded_length)
+  buckets = [padded_length // fraction for fraction in INPUT_BUCKET_FRACTIONS]
+  return smallest_bucket(max(length, MIN_INPUT_BUCKET), buckets) or padded_length
 
 
 def text(value: Any) -> str:
