@@ -138,6 +138,47 @@ def check_split(config: DatasetConfig, task: seqio.Task | seqio.Mixture | None =
                     f'it has {sorted(task.splits)}{files_hint}')
 
 
+def _readable(vocabulary: Any, whose: str) -> None:
+  """A UserError naming the file when a vocabulary cannot be loaded (e.g. gs:// offline)."""
+  try:
+    _ = vocabulary.vocab_size  # loads it
+  except Exception as error:  # pylint: disable=broad-except  (any reader's failure)
+    source = getattr(vocabulary, 'sentencepiece_model_file', type(vocabulary).__name__)
+    raise UserError(f'cannot read {whose} vocabulary {source}: {_first_line(error)} (bind '
+                    'seqio.SentencePieceVocabulary.sentencepiece_model_file to a readable '
+                    'file)') from error
+
+
+def check_vocabularies(model: Any, config: DatasetConfig | None = None,
+                       task: seqio.Task | seqio.Mixture | None = None) -> None:
+  """A UserError if the model's vocabularies cannot be read or, with a task, if the task
+  encodes its inputs or targets with other vocabularies than the model's (T5X's
+  ``verify_matching_vocabs``): decodes would be read with the wrong vocabulary."""
+  wanted = {'inputs': model.input_vocabulary, 'targets': model.output_vocabulary}
+  for feature, vocabulary in wanted.items():
+    if isinstance(vocabulary, seqio.Vocabulary):
+      _readable(vocabulary, f"the model's {feature}")
+  if config is None or not config.mixture_or_task_name:
+    return
+  task = task or task_for(config)
+  for feature, vocabulary in wanted.items():
+    spec = task.output_features.get(feature)
+    if spec is None or not isinstance(vocabulary, seqio.Vocabulary):
+      continue
+    _readable(spec.vocabulary, f"the task's {feature}")
+    if spec.vocabulary != vocabulary:
+      raise UserError(f'{config.mixture_or_task_name!r} encodes {feature} with '
+                      f'{_describe(spec.vocabulary)} but the model reads them with '
+                      f'{_describe(vocabulary)}: bind the model\'s vocabulary (VOCABULARY) to '
+                      "the task's")
+
+
+def _describe(vocabulary: Any) -> str:
+  source = getattr(vocabulary, 'sentencepiece_model_file', None)
+  name = type(vocabulary).__name__
+  return f'{name}({source})' if source else f'{name} of {vocabulary.vocab_size} ids'
+
+
 def check_features(config: DatasetConfig, feature_converter_cls: type,
                    task: seqio.Task | seqio.Mixture | None = None) -> None:
   """A UserError unless the feature converter reads every feature it needs from the task and
@@ -478,7 +519,7 @@ def file_examples(path: str, input_vocabulary: seqio.Vocabulary,
   return examples
 
 
-__all__ = ['DatasetConfig', 'get_dataset', 'task_for', 'get_mixture_or_task',
+__all__ = ['DatasetConfig', 'get_dataset', 'task_for', 'get_mixture_or_task', 'check_vocabularies',
            'BatchIterator', 'DataPosition', 'DatasetIteratorArgs', 'has_saved_iterator',
            'saved_position', 'check_cached', 'max_feature_lengths',
            'pretokenized_examples', 'subtask_names', 'file_examples', 'tasks']

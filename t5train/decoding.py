@@ -28,6 +28,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from t5train.errors import UserError
+
 Array = jax.Array
 Cache = Any
 TokensToLogits = Callable[[Array, Cache], tuple[Array, Cache]]
@@ -94,6 +96,18 @@ def _per_example(values: Array | None, batch_size: int, default: int) -> Array:
   return jnp.asarray(values, jnp.int32).reshape(batch_size)
 
 
+def check_sampling(temperature: float, topk: int, topp: float, num_decodes: int) -> None:
+  """A UserError for sampling settings outside their ranges, which would otherwise invert the
+  distribution (a negative temperature) or be ignored (``topp`` outside [0, 1])."""
+  problems = [f'{name} = {value!r} ({rule})' for name, value, bad, rule in (
+      ('temperature', temperature, temperature < 0, 'must be >= 0; 0 is greedy'),
+      ('topk', topk, topk < 0 or topk != int(topk), 'must be an integer >= 0; 0 is no top-k'),
+      ('topp', topp, not 0 <= topp <= 1, 'must be in [0, 1]; 0 and 1 are no nucleus'),
+      ('num_decodes', num_decodes, num_decodes < 1, 'must be >= 1')) if bad]
+  if problems:
+    raise UserError(f"decoding.temperature_sample: {'; '.join(problems)}")
+
+
 def temperature_sample(tokens_to_logits: TokensToLogits, cache: Cache, batch_size: int,
                        max_decode_length: int, eos_id: int, *, decode_rng: Array | None = None,
                        num_decodes: int = 1, temperature: float = 1.0, topk: int = 1,
@@ -106,6 +120,7 @@ def temperature_sample(tokens_to_logits: TokensToLogits, cache: Cache, batch_siz
   nucleus. Scores are under the model's own distribution, not the filtered one.
   Without ``decode_rng`` it samples with ``PRNGKey(0)``.
   """
+  check_sampling(temperature, topk, topp, num_decodes)
   rows = batch_size * num_decodes
   cache = _expand_rows(cache, batch_size, num_decodes)
   first = jnp.repeat(_per_example(first_tokens, batch_size, 0), num_decodes)

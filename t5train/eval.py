@@ -63,7 +63,7 @@ def evaluate(*, model: models.BaseTransformerModel, partitioner: partitioning.Pj
   _GUARD.enter()
   random_seed = gin_utils.resolve_random_seed(random_seed, evaluate)
   from t5train import data, evaluation  # pylint: disable=g-import-not-at-top  (TensorFlow: slow)
-  data.task_for(dataset_cfg)
+  data.check_vocabularies(model, dataset_cfg, data.task_for(dataset_cfg))
   chosen_trackers = trackers.check_metric_writers(metric_writers)
   selected = checkpoints.select_checkpoints(restore_checkpoint_cfg)
   partitioner.validate()

@@ -112,6 +112,7 @@ def infer(*, model: models.BaseTransformerModel, partitioner: partitioning.PjitP
     raise UserError('infer needs dataset_cfg (a data.DatasetConfig with the feature lengths)')
   if input_file is None and not dataset_cfg.mixture_or_task_name:
     raise UserError('set MIXTURE_OR_TASK_NAME or INPUT_FILE: there is nothing to infer')
+  data.check_vocabularies(model, None if input_file is not None else dataset_cfg)
   step, checkpoint_dir = checkpoints.select_checkpoints(restore_checkpoint_cfg)[-1]
   given = dataset_cfg.task_feature_lengths
   if input_file is not None:

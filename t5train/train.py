@@ -287,6 +287,7 @@ def train(*, model: models.BaseTransformerModel, train_dataset_cfg: Any,
   profile_range = profiling.parse_range(profile_steps, 'PROFILE_STEPS')
   # Fail fast on a bad name or a task the model cannot read, before any compilation.
   data.check_features(train_dataset_cfg, model.FEATURE_CONVERTER_CLS)
+  data.check_vocabularies(model, train_dataset_cfg)
   partitioner.validate()
   partitioner.get_data_layout(train_dataset_cfg.batch_size)  # a UserError if it does not split
   if num_microbatches and train_dataset_cfg.batch_size % num_microbatches:

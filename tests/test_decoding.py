@@ -1,6 +1,7 @@
 """Decoding: cached steps against full decoder re-runs, sampling filters, beam search, scoring."""
 
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 from t5train import decoding, testing
+from t5train.errors import UserError
 
 EOS = 1
 LENGTH = 10
@@ -210,3 +212,13 @@ def test_sampling_without_an_rng_uses_key_zero():
                                          decode_rng=jax.random.PRNGKey(1))
   np.testing.assert_array_equal(default, zero)
   assert not np.array_equal(default, other)
+
+
+@pytest.mark.parametrize('settings, named', [
+    ({'temperature': -1.0}, 'temperature = -1.0'), ({'topp': 95}, 'topp = 95'),
+    ({'topk': -2}, 'topk = -2'), ({'num_decodes': 0}, 'num_decodes = 0')])
+def test_sampling_settings_out_of_range_are_refused(settings, named):
+  """A negative temperature would invert the distribution and topp outside [0, 1] would be
+  ignored: both stop with one line before anything is decoded."""
+  with pytest.raises(UserError, match=rf'decoding.temperature_sample: {re.escape(named)} '):
+    decoding.temperature_sample(lambda tokens, cache: (None, cache), {}, 1, 4, 1, **settings)

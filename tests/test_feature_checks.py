@@ -1,6 +1,8 @@
 """Tasks a model cannot read (the checks the train binary runs first). A decoder-only run through
 the binaries' entry points is in tests/test_run_configs.py."""
 
+import os
+
 import pytest
 import seqio
 
@@ -50,3 +52,31 @@ def test_causal_lm_lengths_on_a_task_with_inputs():
     data.check_features(config, seqio.DecoderFeatureConverter)
   data.check_features(data.DatasetConfig('sort_digits', {'inputs': 8, 'targets': 8}),
                       seqio.DecoderFeatureConverter)
+
+
+def _model_with(vocabulary):
+  import types  # noqa: PLC0415
+  return types.SimpleNamespace(input_vocabulary=vocabulary, output_vocabulary=vocabulary)
+
+
+def test_a_model_whose_vocabulary_is_not_the_tasks_is_refused():
+  """T5X's verify_matching_vocabs: the demo task encodes bytes; a SentencePiece model would
+  read its predictions with the wrong vocabulary. The matching vocabulary passes."""
+  config = data.DatasetConfig('sort_digits', {'inputs': 8, 'targets': 8})
+  data.check_vocabularies(_model_with(seqio.ByteVocabulary()), config)
+  spm = seqio.SentencePieceVocabulary(os.path.join(
+      os.path.dirname(seqio.__file__), 'test_data', 'sentencepiece', 'sentencepiece.model'))
+  with pytest.raises(UserError, match=r"'sort_digits' encodes inputs with ByteVocabulary of "
+                                      r'\d+ ids but the model reads them with '
+                                      r'SentencePieceVocabulary\(.*sentencepiece.model\)'):
+    data.check_vocabularies(_model_with(spm), config)
+
+
+def test_a_vocabulary_file_that_cannot_be_read_is_named():
+  """T5X's default vocabulary lives in gs://t5-data; unreadable (e.g. offline), the binaries
+  stop before compiling with the file's name instead of failing at the first decode."""
+  missing = seqio.SentencePieceVocabulary('/nonexistent/vocab/sentencepiece.model')
+  with pytest.raises(UserError, match=r"cannot read the model's inputs vocabulary "
+                                      r'/nonexistent/vocab/sentencepiece.model: .*'
+                                      r'sentencepiece_model_file'):
+    data.check_vocabularies(_model_with(missing))

@@ -109,7 +109,7 @@ def _check_common(program: str, t5x: dict[str, Any]) -> None:
       'get_dataset_fn': 't5train reads DatasetConfig with seqio itself',
       'train_eval_get_dataset_fn': 't5train reads train_eval_dataset_cfg with seqio itself',
       'train_state_initializer_cls': 't5train builds the train state itself',
-      'verify_matching_vocabs_fn': "t5train checks the task's features against the model",
+      'verify_matching_vocabs_fn': "t5train checks the task's vocabularies against the model's",
   }
   for name, why in reasons.items():
     _refuse_unless_default(f'{program}.{name}', t5x.pop(name, UNSET), *defaults[name], why=why)

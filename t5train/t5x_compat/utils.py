@@ -172,9 +172,10 @@ def get_training_eval_datasets(cfg: Any, shard_id: int, num_shards: int, eval_st
 
 
 def verify_matching_vocabs(cfg: Any, model: Any) -> None:
-  """T5X's check that the task's vocabularies are the model's; t5train checks the features
-  the model reads when the data is set up."""
-  del cfg, model
+  """T5X's check that the task's vocabularies are the model's (a UserError if not); the
+  binaries run it themselves before compiling."""
+  from t5train import data  # pylint: disable=g-import-not-at-top  (TensorFlow is slow to import)
+  data.check_vocabularies(model, cfg)
 
 
 __all__ = ['CheckpointConfig', 'Checkpointer', 'DatasetConfig', 'LegacyCheckpointManager',

@@ -217,3 +217,27 @@ def test_train_binary_runs_t5x_style_files(tmp_path):
   finally:
     sys.modules['__main__'] = main
     gin.clear_config()
+
+
+@pytest.mark.parametrize('binary, run, output', [
+    ('t5train.infer', 'infer.gin', 'INFER_OUTPUT_DIR'),
+    ('t5train.eval', 'eval.gin', 'EVAL_OUTPUT_DIR')])
+def test_t5x_infer_and_eval_files_read_the_split_macro(binary, run, output):
+  """T5X's infer.gin and eval.gin read the split from MIXTURE_OR_TASK_SPLIT ('test')."""
+  main = sys.modules['__main__']
+  gin.clear_config()
+  try:
+    t5x_compat.prepare_binary(binary)
+    files = [f't5x/configs/runs/{run}', 't5x/examples/t5/t5_1_1/tiny.gin', 'tasks/demo.gin']
+    bindings = ["CHECKPOINT_PATH = '/unused'", f"{output} = '/unused'", 'DROPOUT_RATE = 0.0']
+    gin_utils.parse_gin(files, bindings, search_paths=[REPO])
+    from t5x import utils  # noqa: PLC0415  (t5train's stand-in, registered by prepare_binary)
+    assert gin.get_configurable(utils.DatasetConfig)().split == 'test'
+    gin.clear_config()
+    t5x_compat.prepare_binary(binary)
+    gin_utils.parse_gin(files, [*bindings, "MIXTURE_OR_TASK_SPLIT = 'validation'"],
+                        search_paths=[REPO])
+    assert gin.get_configurable(utils.DatasetConfig)().split == 'validation'
+  finally:
+    sys.modules['__main__'] = main
+    gin.clear_config()
