@@ -32,6 +32,9 @@ from t5train.partitioning import PjitPartitioner
 
 METHODS = ('greedy', 'sample', 'beam')
 KINDS = ('predict', 'score')
+# The batch feature (predict) holding each row's decode length, passed to the decoding
+# function as its ``max_lengths``.
+MAX_LENGTHS = 'max_lengths'
 
 
 class QueueFull(Exception):
@@ -209,6 +212,8 @@ class Batcher:
                       ) -> dict[str, jax.ShapeDtypeStruct]:
     example = {'inputs': [1]} if kind == 'predict' else {'inputs': [1], 'targets': [1]}
     features = self.model.example_features(example, lengths)
+    if kind == 'predict':
+      features[MAX_LENGTHS] = np.asarray(1, np.int32)
     return {name: jax.ShapeDtypeStruct((batch_size, *value.shape), value.dtype)
             for name, value in features.items()}
 
@@ -220,8 +225,17 @@ class Batcher:
       decode_fn, decoder_params = settings.decode_fn()
       model = copy.copy(self.model)  # the model holds no state; only its decode_fn differs
       model.decode_fn = decode_fn
-      fn = lambda params, batch, rng: model.predict_batch_with_aux(
-          params, batch, rng, decoder_params, max_decode_length=target_length)
+
+      def fn(params, batch, rng):
+        # Each row decodes at most its own max_new_tokens (a traced [batch] array, so rows
+        # asking for different numbers share the program): its decode stops there, and its
+        # score (and beam search's length penalty) is that of the decode returned.
+        batch = dict(batch)
+        max_lengths = batch.pop(MAX_LENGTHS)
+        return model.predict_batch_with_aux(
+            params, batch, rng, {**decoder_params, 'max_lengths': max_lengths},
+            max_decode_length=target_length)
+
       partitioned = self._partitioner.partition(
           fn, in_shardings=(self._param_shardings, self._batch_sharding, self._replicated),
           out_shardings=self._replicated)
@@ -280,7 +294,8 @@ class Batcher:
              decode_length: int | None = None) -> Ticket:
     """Queues ``rows``; the ticket's future gets a ``Prediction`` (predict) or a float
     log-likelihood (score) per row. ``decode_length`` (predict): tokens to decode at most
-    (default: the longest target length). Raises QueueFull or ShuttingDown."""
+    (default: the longest target length); the decode stops there and its score is that of the
+    tokens returned. Raises QueueFull or ShuttingDown."""
     if kind not in KINDS:
       raise ValueError(f'kind must be one of {KINDS}, not {kind!r}')
     settings = (settings or GREEDY) if kind == 'predict' else None
@@ -296,6 +311,8 @@ class Batcher:
       example = {'inputs': row.inputs} if kind == 'predict' else {'inputs': row.inputs,
                                                                    'targets': row.targets}
       features = self.model.example_features(example, self._lengths(input_length, target_length))
+      if kind == 'predict':
+        features[MAX_LENGTHS] = np.asarray(wanted, np.int32)
       queued.append(((kind, settings, input_length, target_length),
                      _Queued(ticket, index, features, now)))
     if not rows:

@@ -202,6 +202,9 @@ class BaseTransformerModel:
     decoder_params = dict(decoder_params or {})
     if num_decodes is not None:
       decoder_params['num_decodes'] = num_decodes
+    if 'max_lengths' in extra and 'max_lengths' in decoder_params:  # both limits hold
+      decoder_params['max_lengths'] = jnp.minimum(extra.pop('max_lengths'),
+                                                  decoder_params['max_lengths'])
     eos_id = getattr(self.output_vocabulary, 'eos_id', 1)
     decodes, scores = self.decode_fn(tokens_to_logits, cache, rows, length, eos_id,
                                      decode_rng=rng, **extra, **decoder_params)

@@ -119,6 +119,12 @@ def _strings(body: Mapping[str, Any], name: str, limits: RequestLimits) -> list[
   if len(values) > limits.max_inputs_per_request:
     raise BadRequest(413, f'{len(values)} {name} in one request; at most '
                           f'{limits.max_inputs_per_request}')
+  for number, value in enumerate(values):
+    try:
+      value.encode('utf-8')
+    except UnicodeEncodeError as e:  # JSON allows lone surrogates ("\ud800"); text does not
+      raise BadRequest(400, f'{name}[{number}] is not valid Unicode: {e.reason} at character '
+                            f'{e.start}') from None
   return values
 
 
@@ -134,9 +140,9 @@ def _in_range(name: str, value: Any, low: float, high: float, integer: bool,
 
 def parse_decoding(value: Any, limits: RequestLimits, max_target_length: int, vocab_size: int
                    ) -> tuple[batching.DecodingSettings, int]:
-  """The decoding settings and the number of tokens to decode of a request's ``decoding``."""
-  if value is None:
-    return batching.GREEDY, max_target_length
+  """The decoding settings and the number of tokens to decode of a request's ``decoding``
+  (an object; ``{}``, as when the field is left out, is greedy decoding of the longest target
+  length)."""
   if not isinstance(value, dict):
     raise BadRequest(400, "'decoding' must be an object")
   method = value.get('method', 'greedy')
@@ -313,7 +319,7 @@ def create_app(batcher: batching.Batcher, limits: RequestLimits,
   async def predict_body(request: Request, body: Any) -> Response:
     body = _check_object(body, 'predict')
     texts = _strings(body, 'inputs', limits)
-    settings, max_new_tokens = parse_decoding(body.get('decoding'), limits,
+    settings, max_new_tokens = parse_decoding(body.get('decoding', {}), limits,
                                               batcher.max_target_length, vocab_size)
     ids, truncated = tokenizer.encode(texts, batcher.max_input_length, 'inputs')
     ticket = batcher.submit('predict', [batching.Row(i) for i in ids], settings, max_new_tokens)

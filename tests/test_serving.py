@@ -6,6 +6,7 @@ One tiny run (1 training step) is served in this process by uvicorn on a free po
 runs in a subprocess for the exit statuses.
 """
 
+import copy
 import dataclasses
 import json
 import os
@@ -17,12 +18,14 @@ import threading
 import time
 
 import httpx
+import jax
+import numpy as np
 import pytest
 import uvicorn
 from binaries import REPO, call_configured, run_binary
 
 import gin
-from t5train import batching, checkpoints, gin_utils, partitioning, serving
+from t5train import batching, checkpoints, decoding, gin_utils, partitioning, serving
 from t5train import infer as infer_script
 from t5train import serve as serve_script
 from t5train import train as train_script
@@ -184,6 +187,57 @@ def test_sampling_and_beam_requests_decode_as_infer_does(served, model_dir, infe
     assert prediction['score'] == pytest.approx(record['aux']['scores'], rel=1e-4, abs=1e-4)
 
 
+def _reference_decode(batcher, texts, decode_fn, decoder_params, length):
+  """The model's own decodes of ``texts`` (tokens, scores) at decode length ``length``."""
+  model = copy.copy(batcher.model)
+  model.decode_fn = decode_fn
+  vocabulary = model.input_vocabulary
+  rows = [[int(i) for i in vocabulary.encode(t)] + [vocabulary.eos_id] for t in texts]
+  inputs = np.asarray([r + [0] * (LENGTH - len(r)) for r in rows], np.int32)
+  tokens, aux = jax.jit(lambda params, batch: model.predict_batch_with_aux(
+      params, batch, None, decoder_params, max_decode_length=length))(
+          batcher._params, {'encoder_input_tokens': inputs})  # pylint: disable=protected-access
+  return np.asarray(tokens), np.asarray(aux['scores'])
+
+
+def test_max_new_tokens_stops_the_decode_and_scores_what_it_returns(served):
+  url, batcher = served
+  vocabulary = batcher.model.output_vocabulary
+  full = _post(url, 'predict', {'inputs': INPUTS})
+  assert full.status_code == 200, full.text
+  full = full.json()['predictions']
+  k = 3
+  generated = _metric(url, 't5train_serve_generated_tokens_total')
+  short = _post(url, 'predict', {'inputs': INPUTS, 'decoding': {'max_new_tokens': k}})
+  assert short.status_code == 200, short.text
+  short = short.json()['predictions']
+  # Only the tokens returned were generated, and counted.
+  assert _metric(url, 't5train_serve_generated_tokens_total') - generated == sum(
+      p['num_output_tokens'] for p in short)
+  tokens, scores = _reference_decode(batcher, INPUTS, decoding.temperature_sample,
+                                     {'temperature': 0.0, 'num_decodes': 1}, k)
+  for prediction, whole, ids, score in zip(short, full, tokens, scores):
+    assert prediction['num_output_tokens'] <= k
+    eos = vocabulary.eos_id
+    kept = list(ids[:list(ids).index(eos)]) if eos in ids else [t for t in ids if t]
+    assert prediction['output'] == vocabulary.decode([int(t) for t in kept])
+    assert prediction['score'] == pytest.approx(float(score), rel=1e-4, abs=1e-4)
+    if whole['num_output_tokens'] > k:  # cut short: a likelier (higher) score than the whole
+      assert prediction['score'] > whole['score']
+  assert any(whole['num_output_tokens'] > k for whole in full)
+  # Beam search: the best k-token beams, with the length penalty of their own length.
+  beams = _post(url, 'predict', {'inputs': INPUTS, 'decoding': {
+      'method': 'beam', 'num_beams': 2, 'max_new_tokens': k}})
+  assert beams.status_code == 200, beams.text
+  tokens, scores = _reference_decode(batcher, INPUTS, decoding.beam_search,
+                                     {'num_decodes': 2, 'alpha': 0.6}, k)
+  for prediction, ids, score in zip(beams.json()['predictions'], tokens, scores):
+    eos = vocabulary.eos_id
+    kept = list(ids[:list(ids).index(eos)]) if eos in ids else [t for t in ids if t]
+    assert prediction['output'] == vocabulary.decode([int(t) for t in kept])
+    assert prediction['score'] == pytest.approx(float(score), rel=1e-4, abs=1e-4)
+
+
 BAD_REQUESTS = [  # (body or raw bytes, status, words the reason must hold)
     (b'{"inputs": ["84"', 400, 'malformed JSON'),
     ([1, 2], 400, 'JSON object'),
@@ -202,6 +256,8 @@ BAD_REQUESTS = [  # (body or raw bytes, status, words the reason must hold)
     ({'inputs': ['1'], 'decoding': {'max_new_tokens': 2.5}}, 400, 'an integer'),
     ({'inputs': ['1'], 'decoding': {'temperature': 0.5}}, 400, "does not apply to method 'greedy'"),
     ({'inputs': ['1'], 'decoding': 'beam'}, 400, 'must be an object'),
+    ({'inputs': ['1'], 'decoding': None}, 400, 'must be an object'),
+    (b'{"inputs": ["1", "\\ud800"]}', 400, 'inputs[1] is not valid Unicode'),
 ]
 
 
