@@ -495,11 +495,14 @@ def _mapped_sources(names: Sequence[str], assignment_map: AssignmentMap) -> dict
   return sources
 
 
-def _restore_mapped_params(path: str, initializer: TrainStateInitializer,
-                           assignment_map: AssignmentMap, init_rng: jax.Array) -> TrainState:
-  """Parameters renamed or left fresh by ``assignment_map``; the optimiser starts fresh, at step
-  0 (at a T5X checkpoint's own step, as T5X's assignment map keeps it)."""
-  abstract = abstract_state(initializer.global_train_state_shape, initializer.train_state_shardings)
+def restore_mapped(path: str, abstract: TrainState, assignment_map: AssignmentMap,
+                   fresh_params: Callable[[], Any]) -> tuple[jax.Array, Any]:
+  """(step, parameters) of checkpoint ``path`` read through ``assignment_map``, in the shardings
+  of ``abstract`` (a TrainState of abstract arrays). Each model parameter is read from the
+  checkpoint parameter its map entry names, or, where the entry is None, taken from
+  ``fresh_params()`` (a tree like ``abstract.params``, called only then). The step is the
+  checkpoint's (t5train's or T5X's, as T5X's assignment map keeps ``state/step``); 0 for a
+  checkpoint without one."""
   expected = dict(flatten_with_names(abstract.params))
   t5x = is_t5x_checkpoint(path)
   saved_state = (saved_for_model(path, abstract.params) if t5x
@@ -509,20 +512,31 @@ def _restore_mapped_params(path: str, initializer: TrainStateInitializer,
   wanted = {source: expected[name] for name, source in sources.items() if source is not None}
   check_shapes(wanted, {source: saved[source] for source in wanted if source in saved}, path)
   wanted_state = {'params': hf_interop.nest(wanted)}
-  if t5x:
+  if t5x or 'step' in saved_state:
     wanted_state['step'] = abstract.step
   restored_state = restore_partial(path, wanted_state)
   restored = dict(flatten_with_names(restored_state['params']))
-  fresh = initializer.from_scratch(init_rng)
-  fresh_flat = dict(flatten_with_names(fresh.params))
   skipped = sorted(name for name, source in sources.items() if source is None)
+  fresh_flat: dict[str, Any] = {}
   if skipped:
     logging.info('Left freshly initialised by the assignment map: %s', ', '.join(skipped))
+    fresh_flat = dict(flatten_with_names(fresh_params()))
   params = jax.tree_util.tree_unflatten(
-      jax.tree_util.tree_structure(fresh.params),
+      jax.tree_util.tree_structure(abstract.params),
       [restored[sources[name]] if sources[name] is not None else fresh_flat[name]
        for name in expected])
-  return initializer.from_params(params, restored_state['step'] if t5x else jnp.zeros((), jnp.int32))
+  step = restored_state.get('step')
+  return (step if step is not None else jnp.zeros((), jnp.int32)), params
+
+
+def _restore_mapped_params(path: str, initializer: TrainStateInitializer,
+                           assignment_map: AssignmentMap, init_rng: jax.Array) -> TrainState:
+  """``restore_mapped`` into a train state whose optimiser starts fresh, at the checkpoint's own
+  step (t5train's or T5X's), so that ``TRAIN_STEPS`` counts from it as without a map."""
+  abstract = abstract_state(initializer.global_train_state_shape, initializer.train_state_shardings)
+  step, params = restore_mapped(path, abstract, assignment_map,
+                                lambda: initializer.from_scratch(init_rng).params)
+  return initializer.from_params(params, step)
 
 
 def restore_from_path(path: str, initializer: TrainStateInitializer,
@@ -535,11 +549,11 @@ def restore_from_path(path: str, initializer: TrainStateInitializer,
   or another optimiser) it starts fresh. With an ``assignment_map`` (T5X's idea),
   each model parameter whose name fully matches a regex is read from the
   checkpoint's parameter named by the replacement (``re.sub``), or, for None, is
-  freshly initialised; checkpoint parameters nobody reads are dropped, and the
-  step and optimiser start from zero. A checkpoint saved with the other layer
-  layout (``scan_layers``) has its parameters converted, and the optimiser
-  starts fresh. A T5X checkpoint gives its parameters and its step; the
-  optimiser starts fresh. ``dtype`` (``RestoreCheckpointConfig.dtype``): the
+  freshly initialised; checkpoint parameters nobody reads are dropped, the step
+  is the checkpoint's (as T5X's map keeps it), and the optimiser starts fresh. A
+  checkpoint saved with the other layer layout (``scan_layers``) has its
+  parameters converted, and the optimiser starts fresh. A T5X checkpoint gives
+  its parameters and its step; the optimiser starts fresh. ``dtype`` (``RestoreCheckpointConfig.dtype``): the
   parameters start from their values rounded to it ('bfloat16': T5X's restored
   values), kept in the model's dtype for the optimizer.
   """

@@ -13,11 +13,15 @@ Examples are natural text: a string (an input without a target) or a dict with
 
 from __future__ import annotations
 
+import atexit
 import enum
 import inspect
 import itertools
 import os
 import re
+import sys
+import threading
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -197,6 +201,8 @@ class InteractiveModel:
     self._train_summary: trainer_lib.TrainSummary | None = None
     self._runners: dict[tuple, inference.InferenceRunner] = {}
     self._last_batch: tuple[Any, dict[str, jax.Array]] | None = None
+    self._closed = False
+    _close_at_exit(self)
 
   def _check_partitions(self) -> None:
     """The notebook's check: the devices must split evenly into model partitions."""
@@ -296,6 +302,22 @@ class InteractiveModel:
     """Writes the current state to ``output_dir/checkpoint_<step>`` and waits for it."""
     self._checkpoint_manager.save(self._trainer.train_state, force=True)
     self._checkpoint_manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for the checkpoint saves still in flight, then closes the checkpoint manager.
+
+    ``train_step`` saves in the background; a script ending right after it would
+    otherwise lose that checkpoint. It runs by itself when the interpreter exits
+    (before Python stops the threads that write checkpoints); calling it again does
+    nothing. The model saves no checkpoints after it.
+    """
+    if self._closed:
+      return
+    self._closed = True
+    try:
+      self._checkpoint_manager.wait_until_finished()
+    finally:
+      self._checkpoint_manager.close()
 
   def train_loop(self, num_steps: int, eval_period: int = 1,
                  train_batches: BatchesType | None = None,
@@ -418,6 +440,36 @@ class InteractiveModel:
         raise ValueError(f'two metric functions return {name!r}')
       results[name] = value
     return results
+
+
+def _close_at_exit(model: InteractiveModel) -> None:
+  """Has ``model.close()`` run at interpreter exit, while it is alive.
+
+  Orbax writes in threads of ``concurrent.futures`` executors, which take no new
+  work once Python's threading shutdown has run their exit hooks; ``atexit``
+  functions run only after that. So the close is registered as a threading exit
+  hook, which runs before the executors' (registered earlier, run in reverse
+  order); ``atexit`` is the fallback where Python lacks that hook.
+  """
+  ref = weakref.ref(model)
+
+  def close() -> None:
+    alive = ref()
+    if alive is None:
+      return
+    try:
+      alive.close()
+    except Exception as e:  # pylint: disable=broad-except  (reported; exit goes on)
+      print(f'InteractiveModel: the last checkpoint could not be finished at exit: {e}',
+            file=sys.stderr)
+
+  register = getattr(threading, '_register_atexit', None)
+  try:
+    if register is None:
+      raise RuntimeError('no threading exit hooks')
+    register(close)
+  except RuntimeError:  # none, or already shutting down
+    atexit.register(close)
 
 
 def _metric_kind(fn: MetricFn) -> str:

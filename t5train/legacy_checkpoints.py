@@ -48,25 +48,46 @@ class LegacyCheckpointManager:
                                         shardings, train_state_shape)
 
   def restore(self, paths: Sequence[str | None], restore_cfg: RestoreCheckpointConfig,
-              fallback_state: Mapping[str, Any] | None = None) -> TrainState | None:
+              fallback_state: Mapping[str, Any] | None = None
+              ) -> TrainState | list[TrainState] | None:
     """The state in the first of ``paths`` (by ``restore_cfg.mode``), or None if none is given.
 
-    A checkpoint without a matching optimiser state (a T5X checkpoint, read as it
-    is, has none that t5train reads) takes it from ``fallback_state``. The
-    parameters start from their values rounded to ``restore_cfg.dtype``, kept in
-    the model's dtype.
+    With ``mode='all'``, as in T5X, a list of states: one per checkpoint in the
+    directory, in step order. A checkpoint without a matching optimiser state (a
+    T5X checkpoint, read as it is, has none that t5train reads) takes it from
+    ``fallback_state``. ``restore_cfg.assignment_map`` renames or skips parameters
+    as the train binary's does (``checkpoint_reading.restore_mapped``): parameters
+    mapped to None take their values from ``fallback_state``, as does the optimiser
+    state, and the step is the checkpoint's. The parameters start from their values
+    rounded to ``restore_cfg.dtype``, kept in the model's dtype.
     """
     paths = [path for path in paths if path]
     if not paths:
       return None
     try:
-      _, path = select_checkpoints(dataclasses.replace(restore_cfg, path=paths[0]))[-1]
+      selected = select_checkpoints(dataclasses.replace(restore_cfg, path=paths[0]))
     except UserError:
       if restore_cfg.fallback_to_scratch:
         return None
       raise
+    if restore_cfg.mode == 'all':
+      return [self._restore_one(path, restore_cfg, fallback_state) for _, path in selected]
+    return self._restore_one(selected[-1][1], restore_cfg, fallback_state)
+
+  def _restore_one(self, path: str, restore_cfg: RestoreCheckpointConfig,
+                   fallback_state: Mapping[str, Any] | None) -> TrainState:
     abstract = TrainState(step=self._shape.step, params=self._shape.params,
                           opt_state=self._shape.opt_state)
+    if restore_cfg.assignment_map:
+      if fallback_state is None:
+        raise UserError(f'restoring {path} with an assignment_map starts the optimizer fresh and '
+                        'takes the parameters mapped to None from fallback_state; pass '
+                        'fallback_state (e.g. get_fallback_state with fallback_to_scratch=True)')
+      step, params = checkpoint_reading.restore_mapped(
+          path, abstract, restore_cfg.assignment_map, lambda: fallback_state['params'])
+      return TrainState(step=step,
+                        params=checkpoint_reading.round_params(params, restore_cfg.dtype),
+                        opt_state=fallback_state['opt_state'])
     saved = checkpoint_reading.saved_for_model(path, abstract.params)
     checkpoint_reading.check_params(path, abstract.params, saved)
     restored, with_optimizer = checkpoint_reading.restore_train_state(path, abstract, saved)

@@ -150,6 +150,62 @@ def test_assignment_map_renames_and_drops_parameters(tmp_path):
     checkpoint_reading.restore_from_path(str(tmp_path / 'checkpoint_5'), initializer)
 
 
+def test_assignment_map_keeps_a_t5train_checkpoints_step(tmp_path):
+  # finetune_lora.gin and finetune_prompt.gin restore through an assignment map: TRAIN_STEPS
+  # counts from the initial checkpoint's step, as without a map (and as for T5X checkpoints).
+  initializer = _initializer()
+  params = jax.tree_util.tree_map(np.asarray, initializer.from_scratch(jax.random.PRNGKey(3)).params)
+  checkpoints.save_params(str(tmp_path), params, step=20)
+  restored = checkpoint_reading.restore_from_path(
+      str(tmp_path / 'checkpoint_20'), initializer, ((r'.*relpos_bias.*', None),),
+      jax.random.PRNGKey(9))
+  assert int(restored.step) == 20
+  assert restored.step.sharding == initializer.train_state_shardings.step
+
+
+def _legacy_manager(initializer, config):
+  from t5train import legacy_checkpoints
+  return legacy_checkpoints.LegacyCheckpointManager(None, config,
+                                                    initializer.global_train_state_shape)
+
+
+def test_legacy_manager_applies_the_assignment_map(tmp_path):
+  initializer = _initializer()
+  params = jax.tree_util.tree_map(np.asarray, initializer.from_scratch(jax.random.PRNGKey(3)).params)
+  renamed = dict(params)
+  renamed['decoder'] = {name.replace('layers_', 'block_'): value
+                        for name, value in params['decoder'].items()}
+  path = checkpoints.save_params(str(tmp_path), renamed, step=7)
+  config = checkpoints.RestoreCheckpointConfig(
+      path=path, mode='specific',
+      assignment_map=((r'decoder/layers_(\d+)/(.*)', r'decoder/block_\1/\2'),
+                      (r'.*relpos_bias.*', None)))
+  manager = _legacy_manager(initializer, config)
+  with pytest.raises(UserError, match='pass fallback_state'):
+    manager.restore([path], config)
+  fallback = initializer.from_scratch(jax.random.PRNGKey(9)).state_dict()
+  state = manager.restore([path], config, fallback)
+  assert int(state.step) == 7
+  np.testing.assert_array_equal(state.params['decoder']['layers_1']['mlp']['wo']['kernel'],
+                                params['decoder']['layers_1']['mlp']['wo']['kernel'])
+  np.testing.assert_array_equal(state.params['encoder']['relpos_bias']['rel_embedding'],
+                                fallback['params']['encoder']['relpos_bias']['rel_embedding'])
+  assert not np.array_equal(state.params['encoder']['relpos_bias']['rel_embedding'],
+                            params['encoder']['relpos_bias']['rel_embedding'])
+
+
+def test_legacy_manager_restores_every_checkpoint_in_mode_all(tmp_path):
+  initializer = _initializer()
+  manager = _manager(tmp_path, initializer, period=1)
+  saved = _save_steps(manager, initializer, [1, 2])
+  config = checkpoints.RestoreCheckpointConfig(path=str(tmp_path), mode='all')
+  states = _legacy_manager(initializer, config).restore([str(tmp_path)], config)
+  assert isinstance(states, list) and [int(state.step) for state in states] == [1, 2]
+  jax.tree_util.tree_map(np.testing.assert_array_equal, states[-1].params, saved.params)
+  latest = checkpoints.RestoreCheckpointConfig(path=str(tmp_path), mode='latest')
+  assert int(_legacy_manager(initializer, latest).restore([str(tmp_path)], latest).step) == 2
+
+
 def test_initial_checkpoint_fallback_and_the_warning_when_model_dir_wins(tmp_path, caplog):
   initializer = _initializer()
   rng = jax.random.PRNGKey(0)

@@ -195,3 +195,29 @@ def test_a_decoder_only_model_trains_predicts_and_scores(tmp_path):
   assert all(score < 0 for score in aux['scores'])
   scores = [score for _, score in im.score(QA[:3])]
   assert len(scores) == 3 and all(score < 0 for score in scores)
+
+
+_TRAIN_ONE_STEP_AND_EXIT = """
+import sys
+sys.path.insert(0, sys.argv[2])
+from test_notebook_api import QA_PAIRS, build_model
+from t5train import interactive_model, partitioning
+im = interactive_model.InteractiveModel(
+    batch_size=8, task_feature_lengths={'inputs': 64, 'targets': 16}, output_dir=sys.argv[1],
+    partitioner=partitioning.PjitPartitioner(num_partitions=1), model=build_model())
+im.train_step(QA_PAIRS)
+"""
+
+
+def test_a_script_ending_right_after_a_step_keeps_its_checkpoint(tmp_path):
+  # train_step saves in the background; the save must finish at interpreter exit.
+  import subprocess
+  import sys
+  result = subprocess.run(
+      [sys.executable, '-c', _TRAIN_ONE_STEP_AND_EXIT, str(tmp_path), os.path.dirname(__file__)],
+      capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'cannot schedule new futures' not in result.stderr
+  names = sorted(name for name in os.listdir(tmp_path) if name.startswith('checkpoint_'))
+  assert names == ['checkpoint_1'], names
+  assert os.path.isdir(tmp_path / 'checkpoint_1' / 'state')
