@@ -569,6 +569,7 @@ USE_CACHED_TASKS = False
   header = f"""from __gin__ import dynamic_registration
 from t5train import checkpoints
 from t5train import data
+from t5train import models
 from t5train import optimizers
 from t5train import partitioning
 {imports_str}

@@ -114,7 +114,9 @@ def _write_config(im, script_type, path, **kwargs):
   text = im_lib.get_gin_config_from_interactive_model(
       im, script_type, task_name='sort_digits',
       partitioner_config_str='partitioning.PjitPartitioner.num_partitions = 1',
-      model_config_str='', imports_str="include 'models/t5_1_1/tiny.gin'", **kwargs)
+      # A binding of the model's class, as the notebook writes it (models is imported for it).
+      model_config_str='models.EncoderDecoderModel.label_smoothing = %LABEL_SMOOTHING',
+      imports_str="include 'models/t5_1_1/tiny.gin'", **kwargs)
   path.write_text(text)
   return f'--gin_file={path}'
 

@@ -47,6 +47,17 @@ class GlobalNormClipped:
                        self.optimizer.make(learning_rate_fn))
 
 
+class HParamMap:
+  """T5X's per-parameter hyperparameter map, known by name so that ``Adafactor`` refuses it
+  with its reason instead of gin failing to find it."""
+
+  def __init__(self, rules: Any = ()) -> None:
+    self.rules = rules
+
+  def __repr__(self) -> str:
+    return f'HParamMap({self.rules!r})'
+
+
 def Adafactor(  # pylint: disable=invalid-name  (T5X's class name)
     learning_rate: float | None = None, factored: bool = True,
     multiply_by_parameter_scale: Any = True, beta1: float | None = None,
@@ -91,4 +102,5 @@ def Adafactor(  # pylint: disable=invalid-name  (T5X's class name)
   return optimizer
 
 
-__all__ = ['Adafactor', 'FactorDim', 'GlobalNormClipped', 'standard_logical_factor_rules']
+__all__ = ['Adafactor', 'FactorDim', 'GlobalNormClipped', 'HParamMap',
+           'standard_logical_factor_rules']

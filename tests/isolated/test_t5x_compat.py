@@ -148,6 +148,8 @@ def test_t5x_arguments_honoured_accepted_or_refused():
   assert clipped.max_norm == 1.0 and clipped.optimizer.beta1 == 0.9
   with pytest.raises(UserError, match='epsilon2'):
     adafactor.Adafactor(epsilon2=1e-2)
+  with pytest.raises(UserError, match=r'multiply_by_parameter_scale = HParamMap.*not supported'):
+    adafactor.Adafactor(multiply_by_parameter_scale=adafactor.HParamMap([('.*', False)]))
 
 
 def test_t5x_train_arguments_refused_with_reason(t5x_gin, tmp_path, monkeypatch):
