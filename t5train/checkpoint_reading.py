@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 from t5train import hf_interop, network, paths, t5x_checkpoint
 from t5train.errors import UserError
@@ -58,12 +59,15 @@ def abstract_state(state_shape: TrainState, state_shardings: TrainState) -> Trai
 
 def saved_tree(item_dir: str) -> dict[str, Any]:
   """The saved tree's metadata (shapes and dtypes), without reading any array."""
+  # The item's handler reads its own metadata file; a Checkpointer would also look for a step
+  # metadata file inside the item directory (it is one level up) and warn on every read.
+  handler = ocp.PyTreeCheckpointHandler()
   try:
-    metadata = ocp.StandardCheckpointer().metadata(item_dir)
-  except (FileNotFoundError, ValueError) as e:
-    raise UserError(f'{os.path.dirname(item_dir)} is not a t5train checkpoint ({e})') from e
-  tree = getattr(metadata, 'item_metadata', metadata)
-  tree = getattr(tree, 'tree', tree)
+    tree = getattr(handler.metadata(epath.Path(item_dir)), 'tree', None)
+  except (FileNotFoundError, NotImplementedError, ValueError, TypeError):
+    tree = None
+  finally:
+    handler.close()
   if not isinstance(tree, Mapping):
     raise UserError(f'{os.path.dirname(item_dir)} is damaged: its metadata cannot be read. '
                     'Earlier checkpoints are not affected; delete this one to resume from them')

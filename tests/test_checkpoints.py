@@ -26,7 +26,7 @@ def _manager(directory, initializer, **save):
                                        initializer.global_train_state_shape)
 
 
-def test_keeps_the_newest_and_restores_exactly(tmp_path):
+def test_keeps_the_newest_and_restores_exactly(tmp_path, caplog):
   initializer = _initializer()
   state = initializer.from_scratch(jax.random.PRNGKey(0))
   manager = _manager(tmp_path, initializer, period=2, keep=2)
@@ -40,9 +40,11 @@ def test_keeps_the_newest_and_restores_exactly(tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoint_4', 'checkpoint_6']
 
   reader = _manager(tmp_path, initializer, period=2, keep=2)
-  restored = reader.restore()
+  with caplog.at_level('WARNING'):
+    restored = reader.restore()
   reader.close()
   assert int(restored.step) == 6
+  assert not [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']  # a clean restore
   jax.tree_util.tree_map(np.testing.assert_array_equal, restored.params, state.params)
   jax.tree_util.tree_map(np.testing.assert_array_equal, restored.opt_state, state.opt_state)
   leaf = jax.tree_util.tree_leaves(restored.params)[0]
